@@ -1,0 +1,231 @@
+"""Agent configuration: TOML validated by pydantic, unknown keys rejected, errors that name the key.
+
+Example ``/etc/edgefleet/agent.toml``::
+
+    [device]
+    id = "pi-kitchen"
+    class = "accurate"          # operator's device class, used by selection policies
+
+    [mqtt]
+    host = "broker.lan"
+    port = 8883
+    username = "pi-kitchen"
+    password_file = "/etc/edgefleet/mqtt-password"
+    [mqtt.tls]
+    ca_file = "/etc/edgefleet/ca.crt"
+
+    [trust]
+    public_keys = ["MCowBQYDK2VwAyEA..."]   # base64 raw Ed25519 keys or PEM, several for rotation
+
+    [store]
+    path = "/var/lib/edgefleet"
+
+    [bench]
+    threads = [1, 4]
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from agent.errors import ConfigError
+from agent.wire import DEFAULT_NAMESPACE, ID_PATTERN, Identifier, key_id_for, public_key_from_text
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DeviceConfig(_Strict):
+    id: Identifier = Field(description="device id used in every topic")
+    device_class: Identifier | None = Field(
+        default=None, alias="class", description="operator's device class (selection policies key on it)"
+    )
+    board: str | None = Field(default=None, description="override the detected board name")
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = Field(default=None, description="CA certificate that signed the broker's certificate")
+    cert_file: Path | None = Field(default=None, description="client certificate (certificate auth)")
+    key_file: Path | None = Field(default=None, description="client private key (certificate auth)")
+    insecure: bool = Field(default=False, description="skip hostname check (lab use only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    namespace: Annotated[str, StringConstraints(pattern=ID_PATTERN)] = DEFAULT_NAMESPACE
+    protocol: Literal["v5", "v311"] = Field(default="v5", description="MQTT v5 unless the broker lacks it")
+    client_id: str | None = Field(default=None, description="default: edgefleet-agent-<device id>")
+    username: str | None = None
+    password: str | None = Field(default=None, description="prefer password_file")
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(
+        default=7 * 24 * 3600, ge=0, description="broker keeps assignments/commands this long while offline"
+    )
+    reconnect_min_s: float = Field(default=1.0, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class TrustConfig(_Strict):
+    public_keys: list[str] = Field(default_factory=list, description="base64 raw Ed25519 keys or PEM")
+    public_key_files: list[Path] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some_key(self) -> Self:
+        if not self.public_keys and not self.public_key_files:
+            raise ValueError("at least one trusted public key is required (public_keys or public_key_files)")
+        return self
+
+
+class StoreConfig(_Strict):
+    path: Path = Path("/var/lib/edgefleet")
+    disk_budget_mb: float = Field(default=512, gt=0, description="blobs kept under this budget (GC)")
+    min_free_mb: float = Field(default=64, ge=0, description="refuse a fetch that would leave less free")
+
+
+class ModelsConfig(_Strict):
+    follow: list[Identifier] = Field(default_factory=list, description="models to follow; empty = all")
+
+
+class BenchConfig(_Strict):
+    threads: list[int] = Field(default_factory=lambda: [1], min_length=1, description="thread sweep")
+    warmup_runs: int = Field(default=5, ge=0)
+    min_runs: int = Field(default=50, ge=1)
+    min_seconds: float = Field(default=1.0, ge=0)
+    max_runs: int = Field(default=10_000, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0, description="wall clock per variant, then the child is killed")
+    memory_limit_mb: int = Field(default=1024, ge=64, description="address-space limit of the child")
+    accuracy_tolerance: float = Field(
+        default=0.05, ge=0, le=1, description="ACCURACY_MISMATCH beyond this drop against host accuracy"
+    )
+
+    @model_validator(mode="after")
+    def _runs(self) -> Self:
+        if self.max_runs < self.min_runs:
+            raise ValueError("max_runs must be >= min_runs")
+        if any(t < 1 for t in self.threads):
+            raise ValueError("threads must all be >= 1")
+        return self
+
+
+class HealthConfig(_Strict):
+    inferences: int = Field(default=8, ge=1)
+    probation_s: float = Field(default=5.0, ge=0, description="wait after activation before commit")
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class TelemetryConfig(_Strict):
+    interval_s: float = Field(default=60.0, ge=1)
+    home_assistant: bool = Field(default=False, description="publish Home Assistant MQTT discovery")
+
+
+class AgentConfig(_Strict):
+    device: DeviceConfig
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    trust: TrustConfig
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Key id → public key, from inline keys and key files. Raises ConfigError on a bad key."""
+        texts: list[tuple[str, str]] = [(f"trust.public_keys[{i}]", k) for i, k in enumerate(self.trust.public_keys)]
+        for path in self.trust.public_key_files:
+            try:
+                texts.append((str(path), path.read_text(encoding="ascii")))
+            except OSError as err:
+                raise ConfigError(f"trust.public_key_files: cannot read {path}: {err.strerror}") from err
+        keys: dict[str, Ed25519PublicKey] = {}
+        for where, text in texts:
+            try:
+                key = public_key_from_text(text)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from err
+            except Exception as err:
+                raise ConfigError(f"{where}: {err}") from err
+            keys[key_id_for(key)] = key
+        return keys
+
+    def mqtt_password(self) -> str | None:
+        if self.mqtt.password_file is None:
+            return self.mqtt.password
+        try:
+            return self.mqtt.password_file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"mqtt.password_file: cannot read {self.mqtt.password_file}: {err.strerror}") from err
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``path``; every problem becomes one ConfigError listing each bad key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist (use --config PATH)") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e, raw) for e in err.errors())) from err
+    config.trusted_keys()  # fail now, not at the first manifest
+    return config
+
+
+def _describe(error: Any, raw: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        hint = _did_you_mean(error["loc"], raw)
+        return f"  {loc}: unknown key{hint}"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"  {loc}: {error['msg']}{shown}"
+
+
+def _did_you_mean(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    model: Any = AgentConfig
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", {})
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        if field is None:
+            return ""
+        model = field.annotation
+        model = next((a for a in getattr(model, "__args__", (model,)) if hasattr(a, "model_fields")), model)
+    fields = getattr(model, "model_fields", {})
+    names = [f.alias or n for n, f in fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(sorted(names))}"

@@ -1,0 +1,1 @@
+"""edgefleet host side: publish, collect, select, assign, provision, fleet view, demo."""

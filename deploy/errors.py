@@ -1,0 +1,35 @@
+"""The deploy package's exception tree. Host commands print the message and exit non-zero::
+
+    DeployError
+    ├── BrokerError        no broker binary, the broker would not start, or we cannot connect / were refused
+    ├── BundleError        a bundle directory is missing, unreadable, or its manifest.json fails validation
+    ├── SigningKeyError    the signing key is missing, unreadable or not Ed25519
+    ├── PolicyError        a policy file is invalid (the message names the key)
+    └── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
+"""
+
+from __future__ import annotations
+
+
+class DeployError(Exception):
+    """Base of everything the host side raises on purpose."""
+
+
+class BrokerError(DeployError):
+    """Broker missing, not starting, unreachable or refusing us."""
+
+
+class BundleError(DeployError):
+    """A bundle cannot be read or its manifest is invalid."""
+
+
+class SigningKeyError(DeployError):
+    """The fleet signing key cannot be used."""
+
+
+class PolicyError(DeployError):
+    """A selection policy is invalid."""
+
+
+class PublishError(DeployError):
+    """Publishing did not complete."""
