@@ -53,7 +53,9 @@ class DeviceConfig(_Strict):
 
 
 class TlsConfig(_Strict):
-    ca_file: Path | None = Field(default=None, description="CA certificate that signed the broker's certificate")
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate that signed the broker's certificate"
+    )
     cert_file: Path | None = Field(default=None, description="client certificate (certificate auth)")
     key_file: Path | None = Field(default=None, description="client private key (certificate auth)")
     insecure: bool = Field(default=False, description="skip hostname check (lab use only)")
@@ -119,7 +121,9 @@ class BenchConfig(_Strict):
     min_runs: int = Field(default=50, ge=1)
     min_seconds: float = Field(default=1.0, ge=0)
     max_runs: int = Field(default=10_000, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0, description="wall clock per variant, then the child is killed")
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="wall clock per variant, then the child is killed"
+    )
     memory_limit_mb: int = Field(default=1024, ge=64, description="address-space limit of the child")
     accuracy_tolerance: float = Field(
         default=0.05, ge=0, le=1, description="ACCURACY_MISMATCH beyond this drop against host accuracy"
@@ -158,7 +162,9 @@ class AgentConfig(_Strict):
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
         """Key id → public key, from inline keys and key files. Raises ConfigError on a bad key."""
-        texts: list[tuple[str, str]] = [(f"trust.public_keys[{i}]", k) for i, k in enumerate(self.trust.public_keys)]
+        texts: list[tuple[str, str]] = [
+            (f"trust.public_keys[{i}]", k) for i, k in enumerate(self.trust.public_keys)
+        ]
         for path in self.trust.public_key_files:
             try:
                 texts.append((str(path), path.read_text(encoding="ascii")))
@@ -181,7 +187,9 @@ class AgentConfig(_Strict):
         try:
             return self.mqtt.password_file.read_text(encoding="utf-8").strip()
         except OSError as err:
-            raise ConfigError(f"mqtt.password_file: cannot read {self.mqtt.password_file}: {err.strerror}") from err
+            raise ConfigError(
+                f"mqtt.password_file: cannot read {self.mqtt.password_file}: {err.strerror}"
+            ) from err
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -201,7 +209,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> AgentConfig:
     try:
         config = AgentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(_describe(e, raw) for e in err.errors())) from err
+        raise ConfigError(
+            f"{source} is invalid:\n" + "\n".join(_describe(e, raw) for e in err.errors())
+        ) from err
     config.trusted_keys()  # fail now, not at the first manifest
     return config
 

@@ -495,7 +495,9 @@ class BenchResult(WireModel):
     init_ms: float | None = Field(default=None, ge=0)
     first_inference_ms: float | None = Field(default=None, ge=0)
     peak_rss_bytes: int | None = Field(default=None, ge=0)
-    cpu_util: float | None = Field(default=None, ge=0, description="CPU seconds per wall second (1.0 = one core)")
+    cpu_util: float | None = Field(
+        default=None, ge=0, description="CPU seconds per wall second (1.0 = one core)"
+    )
     temperature_c_before: float | None = None
     temperature_c_after: float | None = None
     throttled: bool | None = None

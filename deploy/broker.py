@@ -120,7 +120,9 @@ class MosquittoBroker:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                raise BrokerError(f"mosquitto exited with code {self.process.returncode}: {err or log}".strip())
+                raise BrokerError(
+                    f"mosquitto exited with code {self.process.returncode}: {err or log}".strip()
+                )
             if _port_open(self.host, self.port):
                 return self
             time.sleep(0.02)

@@ -1,11 +1,11 @@
 """The deploy package's exception tree. Host commands print the message and exit non-zero::
 
-    DeployError
-    ├── BrokerError        no broker binary, the broker would not start, or we cannot connect / were refused
-    ├── BundleError        a bundle directory is missing, unreadable, or its manifest.json fails validation
-    ├── SigningKeyError    the signing key is missing, unreadable or not Ed25519
-    ├── PolicyError        a policy file is invalid (the message names the key)
-    └── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
+DeployError
+├── BrokerError        no broker binary, the broker would not start, or we cannot connect / were refused
+├── BundleError        a bundle directory is missing, unreadable, or its manifest.json fails validation
+├── SigningKeyError    the signing key is missing, unreadable or not Ed25519
+├── PolicyError        a policy file is invalid (the message names the key)
+└── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
 """
 
 from __future__ import annotations

@@ -1,0 +1,349 @@
+"""Host-side MQTT session: connect with a timeout, publish through a bounded QoS1 window, read retained state.
+
+One :class:`MqttSession` wraps one paho client running its network loop in a background thread.
+
+* ``connect()`` waits for the CONNACK with a timeout. A refused connection (bad credentials, not
+  authorised) is fatal and raised as :class:`BrokerError`; the client is never considered connected
+  after a refused CONNACK.
+* ``publish()`` keeps at most ``window`` QoS1 messages unacknowledged. Each slot is released in
+  ``on_publish`` (paho's network thread), so memory stays flat however many chunks are sent; the
+  caller blocks for a free slot, at most ``ack_timeout_s`` without any progress. A v5 PUBACK with a
+  reason code >= 0x80 (0x87: refused by the ACL) is a :class:`PublishError` naming the topic; 0x10
+  ("no matching subscribers") is a success.
+* ``flush()`` waits for every outstanding acknowledgement and raises the first refusal.
+* ``collect_retained()`` subscribes to a few filters and gathers what the broker holds retained, until
+  no new message arrived for ``quiet_s``. Never use it with a wildcard over hundreds of chunks:
+  mosquitto silently drops retained messages past its queue limit; subscribe per topic instead.
+
+Callbacks never block: they only record results under a lock and notify a condition.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import wire
+from deploy.errors import BrokerError, PublishError
+
+Protocol = Literal["v5", "v311"]
+
+_REFUSALS = {
+    0x84: "unsupported protocol version (try --mqtt v311)",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized (check the user name, password or client certificate)",
+    0x88: "server unavailable",
+    0x8A: "banned",
+}
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """Where and how to connect. ``password`` is the secret itself (the CLI reads it from a file)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    protocol: Protocol = "v5"
+    namespace: str = wire.DEFAULT_NAMESPACE
+    client_id: str | None = None
+    connect_timeout_s: float = 10.0
+    keepalive_s: int = 60
+
+    @property
+    def topics(self) -> wire.Topics:
+        return wire.Topics(self.namespace)
+
+
+def _code(reason: ReasonCode | int | None) -> int:
+    if reason is None:
+        return 0
+    if isinstance(reason, int):
+        return reason
+    return int(reason.value)
+
+
+class MqttSession:
+    """A connected paho client with a bounded publish window. Use as a context manager."""
+
+    def __init__(self, options: BrokerOptions, window: int = 32, ack_timeout_s: float = 30.0) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.options = options
+        self.topics = options.topics
+        self.window = window
+        self.ack_timeout_s = ack_timeout_s
+        self._cond = threading.Condition()
+        self._pending: dict[int, str] = {}  # mid -> topic, awaiting PUBACK
+        self._early: dict[int, int] = {}  # mid -> reason code, acked before we registered it
+        self._failures: list[PublishError] = []
+        self._connack: int | None = None
+        self._connected = False
+        self._disconnect_reason: str | None = None
+        self._collector: dict[str, bytes] | None = None
+        self._last_message = 0.0
+        self._suback_pending: set[int] = set()
+        self.published = 0
+        self.published_bytes = 0
+        client_id = options.client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if options.protocol == "v5" else paho.MQTTv311,
+        )
+        self._client.max_inflight_messages_set(window)
+        self._client.max_queued_messages_set(0)
+        self._client.connect_timeout = options.connect_timeout_s
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        if options.username is not None:
+            self._client.username_pw_set(options.username, options.password)
+        if options.tls_ca or options.tls_cert:
+            try:
+                self._client.tls_set(
+                    ca_certs=str(options.tls_ca) if options.tls_ca else None,
+                    certfile=str(options.tls_cert) if options.tls_cert else None,
+                    keyfile=str(options.tls_key) if options.tls_key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError, ValueError) as err:
+                raise BrokerError(f"cannot load TLS files: {err}") from err
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.options.port}"
+
+    # ---------------------------------------------------------------- connection
+
+    def connect(self) -> MqttSession:
+        opts = self.options
+        try:
+            self._client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise BrokerError(f"cannot connect to {self.address}: {err}") from err
+        self._client.loop_start()
+        deadline = time.monotonic() + opts.connect_timeout_s
+        with self._cond:
+            while self._connack is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            connack = self._connack
+        if connack is None:
+            self._shutdown()
+            raise BrokerError(
+                f"cannot connect to {self.address}: no answer (CONNACK) within {opts.connect_timeout_s:g} s"
+            )
+        if connack != 0:
+            self._shutdown()
+            text = _REFUSALS.get(connack, f"reason code 0x{connack:02x}")
+            if connack in (0x04, 0x05):  # MQTT 3.1.1 codes
+                text = "bad user name or password" if connack == 0x04 else "not authorized"
+            raise BrokerError(f"broker refused: {text} ({self.address})")
+        return self
+
+    def close(self) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    def __enter__(self) -> MqttSession:
+        return self.connect()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- callbacks (network thread; never block)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
+    ) -> None:
+        code = _code(reason)
+        with self._cond:
+            self._connack = code
+            self._connected = code == 0
+            self._cond.notify_all()
+        if code != 0:
+            # A refusal is fatal: stop paho from retrying with the same credentials.
+            client.disconnect()
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
+    ) -> None:
+        with self._cond:
+            self._connected = False
+            self._disconnect_reason = str(reason)
+            self._cond.notify_all()
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
+    ) -> None:
+        code = _code(reason)
+        with self._cond:
+            topic = self._pending.pop(mid, None)
+            if topic is None:
+                self._early[mid] = code
+            elif code >= 0x80:
+                self._failures.append(_refusal(topic, reason))
+            self._cond.notify_all()
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Properties | None
+    ) -> None:
+        with self._cond:
+            self._suback_pending.discard(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._cond:
+            if self._collector is not None:
+                self._collector[msg.topic] = bytes(msg.payload)
+                self._last_message = time.monotonic()
+                self._cond.notify_all()
+
+    # ---------------------------------------------------------------- publishing
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> None:
+        """Publish once a window slot is free; refusals surface here or in :meth:`flush`."""
+        self._wait_for_slot(self.window - 1)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+            # NO_CONN: paho queues QoS>0 and resends after reconnecting; the ack timeout still applies.
+            raise PublishError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        self.published += 1
+        self.published_bytes += len(payload)
+        if qos == 0:
+            return
+        with self._cond:
+            code = self._early.pop(info.mid, None)
+            if code is None:
+                self._pending[info.mid] = topic
+            elif code >= 0x80:
+                self._failures.append(_refusal(topic, code))
+        self._raise_failures()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every publish is acknowledged; raise PublishError on refusal or timeout."""
+        self._wait_for_slot(0, timeout_s)
+
+    def _wait_for_slot(self, max_pending: int, timeout_s: float | None = None) -> None:
+        """Block until at most ``max_pending`` publishes await an ack; timeout counts from the last ack."""
+        timeout_s = self.ack_timeout_s if timeout_s is None else timeout_s
+        with self._cond:
+            deadline = time.monotonic() + timeout_s
+            seen = len(self._pending)
+            while len(self._pending) > max_pending and not self._failures:
+                if len(self._pending) < seen:  # progress: restart the clock
+                    seen = len(self._pending)
+                    deadline = time.monotonic() + timeout_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = sorted(self._pending.values())
+                    state = "connected" if self._connected else f"disconnected ({self._disconnect_reason})"
+                    raise PublishError(
+                        f"broker {self.address} did not acknowledge {len(topics)} publish(es) within "
+                        f"{timeout_s:g} s ({state}); first: {topics[0]}"
+                    )
+                self._cond.wait(min(left, 0.5))
+        self._raise_failures()
+
+    def _raise_failures(self) -> None:
+        with self._cond:
+            if not self._failures:
+                return
+            first = self._failures[0]
+            self._failures.clear()
+        raise first
+
+    # ---------------------------------------------------------------- reading retained state
+
+    def collect_retained(
+        self, filters: Iterable[str], quiet_s: float = 0.3, timeout_s: float = 10.0
+    ) -> dict[str, bytes]:
+        """Subscribe to ``filters`` (QoS1) and return {topic: payload} of what arrives until quiet.
+
+        Empty payloads (a deleted retained message) are dropped. Unsubscribes before returning.
+        """
+        filters = list(dict.fromkeys(filters))
+        if not filters:
+            return {}
+        collected: dict[str, bytes] = {}
+        with self._cond:
+            if self._collector is not None:
+                raise RuntimeError("collect_retained is not re-entrant")
+            self._collector = collected
+            self._last_message = time.monotonic()
+        try:
+            result, mid = self._client.subscribe([(f, 1) for f in filters])
+            if result != paho.MQTT_ERR_SUCCESS or mid is None:
+                raise BrokerError(f"cannot subscribe on {self.address}: {paho.error_string(result)}")
+            deadline = time.monotonic() + timeout_s
+            with self._cond:
+                self._suback_pending.add(mid)
+                while mid in self._suback_pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BrokerError(f"broker {self.address} did not acknowledge a subscription in time")
+                    self._cond.wait(left)
+                self._last_message = time.monotonic()
+                while True:
+                    now = time.monotonic()
+                    quiet_until = self._last_message + quiet_s
+                    if now >= quiet_until or now >= deadline:
+                        break
+                    self._cond.wait(min(quiet_until, deadline) - now)
+        finally:
+            with self._cond:
+                self._collector = None
+            self._client.unsubscribe(filters)
+        return {t: p for t, p in collected.items() if p}
+
+
+def _refusal(topic: str, reason: ReasonCode | int) -> PublishError:
+    code = _code(reason)
+    text = str(reason) if isinstance(reason, ReasonCode) else f"reason code 0x{code:02x}"
+    hint = " (check the broker ACL for this user)" if code == 0x87 else ""
+    return PublishError(f"broker refused publish to {topic}: {text} (0x{code:02x}){hint}")
+
+
+def session_for(options: BrokerOptions, **kwargs: Any) -> MqttSession:
+    """A connected session (convenience for callers that do not use ``with``)."""
+    return MqttSession(options, **kwargs).connect()
+
+
+def decode_all(
+    messages: Mapping[str, bytes], topics: wire.Topics
+) -> Iterable[tuple[wire.ParsedTopic, bytes]]:
+    """Parse topics of ``messages``, skipping any that are not part of the contract."""
+    for topic, payload in messages.items():
+        try:
+            yield topics.parse(topic), payload
+        except wire.IdentifierError:
+            continue

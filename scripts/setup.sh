@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Set up edgefleet from a fresh clone and run the demo or the whole test suite.
+#   scripts/setup.sh demo   install everything, run `edgefleet demo`
+#   scripts/setup.sh test   install everything, run ruff, mypy and pytest
+# Works on Debian 12 / Ubuntu / Raspberry Pi OS with Python >= 3.11. Installs mosquitto (and python3-venv)
+# from the distribution when missing and running as root; otherwise says exactly what to install.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mode="${1:-}"
+shift || true
+case "$mode" in
+  demo|test|install) ;;
+  *) echo "usage: scripts/setup.sh demo|test|install [extra args]" >&2; exit 64 ;;
+esac
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "edgefleet needs Python >= 3.11 (found: $("$python" --version 2>&1 || echo none)). Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+
+apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing $* from the distribution"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  else
+    echo "missing: $*. Install it with: sudo apt-get install -y $*   (then run this command again)" >&2
+    exit 1
+  fi
+}
+
+# The tests and the demo spawn their own mosquitto on a free loopback port; they only need the binary.
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  apt_install mosquitto
+fi
+
+venv=".venv"
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtual environment $venv"
+  if ! "$python" -m venv "$venv" 2>/dev/null; then
+    rm -rf "$venv"
+    apt_install python3-venv
+    "$python" -m venv "$venv"
+  fi
+fi
+say "installing edgefleet[host,dev] into $venv (TensorFlow is large: the first run takes a few minutes)"
+quiet_pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+quiet_pip install -q --upgrade pip
+quiet_pip install -q -e '.[host,dev]'
+"$venv/bin/python" -c 'import agent, deploy, compressor, ai_edge_litert, paho.mqtt' \
+  || { echo "installation failed: see the pip output above" >&2; exit 1; }
+
+export PATH="$PWD/$venv/bin:$PATH"
+case "$mode" in
+  install) say "installed: activate with 'source $venv/bin/activate'" ;;
+  demo)
+    say "running the demo"
+    exec edgefleet demo "$@"
+    ;;
+  test)
+    say "ruff"
+    ruff check .
+    ruff format --check .
+    say "mypy (strict)"
+    mypy
+    say "pytest"
+    exec python -m pytest "$@"
+    ;;
+esac
