@@ -111,6 +111,13 @@ class StoreConfig(_Strict):
     min_free_mb: float = Field(default=64, ge=0, description="refuse a fetch that would leave less free")
 
 
+class FetchConfig(_Strict):
+    timeout_s: float = Field(
+        default=300.0, gt=0, description="give up a variant when none of its chunks arrived for this long"
+    )
+    window: int = Field(default=32, ge=1, le=32, description="chunk topics subscribed at a time (<= 32)")
+
+
 class ModelsConfig(_Strict):
     follow: list[Identifier] = Field(default_factory=list, description="models to follow; empty = all")
 
@@ -155,6 +162,7 @@ class AgentConfig(_Strict):
     trust: TrustConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

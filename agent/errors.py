@@ -4,7 +4,8 @@
     ├── ConfigError          agent.toml is missing, unreadable or invalid (exit 1, message names the key)
     ├── ConnectionFatal      the broker refused us for a reason retrying cannot fix (bad credentials)
     ├── StoreError           the device store cannot do what was asked
-    │   └── DiskFullError    not enough free space or budget for a fetch (reason DISK_FULL)
+    │   ├── DiskFullError    not enough free space or budget for a fetch (reason DISK_FULL)
+    │   └── IntegrityError   a chunk or blob whose bytes do not match the manifest (reason BAD_HASH/BAD_SIZE)
     ├── IllegalTransition    a model's state machine was asked for a move its table forbids
     └── RuntimeMissing       no TFLite runtime (ai-edge-litert, tflite-runtime or tensorflow) is importable
 
@@ -32,6 +33,14 @@ class StoreError(AgentError):
 
 class DiskFullError(StoreError):
     """A fetch or write would exceed the free-space floor or the disk budget."""
+
+
+class IntegrityError(StoreError):
+    """Bytes that do not hash to, or are not as long as, what the manifest says. ``reason`` is the code."""
+
+    def __init__(self, message: str, reason: str = "BAD_HASH") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class IllegalTransition(AgentError):

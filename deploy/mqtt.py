@@ -99,7 +99,7 @@ class MqttSession:
         self._disconnect_reason: str | None = None
         self._collector: dict[str, bytes] | None = None
         self._last_message = 0.0
-        self._suback_pending: set[int] = set()
+        self._subacked: set[int] = set()
         self.published = 0
         self.published_bytes = 0
         client_id = options.client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
@@ -109,7 +109,6 @@ class MqttSession:
             protocol=paho.MQTTv5 if options.protocol == "v5" else paho.MQTTv311,
         )
         self._client.max_inflight_messages_set(window)
-        self._client.max_queued_messages_set(0)
         self._client.connect_timeout = options.connect_timeout_s
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -218,7 +217,7 @@ class MqttSession:
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Properties | None
     ) -> None:
         with self._cond:
-            self._suback_pending.discard(mid)
+            self._subacked.add(mid)
             self._cond.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -306,12 +305,12 @@ class MqttSession:
                 raise BrokerError(f"cannot subscribe on {self.address}: {paho.error_string(result)}")
             deadline = time.monotonic() + timeout_s
             with self._cond:
-                self._suback_pending.add(mid)
-                while mid in self._suback_pending:
+                while mid not in self._subacked:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise BrokerError(f"broker {self.address} did not acknowledge a subscription in time")
                     self._cond.wait(left)
+                self._subacked.discard(mid)
                 self._last_message = time.monotonic()
                 while True:
                     now = time.monotonic()

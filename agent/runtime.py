@@ -1,0 +1,77 @@
+"""The one module of the agent that imports a TFLite runtime.
+
+Preference order: ``ai_edge_litert`` (device and host), ``tflite_runtime`` (frozen, armv7l), then
+``tensorflow.lite`` (host only; never installed on a device). The import is lazy: ``import agent`` and the
+daemon process never load a runtime; the benchmark/health child calls :func:`load_runtime`, the daemon only
+asks :func:`detect_runtime` (package metadata, no import) for its status message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from typing import Any
+
+from agent.errors import RuntimeMissing
+from agent.wire import RuntimeInfo
+
+# (module holding Interpreter, distribution name, RuntimeInfo.name)
+_CANDIDATES: tuple[tuple[str, str, str], ...] = (
+    ("ai_edge_litert.interpreter", "ai-edge-litert", "ai-edge-litert"),
+    ("tflite_runtime.interpreter", "tflite-runtime", "tflite-runtime"),
+    ("tensorflow.lite", "tensorflow", "tensorflow"),
+)
+_TF_DISTS = ("tensorflow", "tensorflow-cpu", "tensorflow-aarch64")
+
+
+def _version(dist: str) -> str:
+    names = _TF_DISTS if dist == "tensorflow" else (dist,)
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _present(module: str) -> bool:
+    top = module.split(".", 1)[0]
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect_runtime() -> RuntimeInfo | None:
+    """Which runtime :func:`load_runtime` would pick, from package metadata only (imports nothing)."""
+    for module, dist, name in _CANDIDATES:
+        if _present(module):
+            return RuntimeInfo(name=name, version=_version(dist))  # type: ignore[arg-type]
+    return None
+
+
+def load_runtime() -> tuple[Any, RuntimeInfo]:
+    """Import the best available runtime; return its ``Interpreter`` class and what it is.
+
+    Raises RuntimeMissing naming what to install when none imports.
+    """
+    problems: list[str] = []
+    for module, dist, name in _CANDIDATES:
+        if not _present(module):
+            problems.append(f"{dist}: not installed")
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - a broken runtime wheel raises anything; try the next one
+            problems.append(f"{dist}: {type(err).__name__}: {err}")
+            continue
+        interpreter = getattr(mod, "Interpreter", None)
+        if interpreter is None:
+            problems.append(f"{dist}: {module} has no Interpreter")
+            continue
+        return interpreter, RuntimeInfo(name=name, version=_version(dist))  # type: ignore[arg-type]
+    raise RuntimeMissing(
+        "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
+        "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)
+    )

@@ -1,0 +1,45 @@
+"""The compressor's exception tree. Everything it refuses or cannot do raises one of these::
+
+    CompressorError            base; the CLI prints its message on stderr and exits 2
+    ├── DataError              a dataset or model file is missing, unreadable or has the wrong keys/shapes
+    ├── ConversionError        TensorFlow could not turn the model into a .tflite for a recipe
+    ├── EvaluationError        the interpreter could not load or run a converted variant
+    └── BundleWriteError       the bundle directory could not be written (or would clobber other files)
+
+Errors are raised with ``raise ... from err`` so the TensorFlow/numpy cause stays in the traceback, and
+their messages say what to check. A failure in one variant is recorded as a :class:`VariantFailure`
+by the pipeline and does not stop the others (only the float32 baseline is mandatory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CompressorError(Exception):
+    """Base of everything the compressor raises on purpose."""
+
+
+class DataError(CompressorError):
+    """Input data (a .npz, a built-in dataset name) or an input model file cannot be used."""
+
+
+class ConversionError(CompressorError):
+    """Conversion of a Keras model to a TFLite variant failed."""
+
+
+class EvaluationError(CompressorError):
+    """A converted .tflite could not be loaded or run by the interpreter on the host."""
+
+
+class BundleWriteError(CompressorError):
+    """The bundle directory could not be written."""
+
+
+@dataclass(frozen=True, slots=True)
+class VariantFailure:
+    """One variant that could not be built; the others carry on."""
+
+    variant: str
+    stage: str  # "convert" | "evaluate"
+    message: str

@@ -1,0 +1,133 @@
+"""The seed CNN, seeded training, loading a user .keras model, and MAC/parameter counts.
+
+TensorFlow/Keras are imported inside the functions (``compressor._tf``), never at module import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.data import Dataset
+from compressor.errors import DataError
+
+
+def build_seed_cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> Any:
+    """Conv2D(32, 3×3, relu) → MaxPool(2×2) → Flatten → Dense(128, relu) → Dense(classes, softmax)."""
+    k = keras()
+    return k.Sequential(
+        [
+            k.Input(shape=input_shape),
+            k.layers.Conv2D(32, (3, 3), activation="relu", name="conv"),
+            k.layers.MaxPooling2D((2, 2), name="pool"),
+            k.layers.Flatten(name="flatten"),
+            k.layers.Dense(128, activation="relu", name="fc"),
+            k.layers.Dense(num_classes, activation="softmax", name="probs"),
+        ],
+        name="seed_cnn",
+    )
+
+
+def train(
+    model: Any,
+    data: Dataset,
+    *,
+    epochs: int = 8,
+    seed: int = 0,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Compile and fit ``model`` on ``data.x_train`` with fixed seeds; return the Keras history dict."""
+    k = keras()
+    k.utils.set_random_seed(seed)
+    model.compile(
+        optimizer=k.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    callbacks = [_ProgressCallback(progress, epochs)] if progress else []
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        validation_data=(data.x_val, data.y_val),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def _ProgressCallback(progress: Callable[[str], None] | None, epochs: int) -> Any:  # noqa: N802
+    k = keras()
+
+    class ProgressCallback(k.callbacks.Callback):  # type: ignore[misc,name-defined]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            if progress is not None:
+                progress(
+                    f"train: epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.4f} "
+                    f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}"
+                )
+
+    return ProgressCallback()
+
+
+def load_keras_model(path: Path) -> Any:
+    """Load a ``.keras`` file; a missing or unreadable file is a DataError."""
+    if not path.is_file():
+        raise DataError(f"model file {str(path)!r} does not exist")
+    if path.suffix != ".keras":
+        raise DataError(f"model file {str(path)!r} must be a Keras 3 .keras file")
+    k = keras()
+    try:
+        return k.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises a wide range of types for a bad archive
+        raise DataError(f"cannot load Keras model {str(path)!r}: {err}") from err
+
+
+def count_params(model: Any) -> int:
+    return int(model.count_params())
+
+
+def count_macs(model: Any) -> int | None:
+    """Multiply-accumulates of one inference for Conv2D/DepthwiseConv2D/Dense layers (others ignored).
+
+    Returns None when a layer's shapes are not known statically.
+    """
+    k = keras()
+    total = 0
+    try:
+        for layer in _leaf_layers(model):
+            if isinstance(layer, k.layers.DepthwiseConv2D):
+                _, oh, ow, oc = layer.output.shape
+                kh, kw = layer.kernel_size
+                total += int(oh * ow * oc * kh * kw)
+            elif isinstance(layer, k.layers.Conv2D):
+                _, oh, ow, oc = layer.output.shape
+                kh, kw = layer.kernel_size
+                ic = layer.input.shape[-1]
+                total += int(oh * ow * oc * kh * kw * ic // max(1, layer.groups))
+            elif isinstance(layer, k.layers.Dense):
+                ic = layer.input.shape[-1]
+                positions = int(np.prod(layer.output.shape[1:-1])) if len(layer.output.shape) > 2 else 1
+                total += int(ic * layer.units * positions)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return total
+
+
+def _leaf_layers(model: Any) -> list[Any]:
+    out: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(_leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
