@@ -62,6 +62,15 @@ case "$mode" in
     exec edgefleet demo "$@"
     ;;
   test)
+    # The compatibility gate is proven against the real tflite-runtime 2.14 (numpy<2) in its own venv;
+    # its wheels exist only for CPython 3.11.
+    if "$python" -c 'import sys, platform; sys.exit(not (sys.version_info[:2] == (3, 11) and platform.machine() in ("x86_64", "aarch64", "armv7l")))'; then
+      if [ ! -x .venv-tfl214/bin/python ]; then
+        say "creating .venv-tfl214 (tflite-runtime 2.14 + numpy<2) for the compatibility test"
+        "$python" -m venv .venv-tfl214
+      fi
+      .venv-tfl214/bin/python -m pip install -q 'tflite-runtime==2.14.0' 'numpy<2' 2> >(grep -v '^WARNING: Location' >&2)
+    fi
     say "ruff"
     ruff check .
     ruff format --check .
