@@ -47,7 +47,7 @@ def detect_runtime() -> RuntimeInfo | None:
     """Which runtime :func:`load_runtime` would pick, from package metadata only (imports nothing)."""
     for module, dist, name in _CANDIDATES:
         if _present(module):
-            return RuntimeInfo(name=name, version=_version(dist))  # type: ignore[arg-type]
+            return RuntimeInfo(name=name, version=_version(dist))
     return None
 
 
@@ -70,7 +70,7 @@ def load_runtime() -> tuple[Any, RuntimeInfo]:
         if interpreter is None:
             problems.append(f"{dist}: {module} has no Interpreter")
             continue
-        return interpreter, RuntimeInfo(name=name, version=_version(dist))  # type: ignore[arg-type]
+        return interpreter, RuntimeInfo(name=name, version=_version(dist))
     raise RuntimeMissing(
         "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
         "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)

@@ -80,7 +80,7 @@ def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
 
 def upsample(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of (N, h, w) images to (N, size, size); convex weights keep the value range."""
-    n, h, w = images.shape
+    _, h, w = images.shape
     rows = _bilinear_matrix(h, size)
     cols = _bilinear_matrix(w, size)
     out = np.einsum("ih,nhw,jw->nij", rows, images.astype(np.float64), cols)

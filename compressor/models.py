@@ -11,14 +11,26 @@ from typing import Any
 
 import numpy as np
 
-from compressor._tf import keras
+from compressor._tf import keras, tf
 from compressor.data import Dataset
 from compressor.errors import DataError
 
 
-def build_seed_cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> Any:
-    """Conv2D(32, 3×3, relu) → MaxPool(2×2) → Flatten → Dense(128, relu) → Dense(classes, softmax)."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and the Keras/TF backend (weight initialisation, shuffling, dropout)."""
+    keras().utils.set_random_seed(seed)
+
+
+def build_seed_cnn(
+    input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10, *, seed: int | None = 0
+) -> Any:
+    """Conv2D(32, 3×3, relu) → MaxPool(2×2) → Flatten → Dense(128, relu) → Dense(classes, softmax).
+
+    With ``seed`` set the initial weights are the same on every call.
+    """
     k = keras()
+    if seed is not None:
+        seed_everything(seed)
     return k.Sequential(
         [
             k.Input(shape=input_shape),
@@ -40,11 +52,15 @@ def train(
     seed: int = 0,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
+    deterministic: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
     """Compile and fit ``model`` on ``data.x_train`` with fixed seeds; return the Keras history dict."""
     k = keras()
-    k.utils.set_random_seed(seed)
+    seed_everything(seed)
+    if deterministic:
+        # Same seed, same weights: without this, multi-threaded CPU reductions vary from run to run.
+        tf().config.experimental.enable_op_determinism()
     model.compile(
         optimizer=k.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -67,7 +83,9 @@ def train(
 def _ProgressCallback(progress: Callable[[str], None] | None, epochs: int) -> Any:  # noqa: N802
     k = keras()
 
-    class ProgressCallback(k.callbacks.Callback):  # type: ignore[misc,name-defined]
+    base: Any = k.callbacks.Callback
+
+    class ProgressCallback(base):
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             logs = logs or {}
             if progress is not None:

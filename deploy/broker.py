@@ -6,6 +6,7 @@ Used by ``edgefleet demo`` and by the integration tests; never touches the syste
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -23,7 +24,8 @@ _LOOPBACK = "127.0.0.1"
 # Sized for the agent's sliding window of <= 32 chunk subscriptions of 256 KiB (FACTS.md).
 _BASE_CONFIG = """\
 listener {port} {host}
-allow_anonymous true
+allow_anonymous {anonymous}
+user {user}
 persistence {persistence}
 persistence_location {state_dir}/
 log_dest file {state_dir}/mosquitto.log
@@ -60,6 +62,10 @@ class MosquittoBroker:
     """A mosquitto process of our own. Use as a context manager or call start()/stop().
 
     ``extra_config`` is appended to the generated config (ACLs, password files, TLS listeners...).
+    ``anonymous=False`` writes ``allow_anonymous false`` (give a ``password_file`` in ``extra_config``).
+    ``config`` replaces the generated config entirely (e.g. the output of ``edgefleet broker-config``);
+    it must contain a listener on ``self.port`` (pass ``port=``) bound to loopback, and should not log
+    to stderr (it is only read when the broker fails to start).
     """
 
     def __init__(
@@ -69,6 +75,9 @@ class MosquittoBroker:
         extra_config: str = "",
         persistence: bool = False,
         binary: str | None = None,
+        *,
+        anonymous: bool = True,
+        config: str | None = None,
     ) -> None:
         self.host = _LOOPBACK
         self.port = port or free_port()
@@ -76,6 +85,8 @@ class MosquittoBroker:
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="edgefleet-broker-"))
         self.extra_config = extra_config
         self.persistence = persistence
+        self.anonymous = anonymous
+        self.config = config
         self.binary = binary or find_mosquitto()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -98,16 +109,22 @@ class MosquittoBroker:
                 "(Debian/Ubuntu/Raspberry Pi OS) or `brew install mosquitto`"
             )
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            _BASE_CONFIG.format(
-                port=self.port,
-                host=self.host,
-                state_dir=self.state_dir,
-                persistence="true" if self.persistence else "false",
+        if self.config is not None:
+            text = self.config
+        else:
+            text = (
+                _BASE_CONFIG.format(
+                    port=self.port,
+                    host=self.host,
+                    state_dir=self.state_dir,
+                    persistence="true" if self.persistence else "false",
+                    anonymous="true" if self.anonymous else "false",
+                    # Started as root, mosquitto drops to user "mosquitto", which cannot read our files.
+                    user=getpass.getuser(),
+                )
+                + self.extra_config
             )
-            + self.extra_config,
-            encoding="utf-8",
-        )
+        self.config_path.write_text(text, encoding="utf-8")
         self.process = subprocess.Popen(
             [self.binary, "-c", str(self.config_path)],
             stdin=subprocess.DEVNULL,
@@ -118,7 +135,10 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = ""
+                if self.process.stderr is not None:
+                    err = self.process.stderr.read().decode(errors="replace")
+                    self.process.stderr.close()
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 raise BrokerError(
                     f"mosquitto exited with code {self.process.returncode}: {err or log}".strip()

@@ -5,7 +5,8 @@ DeployError
 ├── BundleError        a bundle directory is missing, unreadable, or its manifest.json fails validation
 ├── SigningKeyError    the signing key is missing, unreadable or not Ed25519
 ├── PolicyError        a policy file is invalid (the message names the key)
-└── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
+├── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
+└── StateError         the broker does not hold what a command needs (e.g. no manifest for the model)
 """
 
 from __future__ import annotations
@@ -33,3 +34,7 @@ class PolicyError(DeployError):
 
 class PublishError(DeployError):
     """Publishing did not complete."""
+
+
+class StateError(DeployError):
+    """The retained fleet state lacks what a command needs."""

@@ -214,7 +214,12 @@ class MqttSession:
             self._cond.notify_all()
 
     def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Properties | None
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        props: Properties | None,
     ) -> None:
         with self._cond:
             self._subacked.add(mid)
@@ -233,7 +238,7 @@ class MqttSession:
         """Publish once a window slot is free; refusals surface here or in :meth:`flush`."""
         self._wait_for_slot(self.window - 1)
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho queues QoS>0 and resends after reconnecting; the ack timeout still applies.
             raise PublishError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
         self.published += 1

@@ -1,0 +1,103 @@
+"""``edgefleet-agent``: run the device daemon.
+
+Exit codes: 0 clean stop (SIGTERM/SIGINT) or valid config; 1 configuration error; 2 the broker refused our
+credentials (retrying cannot help); 3 unexpected internal error. Importing this module loads nothing heavy:
+the daemon is imported only when it runs, and the TFLite runtime only in benchmark child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.errors import ConfigError, ConnectionFatal
+
+log = logging.getLogger("agent")
+
+EXIT_OK, EXIT_CONFIG, EXIT_FATAL_CONNECTION, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgefleet-agent",
+        description="edgefleet device agent: fetch signed TFLite variants over MQTT, benchmark them on this "
+        "device, report, and activate the variant the host assigns (with health check and rollback).",
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG_PATH, help=f"agent.toml (default {DEFAULT_CONFIG_PATH})"
+    )
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 (valid) or 1")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    p.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"edgefleet-agent: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        from agent.daemon import default_store_ok
+
+        problem = default_store_ok(config)
+        if problem:
+            print(f"edgefleet-agent: warning: {problem}", file=sys.stderr)
+        print(f"{args.config}: OK (device {config.device.id}, broker {config.mqtt.host}:{config.mqtt.port})")
+        return EXIT_OK
+    setup_logging(args.log_level or config.log_level)
+
+    from agent.daemon import Agent
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon = Agent(config, stop=stop)
+        log.info(
+            "edgefleet-agent %s starting as device %s, store %s",
+            __version__,
+            config.device.id,
+            config.store.path,
+        )
+        daemon.run()
+    except ConfigError as err:
+        log.error("%s", err)  # noqa: TRY400 - the message says what to fix; a traceback would not
+        return EXIT_CONFIG
+    except ConnectionFatal as err:
+        log.error("fatal: %s", err)  # noqa: TRY400
+        return EXIT_FATAL_CONNECTION
+    except Exception:
+        log.exception("internal error; exiting (systemd restarts the agent)")
+        return EXIT_INTERNAL
+    log.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Chunked blob fetching over retained MQTT messages with a sliding window of subscriptions.
+
+A wildcard over many retained chunks is silently truncated by mosquitto (FACTS.md), so the fetcher
+subscribes to at most ``window`` (≤ 32) exact chunk topics ``{ns}/blobs/{sha}/{index}`` that are still
+missing, verifies each arriving chunk (length, sha256) before storing it atomically in
+``partial/<sha>/<index>``, unsubscribes it, and subscribes the next missing one. Chunks stored before a
+restart are not fetched again. A blob that makes no progress for ``timeout_s`` is given up (its chunks
+are kept for a later attempt). Whole-blob assembly and verification is :meth:`agent.store.Store.assemble`.
+
+The fetcher is driven from the daemon's main thread only (``on_chunk``, ``pump``, ``check_timeouts``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.errors import IntegrityError
+from agent.mqtt import BrokerClient
+from agent.store import BlobKind, Store
+from agent.wire import BlobRef, Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchNote:
+    """Something the daemon reports as an Event: a blob complete, a bad chunk, or a timeout."""
+
+    kind: str  # "complete" | "rejected" | "timeout"
+    sha256: str
+    owners: tuple[tuple[str, str], ...]  # (model, variant id)
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class BlobJob:
+    ref: BlobRef
+    kind: BlobKind
+    owners: set[tuple[str, str]]
+    queued: list[int]  # missing chunk indices not yet subscribed, ascending
+    in_flight: set[int] = field(default_factory=set)
+    last_progress: float = 0.0
+    bad_chunks: int = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.queued and not self.in_flight
+
+
+class Fetcher:
+    def __init__(
+        self,
+        store: Store,
+        client: BrokerClient,
+        topics: Topics,
+        *,
+        window: int = 32,
+        timeout_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= window <= 32:
+            raise ValueError("window must be between 1 and 32 subscriptions")
+        self.store = store
+        self.client = client
+        self.topics = topics
+        self.window = window
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.jobs: dict[str, BlobJob] = {}
+
+    # ------------------------------------------------------------------ jobs
+
+    def add(self, model: str, label: str, ref: BlobRef, kind: BlobKind = "tflite") -> bool:
+        """Queue ``ref`` unless its chunks are all stored already. Returns True if a fetch is needed."""
+        job = self.jobs.get(ref.sha256)
+        if job is not None:
+            job.owners.add((model, label))
+            return True
+        missing = self.store.missing_chunks(ref)
+        if not missing:
+            return False
+        have = len(ref.chunks) - len(missing)
+        log.info(
+            "fetching %s %s (%s): %d of %d chunk(s) missing%s",
+            model,
+            label,
+            ref.sha256[:12],
+            len(missing),
+            len(ref.chunks),
+            f", {have} kept from before" if have else "",
+        )
+        self.jobs[ref.sha256] = BlobJob(ref, kind, {(model, label)}, missing, last_progress=self.clock())
+        return True
+
+    def busy(self, model: str) -> bool:
+        """True while any blob of ``model`` is still being fetched."""
+        return any(model == m for job in self.jobs.values() for m, _ in job.owners)
+
+    def cancel(self, model: str) -> None:
+        """Drop ``model``'s interest in its blobs (a newer manifest replaced it); chunks stay on disk."""
+        for sha, job in list(self.jobs.items()):
+            job.owners = {o for o in job.owners if o[0] != model}
+            if not job.owners:
+                self._drop(sha)
+
+    def subscribed(self) -> int:
+        return sum(len(j.in_flight) for j in self.jobs.values())
+
+    def pump(self) -> None:
+        """Fill the subscription window with the next missing chunks, oldest job first."""
+        free = self.window - self.subscribed()
+        for job in self.jobs.values():
+            while free > 0 and job.queued:
+                index = job.queued.pop(0)
+                job.in_flight.add(index)
+                self.client.subscribe(self.topics.blob(job.ref.sha256, index), 1)
+                free -= 1
+            if free <= 0:
+                return
+
+    # ------------------------------------------------------------------ messages
+
+    def on_chunk(self, sha: str, index: int, payload: bytes) -> list[FetchNote]:
+        job = self.jobs.get(sha)
+        topic = self.topics.blob(sha, index)
+        if job is None or index not in job.in_flight:
+            if job is None or index not in job.queued:
+                # a stale subscription from a previous session, or a duplicate: drop it
+                self.client.unsubscribe(topic)
+            return []
+        if not payload:
+            return []  # a retained chunk being cleared by the publisher
+        owners = tuple(sorted(job.owners))
+        try:
+            self.store.write_chunk(job.ref, index, payload)
+        except IntegrityError as err:
+            job.bad_chunks += 1
+            log.warning("refused %s: %s", topic, err)
+            return [FetchNote("rejected", sha, owners, err.reason, str(err))]
+        job.in_flight.discard(index)
+        job.last_progress = self.clock()
+        self.client.unsubscribe(topic)
+        notes: list[FetchNote] = []
+        if job.done:
+            del self.jobs[sha]
+            notes.append(FetchNote("complete", sha, owners))
+        self.pump()
+        return notes
+
+    def check_timeouts(self) -> list[FetchNote]:
+        now = self.clock()
+        notes = []
+        for sha, job in list(self.jobs.items()):
+            if now - job.last_progress > self.timeout_s:
+                left = len(job.queued) + len(job.in_flight)
+                detail = (
+                    f"no chunk of {sha[:12]} for {self.timeout_s:g} s; {left} chunk(s) missing (rest kept)"
+                )
+                log.warning("fetch timed out: %s", detail)
+                notes.append(FetchNote("timeout", sha, tuple(sorted(job.owners)), "NOT_FETCHED", detail))
+                self._drop(sha)
+        if notes:
+            self.pump()
+        return notes
+
+    def _drop(self, sha: str) -> None:
+        job = self.jobs.pop(sha, None)
+        if job is None:
+            return
+        for index in job.in_flight:
+            self.client.unsubscribe(self.topics.blob(sha, index))

@@ -1,0 +1,312 @@
+"""The device store (ARCHITECTURE §4), everything under ``store.path``::
+
+    blobs/<sha>.tflite             verified model, read-only (0444), content-addressed
+    blobs/<sha>.npz                verified evaluation sample of a variant (same rules)
+    partial/<sha>/<index>          verified chunks of a blob being fetched (kept across restarts)
+    models/<model>/active.tflite   symlink → ../../blobs/<sha>.tflite, swapped atomically
+    models/<model>/previous.tflite symlink to the model active before the last activation
+    models/<model>/active.json     variant id, sha, manifest version, activated_at
+    models/<model>/manifest.json   the signed manifest exactly as received (re-verified on restart)
+    state.json                     per-model state machine, written atomically; a corrupt file is moved aside
+
+Every write is a temp file in the same directory + fsync + ``os.replace`` + fsync of the directory, so a
+power cut leaves either the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.errors import DiskFullError, IntegrityError, StoreError
+from agent.wire import ActiveVariant, BlobRef, check_id, check_sha256
+
+log = logging.getLogger(__name__)
+
+BlobKind = Literal["tflite", "npz"]
+_MIB = 1024 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    """Point ``link`` at ``target`` by creating a temp symlink and renaming it over ``link``."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_chunk(ref: BlobRef, index: int, data: bytes) -> None:
+    """Raise IntegrityError (BAD_SIZE / BAD_HASH) unless ``data`` is exactly chunk ``index`` of ``ref``."""
+    expected_len = ref.chunk_length(index)
+    if len(data) != expected_len:
+        raise IntegrityError(
+            f"chunk {index} of {ref.sha256[:12]} has {len(data)} bytes, the manifest says {expected_len}",
+            "BAD_SIZE",
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != ref.chunks[index]:
+        raise IntegrityError(
+            f"chunk {index} of {ref.sha256[:12]} hashes to {digest[:12]}, "
+            f"the manifest says {ref.chunks[index][:12]}",
+            "BAD_HASH",
+        )
+
+
+def _blob_problem(ref: BlobRef, size: int, digest: str) -> tuple[str, str] | None:
+    if size != ref.size:
+        return f"blob {ref.sha256[:12]} has {size} bytes, the manifest says {ref.size}", "BAD_SIZE"
+    if digest != ref.sha256:
+        return f"blob {ref.sha256[:12]} hashes to {digest[:12]}", "BAD_HASH"
+    return None
+
+
+class Store:
+    """Paths and atomic operations of the device store rooted at ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.partial = root / "partial"
+        self.models = root / "models"
+        self.state_path = root / "state.json"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.blobs, self.partial, self.models):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- blobs and chunks
+
+    def blob_path(self, sha: str, kind: BlobKind = "tflite") -> Path:
+        return self.blobs / f"{check_sha256(sha)}.{kind}"
+
+    def has_blob(self, sha: str, kind: BlobKind = "tflite") -> bool:
+        return self.blob_path(sha, kind).is_file()
+
+    def chunk_path(self, sha: str, index: int) -> Path:
+        return self.partial / check_sha256(sha) / str(int(index))
+
+    def has_chunk(self, ref: BlobRef, index: int) -> bool:
+        path = self.chunk_path(ref.sha256, index)
+        try:
+            return path.stat().st_size == ref.chunk_length(index)
+        except FileNotFoundError:
+            return False
+
+    def missing_chunks(self, ref: BlobRef) -> list[int]:
+        """Indices still to fetch. A stored chunk of the wrong length is deleted (it is re-fetched)."""
+        missing = []
+        for i in range(len(ref.chunks)):
+            path = self.chunk_path(ref.sha256, i)
+            if path.exists() and not self.has_chunk(ref, i):
+                log.warning("discarding stored chunk %s of the wrong size", path)
+                path.unlink()
+            if not path.exists():
+                missing.append(i)
+        return missing
+
+    def write_chunk(self, ref: BlobRef, index: int, data: bytes) -> None:
+        """Verify then store one chunk atomically; raises IntegrityError on a bad chunk."""
+        verify_chunk(ref, index, data)
+        path = self.chunk_path(ref.sha256, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+
+    def assemble(self, ref: BlobRef, kind: BlobKind = "tflite") -> Path:
+        """Concatenate the stored chunks, verify size and sha256, move into blobs/ (0444), drop partial/."""
+        final = self.blob_path(ref.sha256, kind)
+        if final.is_file():
+            shutil.rmtree(self.partial / ref.sha256, ignore_errors=True)
+            return final
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as out:
+                for i in range(len(ref.chunks)):
+                    data = self.chunk_path(ref.sha256, i).read_bytes()
+                    h.update(data)
+                    size += len(data)
+                    out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            problem = _blob_problem(ref, size, h.hexdigest())
+            if problem is None:
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        if problem is not None:
+            raise IntegrityError(problem[0], problem[1])
+        shutil.rmtree(self.partial / ref.sha256, ignore_errors=True)
+        return final
+
+    def discard_partial(self, sha: str) -> None:
+        shutil.rmtree(self.partial / check_sha256(sha), ignore_errors=True)
+
+    def check_free(self, needed_bytes: int, min_free_mb: float, budget_mb: float) -> None:
+        """Raise DiskFullError if fetching ``needed_bytes`` would break the free-space floor or the budget."""
+        free = shutil.disk_usage(self.root).free
+        if free - needed_bytes < min_free_mb * _MIB:
+            raise DiskFullError(
+                f"fetching {needed_bytes / _MIB:.1f} MiB would leave "
+                f"{(free - needed_bytes) / _MIB:.1f} MiB free on {self.root}, "
+                f"under store.min_free_mb = {min_free_mb:g}"
+            )
+        used = self.usage_bytes()
+        if used + needed_bytes > budget_mb * _MIB:
+            raise DiskFullError(
+                f"store holds {used / _MIB:.1f} MiB; {needed_bytes / _MIB:.1f} MiB more exceeds "
+                f"store.disk_budget_mb = {budget_mb:g}"
+            )
+
+    def usage_bytes(self) -> int:
+        total = 0
+        for base in (self.blobs, self.partial):
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += (Path(dirpath) / name).stat().st_size
+        return total
+
+    # ---------------------------------------------------------------- per-model files
+
+    def model_dir(self, model: str) -> Path:
+        d = self.models / check_id(model, "model")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def active_link(self, model: str) -> Path:
+        return self.model_dir(model) / "active.tflite"
+
+    def previous_link(self, model: str) -> Path:
+        return self.model_dir(model) / "previous.tflite"
+
+    def link_sha(self, link: Path) -> str | None:
+        """sha256 named by a store symlink's target (``../../blobs/<sha>.tflite``), or None."""
+        try:
+            target = os.readlink(link)
+        except (FileNotFoundError, OSError):
+            return None
+        name = Path(target).name
+        sha = name.removesuffix(".tflite")
+        return sha if len(sha) == 64 else None
+
+    def activate(self, model: str, sha: str) -> str | None:
+        """Make blob ``sha`` the active model; the old active becomes previous. Returns the old sha."""
+        if not self.has_blob(sha):
+            raise StoreError(f"blob {sha[:12]} is not in the store; fetch it first")
+        active, previous = self.active_link(model), self.previous_link(model)
+        old = self.link_sha(active)
+        if old is not None and old != sha:
+            atomic_symlink(f"../../blobs/{old}.tflite", previous)
+        atomic_symlink(f"../../blobs/{sha}.tflite", active)
+        return old
+
+    def restore_previous(self, model: str) -> str | None:
+        """Point active back at previous (and drop previous). Returns the restored sha, or None if none."""
+        active, previous = self.active_link(model), self.previous_link(model)
+        prev = self.link_sha(previous)
+        if prev is None or not self.has_blob(prev):
+            return None
+        atomic_symlink(f"../../blobs/{prev}.tflite", active)
+        previous.unlink()
+        fsync_dir(previous.parent)
+        return prev
+
+    def deactivate(self, model: str) -> None:
+        """Remove the active link (used when a failed first activation has nothing to fall back to)."""
+        for path in (self.active_link(model), self.model_dir(model) / "active.json"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fsync_dir(self.model_dir(model))
+
+    def write_active_info(self, model: str, info: ActiveVariant) -> None:
+        atomic_write(self.model_dir(model) / "active.json", info.model_dump_json(indent=2).encode())
+
+    def read_active_info(self, model: str) -> ActiveVariant | None:
+        path = self.model_dir(model) / "active.json"
+        try:
+            return ActiveVariant.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as err:
+            log.warning("ignoring unreadable %s: %s", path, err)
+            return None
+
+    def write_manifest(self, model: str, payload: bytes) -> None:
+        atomic_write(self.model_dir(model) / "manifest.json", payload)
+
+    def read_manifest(self, model: str) -> bytes | None:
+        try:
+            return (self.model_dir(model) / "manifest.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # ---------------------------------------------------------------- state.json
+
+    def read_state(self) -> dict[str, Any]:
+        """The persisted state, or ``{}``; a corrupt file is moved to ``state.json.corrupt-<ts>``."""
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError(f"top level is {type(obj).__name__}, not an object")  # noqa: TRY004, TRY301
+        except ValueError as err:
+            aside = self.state_path.with_name(f"state.json.corrupt-{int(time.time())}")
+            os.replace(self.state_path, aside)
+            log.warning(
+                "state.json is corrupt (%s); moved it to %s and starting from an empty state", err, aside
+            )
+            return {}
+        return obj
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())

@@ -1,0 +1,274 @@
+"""Knowledge distillation of a narrower student with Hinton's loss.
+
+Loss (ARCHITECTURE.md §5), per sample, averaged over the batch::
+
+    loss = α·CE(y, softmax(s)) + (1 − α)·T²·KL(softmax(t/T) ‖ softmax(s/T))
+
+with ``t``/``s`` the teacher/student *logits*. **``alpha`` is the weight of the hard cross-entropy term**
+(ARCHITECTURE's convention). FACTS.md's "α=0.7 on the soft term" is the same setting as ``alpha=0.3``
+here, which is the default (soft weight 0.7), with ``temperature=4``. The T² factor keeps the soft
+gradients' scale independent of T (Hinton et al. 2015).
+
+Logits: our models end in ``Dense(..., activation="softmax")``. The pre-softmax values are computed from a
+functional sub-model up to that Dense's *input*, followed by ``features @ kernel + bias`` with the Dense's own
+variables (so training the logits trains the student itself). A model ending in a separate
+``Activation("softmax")``/``Softmax`` layer uses that layer's input. The teacher's logits are computed once
+for the whole training set (the teacher is frozen, inference mode). The student stays a normal Keras model
+with a softmax output, so the converter handles it like any other.
+
+Training is a plain seeded loop with ``tf.GradientTape`` inside a ``tf.function`` (robust in Keras 3.15;
+no ``train_step`` override).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor._tf import keras, tf
+from compressor.errors import CompressorError
+from compressor.prune import TrainData, _Graph, _rebuild, _train_arrays, _val_arrays
+
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.3  # weight of the hard CE term; the soft (KL) term gets 1 − alpha = 0.7
+
+
+# --------------------------------------------------------------------------------------------------------
+# the loss: numpy reference and the TensorFlow version used for training
+
+
+def _log_softmax_np(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def distillation_loss_np(
+    y: np.ndarray,
+    teacher_logits: np.ndarray,
+    student_logits: np.ndarray,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
+) -> float:
+    """Hinton's loss in numpy (float64), mean over the batch; ``alpha`` weighs the hard CE term."""
+    s = np.asarray(student_logits, dtype=np.float64)
+    t = np.asarray(teacher_logits, dtype=np.float64)
+    ce = -_log_softmax_np(s)[np.arange(len(s)), np.asarray(y, dtype=np.int64)]
+    log_pt = _log_softmax_np(t / temperature)
+    kl = (np.exp(log_pt) * (log_pt - _log_softmax_np(s / temperature))).sum(axis=-1)
+    return float(np.mean(alpha * ce + (1.0 - alpha) * temperature**2 * kl))
+
+
+def distillation_loss(
+    y: Any, teacher_logits: Any, student_logits: Any, temperature: float, alpha: float
+) -> Any:
+    """The same loss on TensorFlow tensors (differentiable), a scalar."""
+    return _distillation_loss_tf(
+        tf(), y, teacher_logits, student_logits, temperature=temperature, alpha=alpha
+    )
+
+
+def _distillation_loss_tf(
+    t: Any, y: Any, teacher_logits: Any, student_logits: Any, *, temperature: float, alpha: float
+) -> Any:
+    s = t.cast(student_logits, t.float32)
+    tl = t.cast(teacher_logits, t.float32)
+    ce = t.nn.sparse_softmax_cross_entropy_with_logits(labels=t.cast(y, t.int32), logits=s)
+    log_pt = t.nn.log_softmax(tl / temperature, axis=-1)
+    log_ps = t.nn.log_softmax(s / temperature, axis=-1)
+    kl = t.reduce_sum(t.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    return t.reduce_mean(alpha * ce + (1.0 - alpha) * temperature**2 * kl)
+
+
+# --------------------------------------------------------------------------------------------------------
+# logits of a softmax model
+
+
+def logits_fn(model: Any) -> Callable[..., Any]:
+    """``f(x, training=False) -> logits`` sharing ``model``'s variables (see the module docstring)."""
+    k = keras()
+    if len(model.outputs) != 1:
+        raise CompressorError("distillation needs a single-output classifier")
+    last = model.outputs[0]._keras_history[0]
+    act = getattr(last, "activation", None)
+    act_name = getattr(act, "__name__", str(act))
+    features = k.Model(model.inputs[0], last.input)
+    if isinstance(last, k.layers.Dense) and act_name == "softmax":
+
+        def dense_logits(x: Any, training: bool = False) -> Any:
+            z = k.ops.matmul(features(x, training=training), last.kernel)
+            return z + last.bias if last.use_bias else z
+
+        return dense_logits
+    if isinstance(last, k.layers.Softmax) or (
+        isinstance(last, k.layers.Activation) and act_name == "softmax"
+    ):
+
+        def pre_softmax(x: Any, training: bool = False) -> Any:
+            return features(x, training=training)
+
+        return pre_softmax
+    raise CompressorError(
+        f"distillation needs a model ending in a softmax (Dense(activation='softmax') or a Softmax layer); "
+        f"{model.name!r} ends in {last.name!r} ({type(last).__name__}, activation {act_name})"
+    )
+
+
+def _predict_logits(model: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    f = logits_fn(model)
+    return np.concatenate(
+        [np.asarray(f(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# students
+
+
+def _load(model_or_path: Any) -> Any:
+    if isinstance(model_or_path, str | Path):
+        from compressor.models import load_keras_model
+
+        return load_keras_model(Path(model_or_path))
+    return model_or_path
+
+
+def make_student(teacher: Any, width: float, *, seed: int = 0) -> Any:
+    """The teacher's architecture with every Conv2D ``filters`` / Dense ``units`` × ``width`` (≥ 1), fresh
+    weights (seeded). Not scaled: the classifier outputs and channels tied to the model input or output
+    (the same groups :mod:`compressor.prune` refuses to prune); layers meeting in an ``Add`` stay equal.
+
+    ``teacher`` may be a Keras model or a ``.keras`` path. Raises UnsupportedLayerError like pruning.
+    """
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    k = keras()
+    teacher = _load(teacher)
+    graph = _Graph(teacher)
+    free = {graph.find(r) for r in graph.prunable_roots()}
+
+    def config_for(layer: Any) -> dict:
+        cfg = dict(layer.get_config())
+        root = graph.find(graph.info[layer.name].group)
+        if root in free and layer.name in graph.groups[root].producers:
+            new = max(1, round(graph.groups[root].size * width))
+            if isinstance(layer, k.layers.Dense):
+                cfg["units"] = new
+            else:
+                cfg["filters"] = new
+        return cfg
+
+    k.utils.set_random_seed(seed)
+    return _rebuild(graph, config_for, f"_student_w{width:g}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# distillation
+
+
+@dataclass(frozen=True, slots=True)
+class DistillReport:
+    temperature: float
+    alpha: float  # weight of the hard CE term
+    soft_weight: float  # 1 − alpha, weight of the T²·KL term
+    epochs: int
+    teacher_params: int
+    student_params: int
+    loss_history: tuple[float, ...]
+    teacher_val_accuracy: float | None
+    student_val_accuracy: float | None
+
+    def summary(self) -> str:
+        acc = ""
+        if self.teacher_val_accuracy is not None and self.student_val_accuracy is not None:
+            acc = (
+                f", val accuracy teacher {self.teacher_val_accuracy:.4f} "
+                f"student {self.student_val_accuracy:.4f}"
+            )
+        return (
+            f"distillation T={self.temperature:g} hard weight α={self.alpha:g} soft weight "
+            f"{self.soft_weight:g}, {self.epochs} epochs: params {self.teacher_params} -> "
+            f"{self.student_params}{acc}"
+        )
+
+
+def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    probs = np.concatenate([np.asarray(model(x[i : i + 256], training=False)) for i in range(0, len(x), 256)])
+    return float((probs.argmax(axis=-1) == y).mean())
+
+
+def distill(
+    teacher: Any,
+    student: Any,
+    data: TrainData,
+    epochs: int = 20,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    alpha: float = DEFAULT_ALPHA,
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[Any, DistillReport]:
+    """Train ``student`` (a model or ``.keras`` path; trained in place) to match ``teacher``.
+
+    ``alpha`` is the weight of the hard CE term (default 0.3, i.e. 0.7 on the soft term); ``temperature``
+    defaults to 4. ``data`` is a Dataset (its validation split is scored in the report) or ``(x, y)``.
+    Returns the student — a plain Keras model with a softmax output, compiled for sparse categorical
+    cross-entropy — and a :class:`DistillReport`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (weight of the hard CE term) must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k, t = keras(), tf()
+    teacher, student = _load(teacher), _load(student)
+    k.utils.set_random_seed(seed)
+    x, y = _train_arrays(data)
+    y = np.asarray(y, dtype=np.int32)
+    teacher_logits = _predict_logits(teacher, x).astype(np.float32)
+    student_logits = logits_fn(student)
+    variables = student.trainable_variables
+    optimizer = k.optimizers.Adam(learning_rate)
+    optimizer.build(variables)
+
+    @t.function(reduce_retracing=True, autograph=False)  # type: ignore[untyped-decorator]
+    def train_step(xb: Any, yb: Any, tb: Any) -> Any:
+        with t.GradientTape() as tape:
+            s = student_logits(xb, training=True)
+            loss = _distillation_loss_tf(t, yb, tb, s, temperature=temperature, alpha=alpha)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply(grads, variables)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    history: list[float] = []
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        total, seen = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            loss = train_step(x[idx], y[idx], teacher_logits[idx])
+            total += float(loss) * len(idx)
+            seen += len(idx)
+        history.append(total / max(seen, 1))
+    student.compile(
+        optimizer=k.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    val = _val_arrays(data)
+    report = DistillReport(
+        temperature=float(temperature),
+        alpha=float(alpha),
+        soft_weight=float(1.0 - alpha),
+        epochs=epochs,
+        teacher_params=int(teacher.count_params()),
+        student_params=int(student.count_params()),
+        loss_history=tuple(history),
+        teacher_val_accuracy=_accuracy(teacher, *val) if val is not None else None,
+        student_val_accuracy=_accuracy(student, *val) if val is not None else None,
+    )
+    return student, report

@@ -1,0 +1,356 @@
+"""The host command line, ``edgefleet``.
+
+::
+
+    edgefleet keys init [--dir DIR] [--force]        create the fleet signing key (prints its id)
+    edgefleet keys show [--dir DIR]                  print the public key and its id
+    edgefleet publish BUNDLE [--key K]               verify, sign and publish a bundle (chunks, then manifest)
+    edgefleet select --model M [--policy P] [--json] show what the policy would choose per device
+    edgefleet assign --model M [--policy P] [--device D ...] [--key K] [--dry-run]
+    edgefleet fleet [--model M] [--json]             devices, active variants, state, latest latency
+    edgefleet schema --out DIR                       JSON Schemas of every wire message
+    edgefleet compress ...                           (provided by the compressor, when installed)
+    edgefleet demo ...                               (end-to-end demo)
+
+Broker options (publish/select/assign/fleet): --host, --port, --username, --password-file, --tls-ca,
+--tls-cert, --tls-key, --mqtt v5|v311, --namespace.
+
+Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from agent import wire
+from deploy.errors import BrokerError, DeployError
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_FAILED = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors; edgefleet keeps 2 for failures and uses 1 for usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _err(message: str) -> None:
+    print(f"edgefleet: {message}", file=sys.stderr, flush=True)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Broker options
+
+
+def _broker_parent() -> _Parser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("broker")
+    g.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default: %(default)s)")
+    g.add_argument("--port", type=int, default=1883, help="MQTT broker port (default: %(default)s)")
+    g.add_argument("--username", help="MQTT user name")
+    g.add_argument("--password-file", type=Path, help="file holding the MQTT password (first line)")
+    g.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the broker; enables TLS")
+    g.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, help="client certificate's private key (PEM)")
+    g.add_argument("--mqtt", choices=["v5", "v311"], default="v5", help="protocol version (default: v5)")
+    g.add_argument(
+        "--namespace", default=wire.DEFAULT_NAMESPACE, help="topic namespace (default: %(default)s)"
+    )
+    g.add_argument("--timeout", type=float, default=10.0, help="connect / ack timeout, seconds")
+    return p
+
+
+def broker_options(args: argparse.Namespace) -> Any:
+    """BrokerOptions from parsed broker arguments (reads the password file)."""
+    from deploy.mqtt import BrokerOptions
+
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as err:
+            raise BrokerError(f"cannot read the password file {args.password_file}: {err}") from err
+    if args.tls_key and not args.tls_cert:
+        raise BrokerError("--tls-key needs --tls-cert")
+    wire.check_id(args.namespace, "namespace")
+    return BrokerOptions(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password=password,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        protocol=args.mqtt,
+        namespace=args.namespace,
+        connect_timeout_s=args.timeout,
+    )
+
+
+def _session(args: argparse.Namespace) -> Any:
+    from deploy.mqtt import MqttSession
+
+    return MqttSession(broker_options(args), ack_timeout_s=max(args.timeout, 30.0))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from deploy.keys import init_keys
+
+    pair = init_keys(args.dir, force=args.force)
+    print(f"key id:      {pair.key_id}")
+    print(f"private key: {pair.private_path} (mode 0600, keep it on this host)")
+    print(f"public key:  {pair.public_path}")
+    print(f"             {pair.public_text}")
+    return EXIT_OK
+
+
+def _cmd_keys_show(args: argparse.Namespace) -> int:
+    from deploy.keys import PRIVATE_NAME, default_key_dir, load_signing_key, public_text
+
+    key = load_signing_key((args.dir or default_key_dir()) / PRIVATE_NAME)
+    print(f"key id:     {wire.key_id_for(key.public_key())}")
+    print(f"public key: {public_text(key.public_key())}")
+    return EXIT_OK
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from deploy.keys import load_signing_key
+    from deploy.publish import load_bundle, publish_bundle
+
+    bundle = load_bundle(args.bundle)  # before connecting: a broken bundle fails fast
+    key = load_signing_key(args.key)
+    with _session(args) as session:
+        result = publish_bundle(
+            bundle, key, session, progress=_progress, allow_downgrade=args.allow_downgrade
+        )
+    print(
+        json.dumps(
+            {
+                "model": result.manifest.model,
+                "version": result.manifest.version,
+                "topic": result.manifest_topic,
+                "key_id": result.manifest.signature.key_id if result.manifest.signature else None,
+                "blobs": result.blobs,
+                "chunks": result.chunks,
+                "bytes": result.bytes,
+                "cleared_blobs": result.cleared_blobs,
+                "seconds": round(result.seconds, 3),
+            },
+            sort_keys=True,
+        )
+    )
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace, session: Any) -> Any:
+    from deploy.assign import collect_plan
+    from deploy.select import load_policy
+
+    policy = load_policy(args.policy)
+    return collect_plan(session, wire.check_id(args.model, "model"), policy, args.device or None)
+
+
+def _print_plan(plan: Any, as_json: bool) -> None:
+    from deploy.fleet import decisions_table
+
+    if as_json:
+        print(json.dumps([d.model_dump(mode="json") for d in plan.decisions], indent=2, sort_keys=True))
+        return
+    m = plan.manifest
+    print(f"model {m.model} v{m.version}: {len(m.variants)} variant(s), baseline {m.baseline}")
+    if plan.decisions:
+        print(decisions_table(plan.decisions))
+    else:
+        print("no device has reported on this manifest version yet")
+    if plan.devices_without_report:
+        print(f"no report for this version from: {', '.join(plan.devices_without_report)}")
+    for line in plan.state.skipped:
+        _err(f"warning: skipped {line}")
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    with _session(args) as session:
+        plan = _plan(args, session)
+    _print_plan(plan, args.json)
+    return EXIT_OK
+
+
+def _cmd_assign(args: argparse.Namespace) -> int:
+    from deploy.assign import assign
+    from deploy.keys import load_signing_key
+
+    key = None if args.dry_run else load_signing_key(args.key)
+    with _session(args) as session:
+        plan = _plan(args, session)
+        _print_plan(plan, args.json)
+        if key is None:
+            return EXIT_OK
+        result = assign(plan.decisions, key, session, existing=plan.state, progress=_progress)
+    _progress(
+        f"assigned {len(result.published)}, unchanged {len(result.unchanged)}, "
+        f"kept current {len(result.kept)} (no variant met the policy)"
+    )
+    return EXIT_OK
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from deploy.fleet import fleet_rows, fleet_table
+    from deploy.state import collect_state
+
+    with _session(args) as session:
+        state = collect_state(session, args.model)
+    rows = fleet_rows(state)
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2, sort_keys=True))
+    elif rows:
+        print(fleet_table(rows))
+    else:
+        print("no device has published a status yet")
+    for line in state.skipped:
+        _err(f"warning: skipped {line}")
+    return EXIT_OK
+
+
+def write_schemas(out: Path) -> list[Path]:
+    """Write one pretty JSON Schema file per wire message into ``out``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, schema in sorted(wire.json_schemas().items()):
+            path = out / name
+            path.write_text(json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+            written.append(path)
+    except OSError as err:
+        raise DeployError(f"cannot write schemas to {out}: {err}") from err
+    return written
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    for path in write_schemas(args.out):
+        print(path)
+    return EXIT_OK
+
+
+def _register_compress(sub: Any) -> None:
+    """Let the compressor add ``compress``; without it (device install, or not written yet) say why."""
+    try:
+        ccli = importlib.import_module("compressor.cli")
+    except ModuleNotFoundError as err:
+        if err.name in ("compressor", "compressor.cli"):
+            return
+        reason = f"{err}"
+    except ImportError as err:
+        reason = f"{err}"
+    else:
+        ccli.register(sub)
+        return
+
+    def _unavailable(_: argparse.Namespace) -> int:
+        _err(f"compress needs the host extras (pip install 'edgefleet[host]'): {reason}")
+        return EXIT_FAILED
+
+    p = sub.add_parser("compress", help="compress a Keras model (needs the host extras)")
+    p.set_defaults(func=_unavailable)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="edgefleet", description="Compress, publish, select and assign TFLite models to a fleet."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    broker = _broker_parent()
+
+    keys = sub.add_parser("keys", help="manage the fleet signing key")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    keys_sub.required = True
+    k_init = keys_sub.add_parser("init", help="create the Ed25519 signing key")
+    k_init.add_argument(
+        "--dir", type=Path, help="key directory (default: $EDGEFLEET_HOME or ~/.config/edgefleet)"
+    )
+    k_init.add_argument("--force", action="store_true", help="replace an existing key")
+    k_init.set_defaults(func=_cmd_keys_init)
+    k_show = keys_sub.add_parser("show", help="print the public key and its id")
+    k_show.add_argument("--dir", type=Path, help="key directory")
+    k_show.set_defaults(func=_cmd_keys_show)
+
+    key_help = "signing key (PEM; default: $EDGEFLEET_HOME/signing.key or ~/.config/edgefleet/signing.key)"
+
+    pub = sub.add_parser("publish", parents=[broker], help="sign and publish a bundle")
+    pub.add_argument("bundle", type=Path, help="bundle directory (with manifest.json)")
+    pub.add_argument("--key", type=Path, help=key_help)
+    pub.add_argument(
+        "--allow-downgrade", action="store_true", help="publish even if the broker holds a newer version"
+    )
+    pub.set_defaults(func=_cmd_publish)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model id")
+        p.add_argument("--policy", type=Path, help="policy TOML (default: highest accuracy, no limits)")
+        p.add_argument("--device", action="append", help="only this device (repeatable)")
+        p.add_argument("--json", action="store_true", help="decisions as JSON")
+
+    sel = sub.add_parser("select", parents=[broker], help="show the variant the policy picks per device")
+    model_args(sel)
+    sel.set_defaults(func=_cmd_select)
+
+    asg = sub.add_parser("assign", parents=[broker], help="publish signed assignments")
+    model_args(asg)
+    asg.add_argument("--key", type=Path, help=key_help)
+    asg.add_argument("--dry-run", action="store_true", help="show the decisions, publish nothing")
+    asg.set_defaults(func=_cmd_assign)
+
+    fl = sub.add_parser("fleet", parents=[broker], help="devices, active variants and latest results")
+    fl.add_argument("--model", help="only this model")
+    fl.add_argument("--json", action="store_true", help="rows as JSON")
+    fl.set_defaults(func=_cmd_fleet)
+
+    sch = sub.add_parser("schema", help="write the JSON Schemas of the wire messages")
+    sch.add_argument("--out", type=Path, required=True, help="output directory")
+    sch.set_defaults(func=_cmd_schema)
+
+    _register_compress(sub)
+
+    from deploy import demo as demo_command  # its imports are as light as the rest of deploy
+
+    demo_command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (1)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (DeployError, wire.WireError) as err:
+        _err(str(err))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The agent end to end against a private mosquitto and real .tflite files (no TensorFlow in the agent).
+
+One agent process (``python -m agent --config``) goes through the whole story: signed manifest + retained
+chunks → report; signed assignment → active link and committed status; tampered manifest → BAD_SIGNATURE
+while it keeps running (ping → pong); a corrupt chunk → BAD_HASH, then the right chunk → report v3;
+SIGTERM → offline status, exit 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.wire import (
+    Assignment,
+    BlobRef,
+    Command,
+    CommandAction,
+    HostMetrics,
+    Manifest,
+    TensorSpec,
+    Topics,
+    Variant,
+    blob_fields,
+    iter_chunks,
+    sign,
+)
+from deploy.broker import MosquittoBroker, find_mosquitto
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed"),
+]
+
+PY = sys.executable
+DEVICE = "pi-test"
+MODEL = "digits"
+CHUNK = 1024  # small chunks so one blob needs more than the 32-subscription window
+
+_GEN = r'''
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+out = sys.argv[1]
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 8)).astype("float32")
+w = rng.standard_normal((8, 3)).astype("float32")
+y = np.argmax(x @ w, axis=1).astype("int64")
+inp = tf.keras.Input(shape=(8,), batch_size=1)
+h = tf.keras.layers.Dense(16, activation="relu")(inp)
+o = tf.keras.layers.Dense(3, activation="softmax")(h)
+m = tf.keras.Model(inp, o)
+m.compile(optimizer=tf.keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+m.fit(x, y, epochs=30, batch_size=16, verbose=0)
+open(os.path.join(out, "float32.tflite"), "wb").write(tf.lite.TFLiteConverter.from_keras_model(m).convert())
+c = tf.lite.TFLiteConverter.from_keras_model(m)
+c.optimizations = [tf.lite.Optimize.DEFAULT]
+c.target_spec.supported_types = [tf.float16]
+open(os.path.join(out, "float16.tflite"), "wb").write(c.convert())
+np.savez(os.path.join(out, "sample.npz"), x=x, y=y)
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """float32 + float16 .tflite of a 2-layer Dense model and a labelled sample, built once with TF."""
+    key = hashlib.sha256(_GEN.encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"edgefleet-agent-test-models-{key}"
+    if not (out / "sample.npz").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="edgefleet-gen-"))
+        subprocess.run([PY, "-c", _GEN, str(tmp)], check=True, capture_output=True, timeout=300)
+        if not out.exists():
+            tmp.rename(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class Bus:
+    """A paho client that records every message under the device's topics."""
+
+    def __init__(self, broker: MosquittoBroker, topics: Topics) -> None:
+        self.topics = topics
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cond = threading.Condition()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="test-bus",
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        info = self.client.subscribe(f"{topics.ns}/devices/#", 1)
+        assert info[0] == 0
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.cond.notify_all()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published()
+
+    def wait_for(self, pred: Callable[[str, dict[str, Any]], bool], timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self.cond:
+            while True:
+                for topic, payload, _ in self.messages[seen:]:
+                    seen += 1
+                    try:
+                        obj = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if pred(topic, obj):
+                        return obj
+                left = deadline - time.monotonic()
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"the agent exited with code {self.proc.returncode}")
+                if left <= 0:
+                    kinds = [(t.rsplit("/", 1)[-1], p[:160]) for t, p, _ in self.messages[-15:]]
+                    raise AssertionError(f"timed out; last messages: {kinds}")
+                self.cond.wait(min(left, 0.5))
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [json.loads(p) for t, p, _ in self.messages if t == self.topics.events(DEVICE)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def variant_for(vid: str, data: bytes, quant: str, sample: BlobRef | None = None) -> Variant:
+    return Variant(
+        id=vid,
+        file=f"{vid}.tflite",
+        quantization=quant,  # type: ignore[arg-type]
+        inputs=[TensorSpec(name="x", shape=[1, 8], dtype="float32")],
+        outputs=[TensorSpec(name="y", shape=[1, 3], dtype="float32")],
+        metrics=HostMetrics(size_bytes=len(data), accuracy=0.95),
+        sample=sample,
+        **blob_fields(data, CHUNK),
+    )
+
+
+def publish_blob(bus: Bus, topics: Topics, data: bytes, skip: set[int] | None = None) -> None:
+    sha = hashlib.sha256(data).hexdigest()
+    for i, chunk in enumerate(iter_chunks(data, CHUNK)):
+        if skip and i in skip:
+            continue
+        bus.publish(topics.blob(sha, i), chunk)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[MosquittoBroker]:
+    with MosquittoBroker() as b:
+        yield b
+
+
+def is_event(kind: str, **fields: Any) -> Callable[[str, dict[str, Any]], bool]:
+    def pred(topic: str, obj: dict[str, Any]) -> bool:
+        return (
+            topic.endswith("/events")
+            and obj.get("kind") == kind
+            and all(obj.get(k) == v for k, v in fields.items())
+        )
+
+    return pred
+
+
+# ------------------------------------------------------------------------------------------- the story
+
+
+def test_agent_end_to_end(broker: MosquittoBroker, tiny_models: Path, tmp_path: Path) -> None:
+    topics = Topics()
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    store = tmp_path / "store"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f"""
+[device]
+id = "{DEVICE}"
+class = "lab"
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+[trust]
+public_keys = ["{pub}"]
+[store]
+path = "{store}"
+min_free_mb = 1
+[bench]
+threads = [1]
+warmup_runs = 2
+min_runs = 20
+min_seconds = 0.05
+max_runs = 2000
+timeout_s = 60
+[health]
+probation_s = 0.5
+inferences = 4
+[telemetry]
+interval_s = 1
+[fetch]
+timeout_s = 60
+""",
+        encoding="utf-8",
+    )
+    f32 = (tiny_models / "float32.tflite").read_bytes()
+    f16 = (tiny_models / "float16.tflite").read_bytes()
+    sample = (tiny_models / "sample.npz").read_bytes()
+    garbage = os.urandom(40 * CHUNK + 17)  # 41 chunks: more than the 32-subscription window
+    sample_ref = BlobRef.of(sample, CHUNK)
+    variants = [
+        variant_for("float32", f32, "none", sample_ref),
+        variant_for("float16", f16, "float16", sample_ref),
+        variant_for("garbage", garbage, "none"),
+    ]
+    manifest = Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=variants)
+    signed = sign(manifest, key)
+
+    bus = Bus(broker, topics)
+    for data in (f32, f16, sample, garbage):
+        publish_blob(bus, topics, data)
+    bus.publish(topics.manifest(MODEL), signed.to_json())
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "agent.log"
+    with log_path.open("wb") as log_fh:
+        proc = subprocess.Popen([PY, "-m", "agent", "--config", str(cfg)], stderr=log_fh, env=env)
+    try:
+        t0 = time.monotonic()
+        report = bus.wait_for(lambda t, o: t == topics.report(DEVICE, MODEL) and o.get("manifest_version") == 1)
+        manifest_to_report = time.monotonic() - t0
+        print(f"manifest → report (3 variants, agent start included): {manifest_to_report:.2f} s")
+        by_id = {r["variant"]: r for r in report["results"]}
+        assert set(by_id) == {"float32", "float16", "garbage"}
+        for vid in ("float32", "float16"):
+            r = by_id[vid]
+            assert r["ok"], r
+            lat = r["latency_ms"]
+            assert lat["count"] >= 20 and lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+            assert r["runtime"]["name"] == "ai-edge-litert"
+            assert r["accuracy"] is not None and r["peak_rss_bytes"] > 0 and r["init_ms"] >= 0
+            assert r["energy"]["method"] == "model" and r["energy"]["measured"] is False
+        assert by_id["garbage"]["ok"] is False and by_id["garbage"]["error"] == "LOAD_ERROR"
+        for data in (f32, f16, garbage):
+            sha = hashlib.sha256(data).hexdigest()
+            path = store / "blobs" / f"{sha}.tflite"
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+            assert (path.stat().st_mode & 0o777) == 0o444
+        assert (store / "blobs" / f"{sample_ref.sha256}.npz").exists()
+        assert not any((store / "partial").iterdir())
+        assert any(e["kind"] == "downloaded" for e in bus.events())
+
+        # ---- assignment → active link + committed status
+        assignment = sign(
+            Assignment(
+                device=DEVICE,
+                model=MODEL,
+                variant="float16",
+                sha256=variants[1].sha256,
+                manifest_version=1,
+                issued_at=time.time(),
+                policy="test",
+            ),
+            key,
+        )
+        bus.publish(topics.assign(DEVICE, MODEL), assignment.to_json())
+        status = bus.wait_for(
+            lambda t, o: t == topics.status(DEVICE)
+            and o.get("models", {}).get(MODEL, {}).get("state") == "committed",
+            timeout=30,
+        )
+        active = status["models"][MODEL]["active"]
+        assert active["variant"] == "float16" and active["sha256"] == variants[1].sha256
+        link = store / "models" / MODEL / "active.tflite"
+        assert link.is_symlink() and link.resolve() == (store / "blobs" / f"{variants[1].sha256}.tflite").resolve()
+        info = json.loads((store / "models" / MODEL / "active.json").read_text())
+        assert info["variant"] == "float16"
+
+        # ---- tampered manifest → BAD_SIGNATURE, agent keeps running
+        tampered = json.loads(sign(manifest.model_copy(update={"version": 2}), key).to_json())
+        tampered["labels"] = ["evil"]
+        bus.publish(topics.manifest(MODEL), json.dumps(tampered).encode())
+        bus.wait_for(is_event("rejected", reason="BAD_SIGNATURE"), timeout=20)
+        ping = sign(Command(id="c1", device=DEVICE, action=CommandAction.PING, issued_at=time.time()), key)
+        bus.publish(topics.cmd(DEVICE), ping.to_json(), retain=False)
+        bus.wait_for(is_event("pong", correlation_id="c1"), timeout=20)
+        assert proc.poll() is None
+
+        # ---- corrupt chunk → BAD_HASH, the right chunk afterwards completes the fetch
+        fresh = os.urandom(3 * CHUNK)
+        v3 = [*variants[:2], variant_for("fresh", fresh, "none")]
+        m3 = sign(Manifest(model=MODEL, version=3, created_at=time.time(), baseline="float32", variants=v3), key)
+        sha3 = hashlib.sha256(fresh).hexdigest()
+        bus.publish(topics.blob(sha3, 0), b"x" * CHUNK)  # right size, wrong bytes
+        publish_blob(bus, topics, fresh, skip={0})
+        bus.publish(topics.manifest(MODEL), m3.to_json())
+        bus.wait_for(is_event("rejected", reason="BAD_HASH", variant="fresh"), timeout=20)
+        bus.publish(topics.blob(sha3, 0), fresh[:CHUNK])
+        report3 = bus.wait_for(
+            lambda t, o: t == topics.report(DEVICE, MODEL) and o.get("manifest_version") == 3, timeout=60
+        )
+        assert {r["variant"] for r in report3["results"]} == {"float32", "float16", "fresh"}
+        assert (store / "blobs" / f"{sha3}.tflite").exists()
+        # the previously committed model stays active through a new manifest's pipeline
+        assert link.resolve().name == f"{variants[1].sha256}.tflite"
+        bus.wait_for(lambda t, o: t == topics.telemetry(DEVICE), timeout=10)
+
+        # ---- SIGTERM → offline status, exit 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        bus.wait_for(lambda t, o: t == topics.status(DEVICE) and o.get("online") is False, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        bus.close()
+        print(log_path.read_text(errors="replace")[-6000:])
