@@ -113,6 +113,7 @@ class PahoBroker:
         self._connected = threading.Event()
         self._fatal: str | None = None
         self._refused: dict[int, str] = {}
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,6 +146,7 @@ class PahoBroker:
         """Publish ``final`` (the offline status) if connected, then disconnect, stop the network loop."""
         if final is not None and self._connected.is_set():
             self.publish(final[0], final[1], qos=1, retain=True, timeout=timeout)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -239,7 +241,7 @@ class PahoBroker:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and not self._stopping:
             log.warning("disconnected from the broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:

@@ -449,7 +449,8 @@ def _rebuild(graph: _Graph, config_for: Callable[[Any], dict], name_suffix: str)
     new_layers = {n: type(graph.by_name[n]).from_config(config_for(graph.by_name[n])) for n in graph.order}
     if isinstance(model, k.Sequential):
         inp = k.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype)
-        return k.Sequential([inp, *(new_layers[layer.name] for layer in graph.layers)], name=model.name)
+        layers = [inp, *(new_layers[layer.name] for layer in graph.layers)]
+        return k.Sequential(layers, name=f"{model.name}{name_suffix}")
     inp = k.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name=graph.input_layer.name)
     tensors: dict[str | None, Any] = {None: inp}
     for n in graph.order:

@@ -329,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_compress(sub)
 
-    from deploy import demo as demo_command  # its imports are as light as the rest of deploy
+    # Subcommands that live in their own modules (imports as light as the rest of deploy).
+    from deploy import brokerconf, collect, provision
+    from deploy import demo as demo_command
 
+    collect.register(sub, parents=[broker])
+    brokerconf.register(sub)
+    provision.register(sub)
     demo_command.register(sub)
     return parser
 

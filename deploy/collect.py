@@ -39,7 +39,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -482,10 +482,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return code
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add ``collect`` to the ``edgefleet`` command line (broker flags come from the parent parser)."""
     p = subparsers.add_parser(
         "collect",
+        parents=list(parents),
         help="store statuses, reports and events from the fleet in SQLite (long-running)",
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
     )

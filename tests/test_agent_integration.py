@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ DEVICE = "pi-test"
 MODEL = "digits"
 CHUNK = 1024  # small chunks so one blob needs more than the 32-subscription window
 
-_GEN = r'''
+_GEN = r"""
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tensorflow as tf
@@ -75,7 +76,7 @@ c.optimizations = [tf.lite.Optimize.DEFAULT]
 c.target_spec.supported_types = [tf.float16]
 open(os.path.join(out, "float16.tflite"), "wb").write(c.convert())
 np.savez(os.path.join(out, "sample.npz"), x=x, y=y)
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +103,9 @@ class Bus:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.cond = threading.Condition()
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="test-bus",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id="test-bus", protocol=paho.MQTTv5
+        )
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
@@ -171,31 +173,7 @@ def publish_blob(bus: Bus, topics: Topics, data: bytes, skip: set[int] | None = 
         bus.publish(topics.blob(sha, i), chunk)
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[MosquittoBroker]:
-    with MosquittoBroker() as b:
-        yield b
-
-
-def is_event(kind: str, **fields: Any) -> Callable[[str, dict[str, Any]], bool]:
-    def pred(topic: str, obj: dict[str, Any]) -> bool:
-        return (
-            topic.endswith("/events")
-            and obj.get("kind") == kind
-            and all(obj.get(k) == v for k, v in fields.items())
-        )
-
-    return pred
-
-
-# ------------------------------------------------------------------------------------------- the story
-
-
-def test_agent_end_to_end(broker: MosquittoBroker, tiny_models: Path, tmp_path: Path) -> None:
-    topics = Topics()
-    key = Ed25519PrivateKey.generate()
-    pub = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
-    store = tmp_path / "store"
+def write_config(tmp_path: Path, broker: MosquittoBroker, pub: str, store: Path, extra: str = "") -> Path:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f"""
@@ -205,6 +183,7 @@ class = "lab"
 [mqtt]
 host = "{broker.host}"
 port = {broker.port}
+{extra}
 [trust]
 public_keys = ["{pub}"]
 [store]
@@ -227,6 +206,45 @@ timeout_s = 60
 """,
         encoding="utf-8",
     )
+    return cfg
+
+
+def new_key() -> tuple[Ed25519PrivateKey, str]:
+    key = Ed25519PrivateKey.generate()
+    return key, base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+def start_agent(cfg: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log_path.open("ab") as log_fh:
+        return subprocess.Popen([PY, "-m", "agent", "--config", str(cfg)], stderr=log_fh, env=env)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[MosquittoBroker]:
+    with MosquittoBroker() as b:
+        yield b
+
+
+def is_event(kind: str, **fields: Any) -> Callable[[str, dict[str, Any]], bool]:
+    def pred(topic: str, obj: dict[str, Any]) -> bool:
+        return (
+            topic.endswith("/events")
+            and obj.get("kind") == kind
+            and all(obj.get(k) == v for k, v in fields.items())
+        )
+
+    return pred
+
+
+# ------------------------------------------------------------------------------------------- the story
+
+
+def test_agent_end_to_end(broker: MosquittoBroker, tiny_models: Path, tmp_path: Path) -> None:
+    topics = Topics()
+    key, pub = new_key()
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path, broker, pub, store)
     f32 = (tiny_models / "float32.tflite").read_bytes()
     f16 = (tiny_models / "float16.tflite").read_bytes()
     sample = (tiny_models / "sample.npz").read_bytes()
@@ -245,13 +263,13 @@ timeout_s = 60
         publish_blob(bus, topics, data)
     bus.publish(topics.manifest(MODEL), signed.to_json())
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path = tmp_path / "agent.log"
-    with log_path.open("wb") as log_fh:
-        proc = subprocess.Popen([PY, "-m", "agent", "--config", str(cfg)], stderr=log_fh, env=env)
+    proc = start_agent(cfg, log_path)
     try:
         t0 = time.monotonic()
-        report = bus.wait_for(lambda t, o: t == topics.report(DEVICE, MODEL) and o.get("manifest_version") == 1)
+        report = bus.wait_for(
+            lambda t, o: t == topics.report(DEVICE, MODEL) and o.get("manifest_version") == 1
+        )
         manifest_to_report = time.monotonic() - t0
         print(f"manifest → report (3 variants, agent start included): {manifest_to_report:.2f} s")
         by_id = {r["variant"]: r for r in report["results"]}
@@ -289,14 +307,18 @@ timeout_s = 60
         )
         bus.publish(topics.assign(DEVICE, MODEL), assignment.to_json())
         status = bus.wait_for(
-            lambda t, o: t == topics.status(DEVICE)
-            and o.get("models", {}).get(MODEL, {}).get("state") == "committed",
+            lambda t, o: (
+                t == topics.status(DEVICE) and o.get("models", {}).get(MODEL, {}).get("state") == "committed"
+            ),
             timeout=30,
         )
         active = status["models"][MODEL]["active"]
         assert active["variant"] == "float16" and active["sha256"] == variants[1].sha256
         link = store / "models" / MODEL / "active.tflite"
-        assert link.is_symlink() and link.resolve() == (store / "blobs" / f"{variants[1].sha256}.tflite").resolve()
+        assert (
+            link.is_symlink()
+            and link.resolve() == (store / "blobs" / f"{variants[1].sha256}.tflite").resolve()
+        )
         info = json.loads((store / "models" / MODEL / "active.json").read_text())
         assert info["variant"] == "float16"
 
@@ -313,7 +335,9 @@ timeout_s = 60
         # ---- corrupt chunk → BAD_HASH, the right chunk afterwards completes the fetch
         fresh = os.urandom(3 * CHUNK)
         v3 = [*variants[:2], variant_for("fresh", fresh, "none")]
-        m3 = sign(Manifest(model=MODEL, version=3, created_at=time.time(), baseline="float32", variants=v3), key)
+        m3 = sign(
+            Manifest(model=MODEL, version=3, created_at=time.time(), baseline="float32", variants=v3), key
+        )
         sha3 = hashlib.sha256(fresh).hexdigest()
         bus.publish(topics.blob(sha3, 0), b"x" * CHUNK)  # right size, wrong bytes
         publish_blob(bus, topics, fresh, skip={0})
@@ -329,6 +353,50 @@ timeout_s = 60
         assert link.resolve().name == f"{variants[1].sha256}.tflite"
         bus.wait_for(lambda t, o: t == topics.telemetry(DEVICE), timeout=10)
 
+        # ---- assignments the agent must refuse
+        def assign(variant: str, sha: str, version: int, device: str = DEVICE) -> None:
+            a = Assignment(
+                device=device,
+                model=MODEL,
+                variant=variant,
+                sha256=sha,
+                manifest_version=version,
+                issued_at=time.time(),
+                policy="test",
+            )
+            bus.publish(topics.assign(DEVICE, MODEL), sign(a, key).to_json())
+
+        assign("float32", variants[0].sha256, 3, device="someone-else")
+        bus.wait_for(is_event("rejected", reason="WRONG_DEVICE"), timeout=20)
+        assign("nope", variants[0].sha256, 3)
+        bus.wait_for(is_event("rejected", reason="UNKNOWN_VARIANT"), timeout=20)
+        assign("float32", variants[1].sha256, 3)
+        bus.wait_for(is_event("rejected", reason="BAD_HASH", variant="float32"), timeout=20)
+        assign("float32", variants[0].sha256, 1)
+        bus.wait_for(is_event("rejected", reason="REPLAY", variant="float32"), timeout=20)
+
+        # ---- a model that fails its health check is rolled back to the previous one
+        assign("fresh", sha3, 3)  # random bytes: fetched and verified, but not a model
+        rolled = bus.wait_for(is_event("rolled_back", reason="HEALTH_CHECK_FAILED"), timeout=30)
+        assert rolled["variant"] == "fresh"
+        status = bus.wait_for(
+            lambda t, o: (
+                t == topics.status(DEVICE)
+                and o.get("models", {}).get(MODEL, {}).get("state") == "rolled_back"
+            ),
+            timeout=10,
+        )
+        assert status["models"][MODEL]["active"]["variant"] == "float16"
+        assert link.resolve().name == f"{variants[1].sha256}.tflite"
+        rb = sign(
+            Command(
+                id="c2", device=DEVICE, action=CommandAction.ROLLBACK, model=MODEL, issued_at=time.time()
+            ),
+            key,
+        )
+        bus.publish(topics.cmd(DEVICE), rb.to_json(), retain=False)
+        bus.wait_for(is_event("rejected", reason="NO_PREVIOUS", correlation_id="c2"), timeout=20)
+
         # ---- SIGTERM → offline status, exit 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -339,3 +407,73 @@ timeout_s = 60
             proc.wait(timeout=10)
         bus.close()
         print(log_path.read_text(errors="replace")[-6000:])
+
+
+def test_resume_after_kill_fetches_only_missing_chunks(tiny_models: Path, tmp_path: Path) -> None:
+    topics = Topics()
+    key, pub = new_key()
+    store = tmp_path / "store"
+    f32 = (tiny_models / "float32.tflite").read_bytes()
+    big = os.urandom(40 * CHUNK + 17)
+    variants = [variant_for("float32", f32, "none"), variant_for("big", big, "none")]
+    manifest = sign(
+        Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=variants), key
+    )
+    big_sha = variants[1].sha256
+    with MosquittoBroker() as broker:
+        cfg = write_config(tmp_path, broker, pub, store)
+        bus = Bus(broker, topics)
+        publish_blob(bus, topics, f32)
+        publish_blob(bus, topics, big, skip=set(range(20, 41)))
+        bus.publish(topics.manifest(MODEL), manifest.to_json())
+        log_path = tmp_path / "agent.log"
+        proc = start_agent(cfg, log_path)
+        try:
+            partial = store / "partial" / big_sha
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(list(partial.glob("[0-9]*"))) < 20:
+                time.sleep(0.1)
+            assert len(list(partial.glob("[0-9]*"))) == 20
+            proc.kill()  # SIGKILL: no clean shutdown
+            proc.wait(timeout=10)
+            state = json.loads((store / "state.json").read_text())
+            assert state["models"][MODEL]["state"] == "fetching"
+            # the Last Will says offline
+            bus.wait_for(lambda t, o: t == topics.status(DEVICE) and o.get("online") is False, timeout=90)
+
+            publish_blob(bus, topics, big, skip=set(range(20)))
+            proc = start_agent(cfg, log_path)
+            bus.proc = proc
+            report = bus.wait_for(lambda t, o: t == topics.report(DEVICE, MODEL), timeout=60)
+            assert {r["variant"] for r in report["results"]} == {"float32", "big"}
+            log_text = log_path.read_text()
+            assert "21 of 41 chunk(s) missing, 20 kept from before" in log_text
+            assert hashlib.sha256((store / "blobs" / f"{big_sha}.tflite").read_bytes()).hexdigest() == big_sha
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            bus.close()
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed")
+def test_bad_credentials_exit_2(tmp_path: Path) -> None:
+    pwfile = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(pwfile), DEVICE, "right"], check=True, capture_output=True
+    )
+    pwfile.chmod(0o644)
+    _key, pub = new_key()
+    with MosquittoBroker(extra_config=f"allow_anonymous false\npassword_file {pwfile}\n") as broker:
+        cfg = write_config(
+            tmp_path, broker, pub, tmp_path / "store", extra=f'username = "{DEVICE}"\npassword = "wrong"'
+        )
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [PY, "-m", "agent", "--config", str(cfg)], check=False, capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "refused the connection" in out.stderr and "mqtt.username" in out.stderr
+    assert time.monotonic() - t0 < 30

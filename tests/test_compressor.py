@@ -380,3 +380,12 @@ def test_cli_compresses_a_keras_file_with_an_npz(tmp_path: Path, capsys: pytest.
     captured = capsys.readouterr()
     assert "bundle:" in captured.out and "convert int8" in captured.err
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema"] == "edgefleet.manifest/1"
+
+
+@pytest.mark.slow
+def test_seed_cnn_initialisation_is_seeded() -> None:
+    from compressor.models import build_seed_cnn, count_macs, count_params
+
+    a, b = build_seed_cnn(seed=3), build_seed_cnn(seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+    assert count_params(a) == 693_962 and count_macs(a) == 888_192
