@@ -128,9 +128,9 @@ def test_distill_half_width_student(teacher: Any, digits: tuple[np.ndarray, ...]
     xtr, ytr, xte, yte = digits
     student_path = tmp_path / "student.keras"
     make_student(teacher, 0.5, seed=1).save(student_path)
-    student, report = distill(teacher, student_path, (xtr, ytr), 6)
+    student, report = distill(teacher, student_path, (xtr, ytr), 6, learning_rate=3e-3)
     acc = _accuracy(student, xte, yte)
-    assert acc >= 0.85  # measured ≈ 0.91 (teacher 0.977)
+    assert acc >= 0.88  # measured 0.93-0.95 (teacher 0.97)
     assert report.student_params < report.teacher_params
     assert report.alpha == pytest.approx(0.3) and report.soft_weight == pytest.approx(0.7)
     assert report.loss_history[-1] < report.loss_history[0]
@@ -146,6 +146,6 @@ def test_distill_after_structured_pruning(teacher: Any, digits: tuple[np.ndarray
     fine_tune(pruned, (xtr, ytr), 1)
     student = make_student(pruned, 0.5)  # a quarter of the teacher's widths
     assert student.get_layer("conv").filters == 4
-    student, report = distill(pruned, student, (xtr, ytr), 4)
+    student, report = distill(pruned, student, (xtr, ytr), 4, learning_rate=3e-3)
     assert report.student_params < pruned.count_params()
-    assert _accuracy(student, xte, yte) >= 0.6  # measured ≈ 0.85
+    assert _accuracy(student, xte, yte) >= 0.75  # measured ≈ 0.86
