@@ -25,6 +25,9 @@ _UNSUPPORTED = re.compile(
 )
 
 
+_OOM = re.compile(r"error '12'|cannot allocate memory|bad_alloc|out of memory|ENOMEM", re.I)
+
+
 class ChildFailure(Exception):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
@@ -96,10 +99,10 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": False}
     import numpy as np
 
-    from agent.runtime import load_runtime
+    from agent.runtime import load_interpreter
 
-    interpreter_cls, runtime = load_runtime()
-    out["runtime"] = runtime.model_dump()
+    interpreter_cls, runtime_name, runtime_version = load_interpreter()
+    out["runtime"] = {"name": runtime_name, "version": runtime_version}
     _limit_memory(int(req.get("memory_limit_mb", 1024)))
     sample = None
     if req.get("sample"):
@@ -118,6 +121,10 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         raise ChildFailure("OOM", f"out of memory loading the model: {err}") from err
     except Exception as err:
         msg = f"{type(err).__name__}: {err}"
+        if _OOM.search(msg):
+            raise ChildFailure(
+                "OOM", f"out of memory loading the model (address-space limit): {msg}"
+            ) from err
         raise ChildFailure("UNSUPPORTED_OP" if _UNSUPPORTED.search(msg) else "LOAD_ERROR", msg) from err
     out["init_ms"] = (time.perf_counter() - t0) * 1000.0
     inputs = interp.get_input_details()
@@ -157,12 +164,14 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         min_runs, max_runs = int(req.get("min_runs", 50)), int(req.get("max_runs", 10_000))
         min_seconds = float(req.get("min_seconds", 1.0))
         latencies: list[float] = []
+        mono0 = time.monotonic()  # system-wide clock: the parent's energy sampler windows on it
         cpu0, wall0, proc0 = _cpu_seconds(), time.perf_counter(), time.process_time()
         while len(latencies) < max_runs:
             latencies.append(infer(rows[len(latencies) % len(rows)]))
             if len(latencies) >= min_runs and time.perf_counter() - wall0 >= min_seconds:
                 break
         wall = time.perf_counter() - wall0
+        mono1 = time.monotonic()
         cpu = max(_cpu_seconds() - cpu0, time.process_time() - proc0)
     except MemoryError as err:
         raise ChildFailure("OOM", f"out of memory during inference: {err}") from err
@@ -174,6 +183,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         ok=True,
         latencies_ms=latencies,
         duration_s=wall,
+        loop_monotonic=[mono0, mono1],
         cpu_util=cpu / wall if wall > 0 else None,
         peak_rss_bytes=_peak_rss_bytes(),
     )

@@ -18,6 +18,7 @@ import platform
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,7 @@ class Agent:
         self.manifests: dict[str, Manifest] = {}
         self.pending = _Pending()
         self.probation_until: dict[str, float] = {}
+        self.seen_commands: deque[str] = deque(maxlen=256)
         self.fetch_problems: dict[str, dict[str, str]] = {}
         self.started = time.monotonic()
         self.notifier = Notifier()
@@ -261,10 +263,14 @@ class Agent:
         blobs = self._blobs(manifest)
         needed = sum(ref.size for _, ref, kind in blobs if not self.store.has_blob(ref.sha256, kind))
         largest = max((ref.size for _, ref, _ in blobs), default=0)
+        cfg = self.config.store
         try:
-            self.store.check_free(
-                needed + largest, self.config.store.min_free_mb, self.config.store.disk_budget_mb
-            )
+            try:
+                self.store.check_free(needed + largest, cfg.min_free_mb, cfg.disk_budget_mb)
+            except DiskFullError:
+                # make room: blobs only the superseded manifest named can go (active/previous stay)
+                self.collect_garbage(replacing=(model, manifest))
+                self.store.check_free(needed + largest, cfg.min_free_mb, cfg.disk_budget_mb)
         except DiskFullError as err:
             log.warning("refused manifest v%d of %s: %s", manifest.version, model, err)
             self.event(EventKind.REJECTED, model, reason=ReasonCode.DISK_FULL, detail=str(err))
@@ -284,6 +290,21 @@ class Agent:
         self.fetcher.pump()
         self.publish_status()
 
+    def collect_garbage(self, replacing: tuple[str, Manifest] | None = None) -> None:
+        """Drop blobs that no held manifest and no active/previous link references."""
+        keep: set[str] = set()
+        for model in {*self.book.models, *([replacing[0]] if replacing else [])}:
+            if replacing is not None and model == replacing[0]:
+                manifest: Manifest | None = replacing[1]
+            else:
+                manifest = self.manifests.get(model) or self._stored_manifest(model)
+            if manifest is not None:
+                keep.update(ref.sha256 for _, ref, _ in self._blobs(manifest))
+        try:
+            self.store.gc(keep)
+        except OSError as err:
+            log.warning("store gc failed: %s", err)
+
     @staticmethod
     def _blobs(manifest: Manifest) -> list[tuple[str, Any, Any]]:
         out: list[tuple[str, Any, Any]] = []
@@ -296,7 +317,8 @@ class Agent:
     def _fetch_note(self, note: FetchNote) -> None:
         for model, variant in note.owners[:1]:
             if note.kind == "complete":
-                self.event(EventKind.DOWNLOADED, model, variant, note.sha256)
+                what = "evaluation sample" if note.blob_kind == "npz" else "model"
+                self.event(EventKind.DOWNLOADED, model, variant, note.sha256, detail=what)
             elif note.kind == "rejected":
                 self.event(
                     EventKind.REJECTED, model, variant, note.sha256, _reason(note.reason), detail=note.detail
@@ -325,6 +347,7 @@ class Agent:
 
     def finish_fetch(self, model: str, manifest: Manifest) -> None:
         self.book.move(model, ModelState.VERIFYING, detail=f"manifest v{manifest.version}")
+        self.publish_status()
         for label, ref, kind in self._blobs(manifest):
             if self.store.has_blob(ref.sha256, kind) or self.store.missing_chunks(ref):
                 continue
@@ -334,7 +357,7 @@ class Agent:
                 self.store.discard_partial(ref.sha256)
                 self.event(EventKind.REJECTED, model, label, ref.sha256, _reason(err.reason), detail=str(err))
                 continue
-            self.event(EventKind.VERIFIED, model, label, ref.sha256)
+            self.event(EventKind.VERIFIED, model, label, ref.sha256, detail=f"{kind} blob")
         fetched = [v for v in manifest.variants if self.store.has_blob(v.sha256)]
         if not fetched:
             detail = f"no variant of manifest v{manifest.version} could be fetched"
@@ -354,6 +377,7 @@ class Agent:
             detail=f"not fetched: {', '.join(missing)}" if missing else None,
         )
         self.publish_status()
+        self.collect_garbage()
         if model in self.pending.assignment:
             self.on_assignment(model, self.pending.assignment.pop(model))
 
@@ -611,6 +635,10 @@ class Agent:
             self.event(EventKind.REJECTED, reason=_reason(err.reason), detail=str(err))
             return
         cid = cmd.id
+        if cid in self.seen_commands:
+            log.info("command %s already handled (QoS1 redelivery); ignoring it", cid)
+            return
+        self.seen_commands.append(cid)
         if cmd.device != self.device:
             self.event(
                 EventKind.REJECTED,

@@ -34,6 +34,7 @@ class FetchNote:
     owners: tuple[tuple[str, str], ...]  # (model, variant id)
     reason: str | None = None
     detail: str | None = None
+    blob_kind: str = "tflite"
 
 
 @dataclass(slots=True)
@@ -140,14 +141,14 @@ class Fetcher:
         except IntegrityError as err:
             job.bad_chunks += 1
             log.warning("refused %s: %s", topic, err)
-            return [FetchNote("rejected", sha, owners, err.reason, str(err))]
+            return [FetchNote("rejected", sha, owners, err.reason, str(err), job.kind)]
         job.in_flight.discard(index)
         job.last_progress = self.clock()
         self.client.unsubscribe(topic)
         notes: list[FetchNote] = []
         if job.done:
             del self.jobs[sha]
-            notes.append(FetchNote("complete", sha, owners))
+            notes.append(FetchNote("complete", sha, owners, blob_kind=job.kind))
         self.pump()
         return notes
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import RuntimeMissing
-from agent.wire import RuntimeInfo
+
+if TYPE_CHECKING:
+    from agent.wire import RuntimeInfo
 
 # (module holding Interpreter, distribution name, RuntimeInfo.name)
 _CANDIDATES: tuple[tuple[str, str, str], ...] = (
@@ -44,6 +46,8 @@ def _present(module: str) -> bool:
 
 def detect_runtime() -> RuntimeInfo | None:
     """Which runtime :func:`load_runtime` would pick, from package metadata only (imports nothing)."""
+    from agent.wire import RuntimeInfo
+
     for module, dist, name in _CANDIDATES:
         if _present(module):
             return RuntimeInfo(name=name, version=_version(dist))
@@ -65,9 +69,10 @@ def _import_interpreter(module: str) -> Any:
     return tf.lite.Interpreter
 
 
-def load_runtime() -> tuple[Any, RuntimeInfo]:
-    """Import the best available runtime; return its ``Interpreter`` class and what it is.
+def load_interpreter() -> tuple[Any, str, str]:
+    """Import the best available runtime: ``(Interpreter class, runtime name, version)``.
 
+    Used by the benchmark child, which skips pydantic (``agent.wire``) to start faster.
     Raises RuntimeMissing naming what to install when none imports.
     """
     problems: list[str] = []
@@ -80,8 +85,16 @@ def load_runtime() -> tuple[Any, RuntimeInfo]:
         except Exception as err:  # noqa: BLE001 - a broken runtime wheel raises anything; try the next one
             problems.append(f"{dist}: {type(err).__name__}: {err}")
             continue
-        return interpreter, RuntimeInfo(name=name, version=_version(dist))
+        return interpreter, name, _version(dist)
     raise RuntimeMissing(
         "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
         "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)
     )
+
+
+def load_runtime() -> tuple[Any, RuntimeInfo]:
+    """Import the best available runtime; return its ``Interpreter`` class and what it is."""
+    from agent.wire import RuntimeInfo
+
+    interpreter, name, version = load_interpreter()
+    return interpreter, RuntimeInfo(name=name, version=version)

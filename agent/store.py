@@ -185,6 +185,32 @@ class Store:
         shutil.rmtree(self.partial / ref.sha256, ignore_errors=True)
         return final
 
+    def gc(self, keep: set[str]) -> list[str]:
+        """Delete blobs and partial downloads whose sha is not in ``keep``; return the deleted shas.
+
+        The caller keeps every blob named by a held manifest and by active/previous links.
+        """
+        for model_dir in self.models.iterdir() if self.models.is_dir() else []:
+            for link in ("active.tflite", "previous.tflite"):
+                sha = self.link_sha(model_dir / link)
+                if sha:
+                    keep.add(sha)
+        removed: list[str] = []
+        for path in list(self.blobs.iterdir()):
+            sha = path.name.split(".", 1)[0]
+            if path.name.startswith(".") or sha in keep:
+                continue
+            path.unlink()
+            removed.append(sha)
+        for path in list(self.partial.iterdir()):
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        if removed:
+            fsync_dir(self.blobs)
+            log.info("store gc: removed %d blob(s) no manifest or link references", len(removed))
+        return removed
+
     def discard_partial(self, sha: str) -> None:
         shutil.rmtree(self.partial / check_sha256(sha), ignore_errors=True)
 

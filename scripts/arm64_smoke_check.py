@@ -55,8 +55,10 @@ def _load_runtime(expect: str | None) -> tuple[Any, str, str, str]:
         return interpreter, info.name, info.version, "agent.runtime.load_runtime"
     import importlib.metadata
 
-    for module, dist in (("ai_edge_litert.interpreter", "ai-edge-litert"),
-                         ("tflite_runtime.interpreter", "tflite-runtime")):
+    for module, dist in (
+        ("ai_edge_litert.interpreter", "ai-edge-litert"),
+        ("tflite_runtime.interpreter", "tflite-runtime"),
+    ):
         if expect and dist != expect:
             continue
         try:
@@ -178,12 +180,20 @@ def run_agent_bench(bundle: Path, variants: list[dict[str, Any]], args: Any) -> 
     if fn is None:
         return {"skipped": "agent.bench has no benchmark_variant()"}
     try:
-        cfg = BenchConfig(warmup_runs=2, min_runs=args.bench_runs, min_seconds=0.0,
-                          max_runs=max(args.bench_runs, 1), timeout_s=args.bench_timeout)
+        cfg = BenchConfig(
+            warmup_runs=2,
+            min_runs=args.bench_runs,
+            min_seconds=0.0,
+            max_runs=max(args.bench_runs, 1),
+            timeout_s=args.bench_timeout,
+        )
     except Exception as err:  # noqa: BLE001
         return {"skipped": f"BenchConfig did not accept the smoke settings: {type(err).__name__}: {err}"}
-    results: dict[str, Any] = {"api": "agent.bench.benchmark_variant", "executable": sys.executable,
-                               "variants": {}}
+    results: dict[str, Any] = {
+        "api": "agent.bench.benchmark_variant",
+        "executable": sys.executable,
+        "variants": {},
+    }
     for v in variants:
         entry = v.get("manifest_entry")
         if entry is None:
@@ -193,8 +203,13 @@ def run_agent_bench(bundle: Path, variants: list[dict[str, Any]], args: Any) -> 
             variant = Variant.model_validate(entry)
             sample = bundle / f"{v['id']}.sample.npz"
             t0 = time.perf_counter()
-            r = fn(variant, bundle / v["file"], sample if sample.is_file() else None, cfg,
-                   board="qemu-aarch64" if os.environ.get("QEMU_CPU") else "host")
+            r = fn(
+                variant,
+                bundle / v["file"],
+                sample if sample.is_file() else None,
+                cfg,
+                board="qemu-aarch64" if os.environ.get("QEMU_CPU") else "host",
+            )
             wall = time.perf_counter() - t0
             d = r.model_dump(mode="json")
             lat = d.get("latency_ms") or {}
@@ -225,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-samples", type=int, default=0, help="rows per variant (0 = all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--expect-runtime", help="fail unless this runtime (distribution name) is picked")
-    ap.add_argument("--bench", action=argparse.BooleanOptionalAction, default=False,
-                    help="also run agent.bench.benchmark_variant (child process) on each variant")
+    ap.add_argument(
+        "--bench",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run agent.bench.benchmark_variant (child process) on each variant",
+    )
     ap.add_argument("--bench-runs", type=int, default=10)
     ap.add_argument("--bench-timeout", type=float, default=600.0)
     args = ap.parse_args(argv)

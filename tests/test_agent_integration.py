@@ -477,3 +477,47 @@ def test_bad_credentials_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr[-2000:]
     assert "refused the connection" in out.stderr and "mqtt.username" in out.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_mqtt_311_disk_full_and_ping(tiny_models: Path, tmp_path: Path) -> None:
+    """MQTT 3.1.1 works; a manifest that does not fit is refused with DISK_FULL and the agent goes on."""
+    topics = Topics()
+    key, pub = new_key()
+    f32 = (tiny_models / "float32.tflite").read_bytes()
+    manifest = sign(
+        Manifest(
+            model=MODEL,
+            version=1,
+            created_at=time.time(),
+            baseline="float32",
+            variants=[variant_for("float32", f32, "none")],
+        ),
+        key,
+    )
+    with MosquittoBroker() as broker:
+        cfg = write_config(tmp_path, broker, pub, tmp_path / "store", extra='protocol = "v311"')
+        cfg.write_text(cfg.read_text().replace("min_free_mb = 1", "min_free_mb = 1e12"))
+        bus = Bus(broker, topics)
+        proc = start_agent(cfg, tmp_path / "agent.log")
+        bus.proc = proc
+        try:
+            bus.wait_for(lambda t, o: t == topics.status(DEVICE) and o.get("online") is True, timeout=30)
+            bus.publish(topics.manifest(MODEL), manifest.to_json())
+            bus.wait_for(is_event("rejected", reason="DISK_FULL"), timeout=20)
+            ping = sign(
+                Command(id="p1", device=DEVICE, action=CommandAction.PING, issued_at=time.time()), key
+            )
+            bus.publish(topics.cmd(DEVICE), ping.to_json(), retain=False)
+            bus.wait_for(is_event("pong", correlation_id="p1"), timeout=20)
+            assert not (tmp_path / "store" / "blobs" / f"{variants_sha(f32)}.tflite").exists()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            bus.close()
+
+
+def variants_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

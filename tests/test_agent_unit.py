@@ -415,3 +415,144 @@ def test_sd_notify_datagrams(tmp_path: Path) -> None:
         got = [server.recv(100).decode(), server.recv(100).decode()]
     assert got == ["READY=1\nSTATUS=hi", "WATCHDOG=1"]
     assert Notifier("").send("READY=1") is False
+
+
+def test_active_model_helper_follows_the_link(tmp_path: Path) -> None:
+    from agent.active import ActiveModel
+
+    store = Store(tmp_path)
+    store.ensure()
+    a, b = _put_blob(store, b"a" * 1500), _put_blob(store, b"b" * 1500)
+    follower = ActiveModel(tmp_path, "m")
+    with pytest.raises(FileNotFoundError):
+        follower.path()
+    store.activate("m", a)
+    assert follower.changed() and not follower.changed()
+    assert follower.path().name == f"{a}.tflite"
+    store.activate("m", b)
+    assert follower.changed() and follower.path().read_bytes() == b"b" * 1500
+
+
+# --------------------------------------------------------------------------------------- daemon via the seam
+
+
+class FakeBroker(FakeClient):
+    def start(self) -> None: ...
+    def wait_connected(self, timeout: float) -> bool:
+        return True
+
+    def is_connected(self) -> bool:
+        return True
+
+    def set_birth(self, topic: str, payload: bytes) -> None: ...
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None: ...
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(p) for t, p, _ in self.published if t.endswith("/events")]
+
+
+def _agent(tmp_path: Path) -> tuple[object, FakeBroker]:
+    from agent.daemon import Agent
+
+    cfg = parse_config(
+        {
+            "device": {"id": "pi"},
+            "trust": {"public_keys": [_pub_b64()]},
+            "store": {"path": str(tmp_path / "s")},
+        }
+    )
+    fake = FakeBroker()
+    return Agent(cfg, client=fake), fake  # type: ignore[arg-type]
+
+
+def test_restart_during_activation_restores_the_old_model(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.ensure()
+    old, new = _put_blob(store, b"o" * 1500), _put_blob(store, b"n" * 1500)
+    book = StateBook(store)
+    old_info = ActiveVariant(variant="old", sha256=old, manifest_version=1, activated_at=1.0)
+    for s in (S.FETCHING, S.VERIFYING, S.BENCHMARKING, S.REPORTED, S.ACTIVATING, S.PROBATION, S.COMMITTED):
+        book.move("m", s, active=old_info)
+    store.activate("m", old)
+    target = {"variant": "new", "sha256": new, "manifest_version": 1, "activated_at": 2.0}
+    book.move("m", S.ACTIVATING, extra={"target": target})
+    store.activate("m", new)  # the swap happened, then: power cut
+    agent_obj, fake = _agent(tmp_path)
+    agent_obj.recover()  # type: ignore[attr-defined]
+    assert store.link_sha(store.active_link("m")) == old
+    again = StateBook(store)
+    again.load()
+    assert again.get("m").state is S.ROLLED_BACK and again.get("m").active == old_info
+    assert fake.events()[-1]["kind"] == "rolled_back"
+
+
+def test_unsigned_and_garbage_messages_are_refused_not_fatal(tmp_path: Path) -> None:
+    agent_obj, fake = _agent(tmp_path)
+    topics = Topics()
+    handle = agent_obj.handle  # type: ignore[attr-defined]
+    handle(Inbound(topics.manifest("m"), b'{"schema": "edgefleet.manifest/1"}'))
+    handle(Inbound(topics.manifest("m"), b"\xff\xfe not json"))
+    handle(Inbound(topics.assign("pi", "m"), b"{}"))
+    handle(Inbound(topics.cmd("pi"), b"[]"))
+    handle(Inbound("elsewhere/topic", b"x"))
+    handle(Inbound(topics.blob("0" * 64, 3), b"stray chunk"))
+    reasons = [e.get("reason") for e in fake.events()]
+    assert reasons == ["UNSIGNED", "MALFORMED", "UNSIGNED", "MALFORMED"]
+
+
+def test_gc_keeps_referenced_blobs(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.ensure()
+    a, b, c = (_put_blob(store, bytes([i]) * 1200) for i in range(3))
+    store.activate("m", a)
+    store.activate("m", b)  # a becomes previous
+    (store.partial / ("f" * 64)).mkdir()
+    removed = store.gc(keep=set())
+    assert sorted(removed) == sorted([c, "f" * 64])
+    assert store.has_blob(a) and store.has_blob(b) and not store.has_blob(c)
+
+
+def test_memory_limit_gives_oom(tmp_path: Path) -> None:
+    path = tmp_path / "m.tflite"
+    path.write_bytes(os.urandom(4096))
+    outcome = run_child({"mode": "bench", "model": str(path), "memory_limit_mb": 64}, timeout_s=60)
+    assert outcome.error is BenchError.OOM
+
+
+def test_accuracy_far_below_host_is_a_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import agent.bench as bench
+
+    data = b"m" * 2000
+    variant = _variant(data).model_copy(update={"metrics": HostMetrics(size_bytes=2000, accuracy=0.97)})
+    fake = bench.ChildOutcome(
+        {"ok": True, "latencies_ms": [1.0, 2.0, 3.0], "duration_s": 0.006, "cpu_util": 1.0, "accuracy": 0.5},
+        None,
+        None,
+        0.5,
+    )
+    monkeypatch.setattr(bench, "run_child", lambda *a, **k: fake)
+    result = bench.benchmark_variant(variant, tmp_path / "m.tflite", None, BenchConfig(), board="x")
+    assert result.ok is False and result.error is BenchError.ACCURACY_MISMATCH
+    assert result.latency_ms is not None and result.latency_ms.count == 3
+    fake.data["accuracy"] = 0.95
+    assert bench.benchmark_variant(variant, tmp_path / "m.tflite", None, BenchConfig(), board="x").ok
+
+
+def test_command_redelivery_runs_once(tmp_path: Path) -> None:
+    from agent.wire import Command, CommandAction, sign
+
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    from agent.daemon import Agent
+
+    cfg = parse_config(
+        {"device": {"id": "pi"}, "trust": {"public_keys": [pub]}, "store": {"path": str(tmp_path / "s")}}
+    )
+    fake = FakeBroker()
+    agent_obj = Agent(cfg, client=fake)  # type: ignore[arg-type]
+    ping = sign(
+        Command(id="c9", device="pi", action=CommandAction.PING, issued_at=time.time()), key
+    ).to_json()
+    for _ in range(2):
+        agent_obj.handle(Inbound(Topics().cmd("pi"), ping))
+    assert [e["kind"] for e in fake.events()] == ["pong"]
