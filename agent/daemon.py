@@ -217,9 +217,18 @@ class Agent:
                 self.on_command(msg.payload)
             else:
                 log.info("ignoring message on %s (not for this device)", msg.topic)
+        except ConnectionFatal:
+            raise
         except (StoreError, IllegalTransition, OSError) as err:
             log.exception("error handling %s", msg.topic)
             self.event(EventKind.ERROR, reason=ReasonCode.INTERNAL, detail=f"{msg.topic}: {err}")
+        except Exception as err:  # one bad message must not take the daemon (and its restarts) down
+            log.exception("unexpected error handling %s", msg.topic)
+            self.event(
+                EventKind.ERROR,
+                reason=ReasonCode.INTERNAL,
+                detail=f"{msg.topic}: {type(err).__name__}: {err}",
+            )
 
     def on_manifest(self, model: str, payload: bytes) -> None:
         if not payload:
@@ -338,7 +347,16 @@ class Agent:
             if self.stop.is_set():
                 return
             if rec.state is ModelState.FETCHING and model in self.manifests and not self.fetcher.busy(model):
-                self.finish_fetch(model, self.manifests[model])
+                try:
+                    self.finish_fetch(model, self.manifests[model])
+                except Exception as err:  # stays in its state; a new manifest restarts it
+                    log.exception("model %s: verify/benchmark failed", model)
+                    self.event(
+                        EventKind.ERROR,
+                        model,
+                        reason=ReasonCode.INTERNAL,
+                        detail=f"{type(err).__name__}: {err}",
+                    )
         t = time.monotonic()
         for model, until in list(self.probation_until.items()):
             if t >= until:
