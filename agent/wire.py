@@ -260,6 +260,35 @@ class RuntimeInfo(WireModel):
     version: str
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.14.0"`` → ``(2, 14, 0)``; non-digits in a part are dropped, missing parts are 0."""
+    parts = []
+    for piece in version.strip().split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)
+
+
+# ai-edge-litert restarted its numbering: 1.x shipped the TFLite kernels of TensorFlow 2.18-2.19, 2.x
+# those of 2.20 and later. Variants state ``min_runtime`` on the TensorFlow Lite scale.
+_LITERT_TFLITE_EQUIVALENT = {1: "2.18.0", 2: "2.20.0"}
+
+
+def tflite_version(runtime: RuntimeInfo) -> str:
+    """The TensorFlow Lite version ``runtime`` is equivalent to, for comparing with ``min_runtime``."""
+    if runtime.name == "ai-edge-litert":
+        major = version_tuple(runtime.version)[0]
+        return _LITERT_TFLITE_EQUIVALENT.get(major, "2.20.0" if major > 2 else "2.18.0")
+    return runtime.version
+
+
+def runtime_supports(runtime: RuntimeInfo, min_runtime: str | None) -> bool:
+    """True when ``runtime`` is at least ``min_runtime`` (no requirement: always)."""
+    return min_runtime is None or version_tuple(tflite_version(runtime)) >= version_tuple(min_runtime)
+
+
 class BlobRef(WireModel):
     """A content-addressed file shipped as retained chunks on ``{ns}/blobs/{sha}/{index}``."""
 

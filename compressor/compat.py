@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.wire import version_tuple
 from compressor.errors import EvaluationError
 
 # The oldest runtime edgefleet ships to: tflite-runtime 2.14 (armv7l boards, frozen since Oct 2023).
@@ -49,16 +50,6 @@ class CompatReport:
 
     def safe_on(self, runtime_version: str) -> bool:
         return version_tuple(self.min_runtime) <= version_tuple(runtime_version)
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.strip().split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    while len(parts) < 3:
-        parts.append(0)
-    return tuple(parts)
 
 
 def _max_version(a: str, b: str) -> str:

@@ -192,14 +192,6 @@ def _pts(x: float) -> str:
     return f"{x * 100:.1f}".rstrip("0").rstrip(".")
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
 def _best_result(results: list[wire.BenchResult]) -> wire.BenchResult | None:
     ok = [r for r in results if r.ok and r.latency_ms is not None]
     if not ok:
@@ -253,13 +245,11 @@ def _violation(
 ) -> str | None:
     """The first hard constraint ``c`` breaks, as a sentence, or None."""
     runtime = r.runtime or (status.runtime if status else None)
-    if (
-        v.min_runtime
-        and runtime is not None
-        and runtime.name != "tensorflow"
-        and _version_tuple(runtime.version) < _version_tuple(v.min_runtime)
-    ):
-        return f"needs runtime >= {v.min_runtime}, device has {runtime.name} {runtime.version}"
+    if runtime is not None and not wire.runtime_supports(runtime, v.min_runtime):
+        return (
+            f"needs TFLite runtime >= {v.min_runtime}, device has {runtime.name} {runtime.version} "
+            f"(TFLite {wire.tflite_version(runtime)})"
+        )
     if rule.reject_throttled and r.throttled:
         return "CPU throttled during the benchmark"
     if rule.max_p95_ms is not None and c.p95_ms is not None and c.p95_ms > rule.max_p95_ms:

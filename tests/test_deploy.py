@@ -139,6 +139,7 @@ def make_status(
     active: wire.Variant | None = None,
     manifest: wire.Manifest | None = None,
     runtime: str = "2.3.0",
+    runtime_name: str = "ai-edge-litert",
 ) -> wire.Status:
     models = {}
     if manifest is not None:
@@ -159,7 +160,7 @@ def make_status(
         online=True,
         ts=100.0,
         board="Raspberry Pi 5",
-        runtime=wire.RuntimeInfo(name="ai-edge-litert", version=runtime),
+        runtime=wire.RuntimeInfo(name=runtime_name, version=runtime),  # type: ignore[arg-type]
         device_class=device_class,
         models=models,
     )
@@ -372,9 +373,11 @@ def test_min_runtime(four: wire.Manifest) -> None:
         ]
     )
     res = [ok_result(var(m, "fp32"), 10.0), ok_result(var(m, "int8"), 1.0)]
-    d = one(m, res, status=make_status("pi1", runtime="2.14.0"))
+    d = one(m, res, status=make_status("pi1", runtime="2.14.0", runtime_name="tflite-runtime"))
     assert d.variant == "fp32"
-    assert d.lost["int8"] == "needs runtime >= 2.16.0, device has ai-edge-litert 2.14.0"
+    assert d.lost["int8"] == "needs TFLite runtime >= 2.16.0, device has tflite-runtime 2.14.0 (TFLite 2.14.0)"
+    # ai-edge-litert numbers its releases anew; 2.x carries TFLite 2.20 kernels and runs it.
+    assert one(m, res, status=make_status("pi1", runtime="2.3.0")).variant == "int8"
 
 
 def test_result_for_another_file_does_not_count(four: wire.Manifest) -> None:
