@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -180,20 +181,22 @@ def _compress(
     if settings.variants:
         cmd += ["--variants", ",".join(settings.variants)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings.extra_env}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+    with log.open("wb") as out, subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env) as proc:
         assert proc.stderr is not None
+        # The stage's share of the deadline: a hung compressor is killed, which ends the read loop.
+        killer = threading.Timer(max(1.0, deadline - time.monotonic()), proc.kill)
+        killer.start()
         try:
             for raw in proc.stderr:  # the compressor's progress lines
-                line = raw.decode(errors="replace").rstrip()
                 out.write(raw)
+                line = raw.decode(errors="replace").rstrip()
                 if line:
                     progress(f"      {line}")
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            proc.wait(timeout=10)
         finally:
+            killer.cancel()
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(timeout=10)
     if proc.returncode != 0:
         raise DemoError(f"compress failed with exit code {proc.returncode}; see {log}")
 

@@ -1,9 +1,10 @@
 """arm64 smoke test: the device agent and its runtime under qemu-aarch64, compared with x86.
 
 Opt-in: set ``EDGEFLEET_ARM64_SMOKE=1``. The first run downloads a Debian arm64 sysroot and aarch64
-wheels (~300 MiB, cached under ``$EDGEFLEET_ARM64_CACHE`` or ``~/.cache/edgefleet/arm64``) and trains the
-demo bundle; see docs/arm64.md for measured cold and warm times. ``EDGEFLEET_ARM64_RUNTIMES`` picks the
-runtimes (default ``litert,tflite-runtime``; ``litert`` alone halves the time).
+wheels (~380 MiB on disk, cached under ``$EDGEFLEET_ARM64_CACHE`` or ``~/.cache/edgefleet/arm64``) and
+trains the demo bundle; see docs/arm64.md for measured cold and warm times.
+``EDGEFLEET_ARM64_RUNTIMES`` picks the runtimes (default ``litert,tflite-runtime``; ``litert`` alone
+halves the time).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(
         os.environ.get("EDGEFLEET_ARM64_SMOKE") != "1",
         reason="arm64 smoke test under qemu-user is opt-in: set EDGEFLEET_ARM64_SMOKE=1 "
-        "(first run downloads ~300 MiB and takes a few minutes; see docs/arm64.md)",
+        "(first run downloads the arm64 sysroot and wheels, ~2 min; see docs/arm64.md)",
     ),
 ]
 
