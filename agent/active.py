@@ -9,22 +9,65 @@ is called::
     while True:
         if model.changed():
             interp = model.interpreter(num_threads=2)
-        ...
+        ...  # set_tensor / invoke / get_tensor
+        model.count()          # optional: feeds "inferences" in the agent's telemetry
+
+:meth:`ActiveModel.count` adds to ``counters/<model>.count`` under the store (a decimal number, updated
+under ``flock``, flushed at most once per ``flush_interval_s``). The agent creates ``counters/`` group-
+writable (mode 2770): run the application in the ``edgefleet`` group. If the file cannot be written the
+count is dropped silently (an application must never fail because of telemetry).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from agent.wire import check_id
 
+COUNTERS_DIR = "counters"
+
+
+def add_to_counter(path: Path, n: int) -> None:
+    """Add ``n`` to the decimal counter in ``path`` under an exclusive ``flock`` (creates it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 64, 0)
+        try:
+            value = int(raw.decode("ascii").strip() or "0")
+        except ValueError:
+            value = 0
+        data = f"{value + n}\n".encode("ascii")
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def read_counters(store_root: Path) -> int:
+    """Total inferences every application has counted, over all models (0 when none)."""
+    total = 0
+    for path in (store_root / COUNTERS_DIR).glob("*.count"):
+        with contextlib.suppress(OSError, ValueError):
+            total += int(path.read_text(encoding="ascii").strip() or "0")
+    return total
+
 
 class ActiveModel:
-    def __init__(self, store_root: Path, model: str) -> None:
-        self.link = store_root / "models" / check_id(model, "model") / "active.tflite"
+    def __init__(self, store_root: Path, model: str, flush_interval_s: float = 1.0) -> None:
+        name = check_id(model, "model")
+        self.link = store_root / "models" / name / "active.tflite"
+        self.counter = store_root / COUNTERS_DIR / f"{name}.count"
         self._seen: str | None = self.target()
+        self._pending = 0
+        self._flush_interval = flush_interval_s
+        self._last_flush = time.monotonic()
+        self._counting = True
 
     def target(self) -> str | None:
         """The link's current target (``../../blobs/<sha>.tflite``), or None when nothing is active."""
@@ -56,3 +99,20 @@ class ActiveModel:
         interp = interpreter_cls(model_path=str(self.path()), num_threads=num_threads)
         interp.allocate_tensors()
         return interp
+
+    def count(self, n: int = 1) -> None:
+        """Record ``n`` inferences served; written to the shared counter at most every flush interval."""
+        self._pending += n
+        if time.monotonic() - self._last_flush >= self._flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending counts now (call it before the application exits)."""
+        self._last_flush = time.monotonic()
+        if not self._pending or not self._counting:
+            return
+        try:
+            add_to_counter(self.counter, self._pending)
+        except OSError:
+            self._counting = False  # no write access to the store: counting is best effort
+        self._pending = 0

@@ -1,18 +1,33 @@
 """Benchmark and health-check models in a child process (``python -m agent.bench_child``).
 
 The parent enforces a wall-clock timeout (the child's process group is killed → RUN_TIMEOUT); the child
-caps its address space (MemoryError → OOM); a child killed by a signal → CRASH; a model that does not load
-→ LOAD_ERROR (UNSUPPORTED_OP when the runtime names a missing op). The daemon never loads a model itself.
+caps its address space with RLIMIT_AS (MemoryError or an allocation failure → OOM); a child killed by a
+signal → CRASH; a model that does not load → LOAD_ERROR (UNSUPPORTED_OP when the runtime names a missing
+or custom op); on-device accuracy further than ``accuracy_tolerance`` from the host's → ACCURACY_MISMATCH;
+a variant whose ``min_runtime`` this device's runtime does not meet is not run → RUNTIME_TOO_OLD. The daemon
+never loads a model itself.
 
-Method (after TFLite's benchmark_model): load + allocate (``init_ms``), first inference, accuracy on the
-variant's sample if present, ``warmup_runs`` discarded, then at least ``min_runs`` and ``min_seconds``
-(capped by ``max_runs``); latency statistics over the timed runs, peak RSS of the child, CPU seconds per
-wall second, CPU temperature before/after, and a *modelled* energy figure (never marked measured).
+Method (after TFLite's benchmark_model): load + allocate (``init_ms``), first inference, top-1 predictions
+and accuracy on the variant's sample if present, ``warmup_runs`` discarded, then at least ``min_runs`` and
+at least ``min_seconds`` (capped by ``max_runs``); latency statistics over the timed runs, peak RSS of the
+child, CPU seconds per wall second of the child (rusage), the thread count and runtime. Around the child:
+optional cool-down (``[thermal]``), CPU temperature and throttling flags before/after, an idle power
+baseline and power sampling cut to the child's timed loop (:class:`agent.energy.EnergyMeter`).
+
+Use without a daemon (benches, scripts)::
+
+    from agent.bench import benchmark_variant
+    result = benchmark_variant(variant, Path("m.tflite"), Path("m.sample.npz"), BenchConfig(), threads=2)
+
+``board`` (a model string or :class:`agent.board.BoardInfo`) picks the power profile when no ``meter`` is
+given (then energy is the utilisation model, ``measured=False``); pass an ``EnergyMeter.from_config(...)``
+to measure with a sensor. :func:`measure_variant` also returns the sample predictions (for agreement).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,10 +43,29 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench_child import RESULT_PREFIX
+from agent.board import BoardInfo, detect_board, power_profile, profile_key_for
 from agent.config import BenchConfig
+from agent.energy import EnergyConfig, EnergyMeter, ModelBackend, PowerWindow
 from agent.runtime import detect_runtime
-from agent.sysinfo import cpu_count, cpu_temperature, modelled_energy, throttled
-from agent.wire import BenchError, BenchResult, LatencyStats, RuntimeInfo, Variant, now
+from agent.thermal import (
+    CoolOutcome,
+    ThermalConfig,
+    ThrottleState,
+    cpu_temperature,
+    read_throttled,
+    throttled_during,
+    wait_until_cool,
+)
+from agent.wire import (
+    BenchError,
+    BenchResult,
+    LatencyStats,
+    RuntimeInfo,
+    Variant,
+    now,
+    runtime_supports,
+    tflite_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,26 +180,105 @@ def run_child(
     return ChildOutcome(data, None, None, wall)
 
 
-def _runtime(data: dict[str, Any]) -> RuntimeInfo | None:
+def _runtime(data: dict[str, Any], fallback: RuntimeInfo | None) -> RuntimeInfo | None:
     raw = data.get("runtime")
     if isinstance(raw, dict):
         with contextlib.suppress(ValueError):
             return RuntimeInfo.model_validate(raw)
-    return detect_runtime()
+    return fallback
 
 
-def benchmark_variant(
+@dataclass(frozen=True, slots=True)
+class VariantRun:
+    """One benchmark's result and the top-1 predictions on the sample (None without a sample)."""
+
+    result: BenchResult
+    predictions: list[int] | None = None
+
+
+def default_meter(board: str | BoardInfo | None = None) -> EnergyMeter:
+    """A utilisation-model meter (never measured) for ``board``; detected when None."""
+    if isinstance(board, BoardInfo):
+        info = board
+    else:
+        info = detect_board()
+        if board:
+            info = dataclasses.replace(info, profile_key=profile_key_for(board, info.arch))
+    profile = power_profile(info.profile_key)
+    return EnergyMeter(ModelBackend(profile), profile, info.cpu_count, EnergyConfig(kind="model"))
+
+
+def _agreement(predictions: list[int] | None, baseline: Sequence[int] | None) -> float | None:
+    if not predictions or not baseline:
+        return None
+    n = min(len(predictions), len(baseline))
+    return sum(a == b for a, b in zip(predictions[:n], baseline[:n], strict=True)) / n
+
+
+def _power_window(meter: EnergyMeter, data: dict[str, Any]) -> PowerWindow | None:
+    """Samples inside the child's timed loop; a loop shorter than two samples widens by one period."""
+    marks = data.get("loop_monotonic")
+    if not (isinstance(marks, list) and len(marks) == 2):
+        return None
+    t0, t1 = float(marks[0]), float(marks[1])
+    window = meter.sampler.window(t0, t1)
+    if window.samples < 2:
+        pad = meter.sampler.interval_s
+        window = meter.sampler.window(t0 - pad, t1 + pad)
+    return window
+
+
+def measure_variant(
     variant: Variant,
     model_path: Path,
     sample_path: Path | None,
     cfg: BenchConfig,
     *,
-    board: str,
+    board: str | BoardInfo | None = None,
     threads: int = 1,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,
-) -> BenchResult:
-    """One BenchResult for ``variant`` at ``threads``; a failure is a result with an error code."""
+    meter: EnergyMeter | None = None,
+    runtime: RuntimeInfo | None = None,
+    thermal: ThermalConfig | None = None,
+    baseline_predictions: Sequence[int] | None = None,
+    is_baseline: bool = False,
+    read_temp: Callable[[], float | None] = cpu_temperature,
+    read_throttle: Callable[[], ThrottleState | None] = read_throttled,
+) -> VariantRun:
+    """Benchmark ``variant`` at ``threads`` in a child; a failure is a result with an error code.
+
+    ``runtime`` (default: detected from package metadata) gates ``variant.min_runtime``: too old → not
+    run, error RUNTIME_TOO_OLD. ``baseline_predictions`` (the float32 variant's top-1 on the same sample,
+    on this device) gives ``agreement``; ``is_baseline`` marks the baseline itself (agreement 1.0).
+    ``thermal.cool_below_c`` waits for the CPU to cool first. ``meter`` defaults to the utilisation model.
+    """
+    stop = stop if stop is not None else threading.Event()
+    runtime = runtime if runtime is not None else detect_runtime()
+    base: dict[str, Any] = {
+        "variant": variant.id,
+        "sha256": variant.sha256,
+        "runtime": runtime,
+        "threads": threads,
+        "warmup_runs": cfg.warmup_runs,
+    }
+    if runtime is not None and not runtime_supports(runtime, variant.min_runtime):
+        detail = (
+            f"variant needs TFLite runtime >= {variant.min_runtime}; this device has {runtime.name} "
+            f"{runtime.version} (TFLite {tflite_version(runtime)}); not run"
+        )
+        log.warning("benchmark of %s skipped: %s", variant.id, detail)
+        return VariantRun(
+            BenchResult(ok=False, error=BenchError.RUNTIME_TOO_OLD, error_detail=detail, ts=now(), **base)
+        )
+    meter = meter if meter is not None else default_meter(board)
+    if thermal is not None and thermal.cool_below_c is not None:
+        cooled = wait_until_cool(
+            thermal.cool_below_c, thermal.cool_timeout_s, stop, read_temp=read_temp, poll_s=thermal.poll_s
+        )
+        if cooled is CoolOutcome.TIMEOUT:
+            log.warning("benchmarking %s with the CPU above %g °C", variant.id, thermal.cool_below_c)
+    idle_w = meter.idle_baseline(stop)
     request = {
         "mode": "bench",
         "model": str(model_path),
@@ -175,28 +288,31 @@ def benchmark_variant(
         "min_runs": cfg.min_runs,
         "min_seconds": cfg.min_seconds,
         "max_runs": cfg.max_runs,
+        "max_eval": cfg.max_eval,
         "memory_limit_mb": cfg.memory_limit_mb,
     }
-    temp_before = cpu_temperature()
-    outcome = run_child(request, cfg.timeout_s, stop, tick)
-    temp_after = cpu_temperature()
+    temp_before, throttle_before = read_temp(), read_throttle()
+    meter.start()
+    try:
+        outcome = run_child(request, cfg.timeout_s, stop, tick)
+    finally:
+        meter.stop()
+    temp_after, throttle_after = read_temp(), read_throttle()
     data = outcome.data
     common: dict[str, Any] = {
-        "variant": variant.id,
-        "sha256": variant.sha256,
-        "runtime": _runtime(data),
-        "threads": threads,
-        "warmup_runs": cfg.warmup_runs,
+        **base,
+        "runtime": _runtime(data, runtime),
+        "threads": int(data.get("threads", threads)),
         "temperature_c_before": temp_before,
         "temperature_c_after": temp_after,
-        "throttled": throttled(),
+        "throttled": throttled_during(throttle_before, throttle_after),
         "ts": now(),
     }
     if outcome.error is not None:
         log.warning(
             "benchmark of %s (%d thread(s)) failed: %s %s", variant.id, threads, outcome.error, outcome.detail
         )
-        return BenchResult(
+        failed = BenchResult(
             ok=False,
             error=outcome.error,
             error_detail=outcome.detail,
@@ -204,25 +320,29 @@ def benchmark_variant(
             peak_rss_bytes=data.get("peak_rss_bytes"),
             **common,
         )
+        return VariantRun(failed)
     stats = latency_stats(data["latencies_ms"])
     cpu_util = data.get("cpu_util")
-    energy = None
-    if cpu_util is not None and stats.count:
-        energy = modelled_energy(cpu_util, cpu_count(), data["duration_s"] / stats.count, board)
+    duration = float(data["duration_s"])
+    energy = meter.energy(_power_window(meter, data), stats.count, duration, cpu_util, idle_w)
+    predictions = data.get("predictions")
+    predictions = [int(p) for p in predictions] if isinstance(predictions, list) else None
+    agreement = 1.0 if is_baseline and predictions else _agreement(predictions, baseline_predictions)
     accuracy = data.get("accuracy")
     ok, error, detail = True, None, None
+    detail_text: str | None = None
     host_acc = variant.metrics.accuracy
-    if accuracy is not None and host_acc is not None and accuracy < host_acc - cfg.accuracy_tolerance:
+    if accuracy is not None and host_acc is not None and abs(accuracy - host_acc) > cfg.accuracy_tolerance:
         ok, error = False, BenchError.ACCURACY_MISMATCH
         detail = (
-            f"on-device accuracy {accuracy:.4f} is more than {cfg.accuracy_tolerance:g} "
-            f"below the host's {host_acc:.4f}"
+            f"on-device accuracy {accuracy:.4f} on {data.get('eval_samples')} sample rows differs from the "
+            f"host's {host_acc:.4f} by more than {cfg.accuracy_tolerance:g}"
         )
     result = BenchResult(
         ok=ok,
         error=error,
         error_detail=detail,
-        duration_s=data.get("duration_s"),
+        duration_s=duration,
         latency_ms=stats,
         init_ms=data.get("init_ms"),
         first_inference_ms=data.get("first_inference_ms"),
@@ -230,10 +350,12 @@ def benchmark_variant(
         cpu_util=cpu_util,
         energy=energy,
         accuracy=accuracy,
+        agreement=agreement,
         **common,
     )
     log.info(
-        "benchmarked %s (%d thread(s)): p50 %.3f ms p95 %.3f ms over %d runs, init %.1f ms, rss %.1f MiB%s",
+        "benchmarked %s (%d thread(s)): p50 %.3f ms p95 %.3f ms over %d runs, init %.1f ms, "
+        "rss %.1f MiB%s%s%s",
         variant.id,
         threads,
         stats.p50,
@@ -242,8 +364,43 @@ def benchmark_variant(
         result.init_ms or 0.0,
         (result.peak_rss_bytes or 0) / 2**20,
         f", accuracy {accuracy:.4f}" if accuracy is not None else "",
+        f", agreement {agreement:.4f}" if agreement is not None else "",
+        f", {energy.mj_per_inference:.4f} mJ/inference ({energy.method.value}"
+        f"{'' if energy.measured else ', modelled'})"
+        if energy is not None
+        else "",
     )
-    return result
+    return VariantRun(result, predictions)
+
+
+def benchmark_variant(
+    variant: Variant,
+    model_path: Path,
+    sample_path: Path | None,
+    cfg: BenchConfig,
+    *,
+    board: str | BoardInfo | None = None,
+    threads: int = 1,
+    stop: threading.Event | None = None,
+    tick: Callable[[], None] | None = None,
+    meter: EnergyMeter | None = None,
+    runtime: RuntimeInfo | None = None,
+    thermal: ThermalConfig | None = None,
+) -> BenchResult:
+    """One BenchResult for ``variant`` at ``threads`` (see :func:`measure_variant`); runs without a daemon."""
+    return measure_variant(
+        variant,
+        model_path,
+        sample_path,
+        cfg,
+        board=board,
+        threads=threads,
+        stop=stop,
+        tick=tick,
+        meter=meter,
+        runtime=runtime,
+        thermal=thermal,
+    ).result
 
 
 def health_check(

@@ -7,12 +7,22 @@ space with ``RLIMIT_AS`` once the runtime is imported (a MemoryError then report
 
 Request keys: ``mode`` ("bench" | "health"), ``model`` (path), ``sample`` (path to .npz with x, y, or
 null), ``threads``, ``warmup_runs``, ``min_runs``, ``min_seconds``, ``max_runs``, ``memory_limit_mb``,
-``inferences`` (health), ``max_eval`` (sample rows scored for accuracy).
+``inferences`` (health), ``max_eval`` (sample rows scored for accuracy and top-1 predictions),
+``test_crash_signal`` (tests only: the child sends itself this signal after loading, to prove CRASH).
+
+Result keys (bench): ``runtime`` {name, version}, ``init_ms``, ``first_inference_ms``, ``accuracy`` and
+``eval_samples`` (when the sample has ``y``), ``predictions`` (top-1 index per sample row, for the
+parent's agreement with the baseline), ``latencies_ms`` (timed runs only), ``duration_s``,
+``loop_monotonic`` [start, end] of the timed loop on ``time.monotonic()`` (system-wide, so the parent's
+power sampler can cut its window), ``cpu_util`` (CPU seconds of this process per wall second, from
+``getrusage``/``process_time`` — psutil's per-process times read zero under qemu-user), ``threads``,
+``peak_rss_bytes`` (``ru_maxrss``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import sys
@@ -127,6 +137,10 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
             ) from err
         raise ChildFailure("UNSUPPORTED_OP" if _UNSUPPORTED.search(msg) else "LOAD_ERROR", msg) from err
     out["init_ms"] = (time.perf_counter() - t0) * 1000.0
+    out["threads"] = threads
+    crash = req.get("test_crash_signal")
+    if crash:
+        os.kill(os.getpid(), int(crash))
     inputs = interp.get_input_details()
     outputs = interp.get_output_details()
     rows, labels = _prepare_inputs(np, inputs, sample)
@@ -149,15 +163,17 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
             out["peak_rss_bytes"] = _peak_rss_bytes()
             return out
 
-        if labels is not None:
+        if sample is not None and "x" in sample:
             n = min(len(rows), int(req.get("max_eval", 1000)))
-            correct = 0
+            predictions: list[int] = []
             for i in range(n):
                 infer(rows[i])
-                pred = interp.get_tensor(outputs[0]["index"]).reshape(-1)
-                correct += int(int(np.argmax(pred)) == int(np.asarray(labels[i]).reshape(-1)[0]))
-            out["accuracy"] = correct / n if n else None
-            out["eval_samples"] = n
+                predictions.append(int(np.argmax(interp.get_tensor(outputs[0]["index"]).reshape(-1))))
+            out["predictions"] = predictions
+            if labels is not None and n:
+                truth = [int(np.asarray(labels[i]).reshape(-1)[0]) for i in range(n)]
+                out["accuracy"] = sum(p == t for p, t in zip(predictions, truth, strict=True)) / n
+                out["eval_samples"] = n
 
         for i in range(int(req.get("warmup_runs", 5))):
             infer(rows[i % len(rows)])

@@ -91,6 +91,11 @@ class PowerProfile:
     source: str
     calibrated: bool = False
 
+    @property
+    def name(self) -> str:
+        """Alias of ``key`` (the name the old ``agent.sysinfo`` profile used)."""
+        return self.key
+
     def power_at(self, utilisation: float) -> float:
         """``P_idle + (P_max − P_idle) · u`` with ``u`` clamped to [0, 1] (share of all cores busy)."""
         u = min(1.0, max(0.0, utilisation))
@@ -242,6 +247,22 @@ def _local_cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def profile_key_for(model: str, arch: str | None = None) -> str:
+    """The :data:`PROFILES` key for a board model string (``Raspberry Pi 5 Model B`` → ``pi5``).
+
+    Unknown boards get ``generic-x86``/``generic-arm`` by ``arch``, else ``generic``.
+    """
+    for pattern, _name, key in _MODEL_RULES:
+        if pattern.search(model):
+            return key
+    low = (arch or "").lower()
+    if low in {"x86_64", "amd64", "i386", "i686"}:
+        return "generic-x86"
+    if low.startswith(("arm", "aarch")):
+        return "generic-arm"
+    return "generic"
 
 
 def detect_board(root: Path = Path("/"), machine: str | None = None) -> BoardInfo:

@@ -21,12 +21,20 @@ Example ``/etc/edgefleet/agent.toml``::
     path = "/var/lib/edgefleet"
 
     [bench]
-    threads = [1, 4]
+    threads = [1, "all"]        # thread sweep; "all" (or 0) = every usable CPU
+
+    [energy]
+    kind = "auto"               # hwmon, pmic, rapl, battery, then the utilisation model
+    idle_seconds = 1.0          # idle baseline before each run (measured backends)
+
+    [thermal]
+    cool_below_c = 70.0         # wait (≤ cool_timeout_s) until the CPU is below this before each run
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -34,7 +42,9 @@ from typing import Annotated, Any, Literal, Self
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from agent.energy import EnergyConfig
 from agent.errors import ConfigError
+from agent.thermal import ThermalConfig
 from agent.wire import DEFAULT_NAMESPACE, ID_PATTERN, Identifier, key_id_for, public_key_from_text
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
@@ -84,6 +94,9 @@ class MqttConfig(_Strict):
     reconnect_min_s: float = Field(default=1.0, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=15.0, gt=0)
+    max_payload_kb: int = Field(
+        default=4096, ge=16, le=65536, description="JSON messages larger than this are refused (TOO_LARGE)"
+    )
 
     @model_validator(mode="after")
     def _one_password(self) -> Self:
@@ -123,32 +136,79 @@ class ModelsConfig(_Strict):
 
 
 class BenchConfig(_Strict):
-    threads: list[int] = Field(default_factory=lambda: [1], min_length=1, description="thread sweep")
-    warmup_runs: int = Field(default=5, ge=0)
-    min_runs: int = Field(default=50, ge=1)
-    min_seconds: float = Field(default=1.0, ge=0)
-    max_runs: int = Field(default=10_000, ge=1)
-    timeout_s: float = Field(
-        default=120.0, gt=0, description="wall clock per variant, then the child is killed"
+    """``[bench]``: how each variant is benchmarked (method after TFLite's benchmark_model).
+
+    Per variant and thread count, in a child process: load + allocate (``init_ms``), one first inference,
+    accuracy and top-1 predictions on the bundle's sample, ``warmup_runs`` discarded, then timed runs until
+    at least ``min_runs`` runs AND at least ``min_seconds`` have passed (``max_runs`` caps it).
+    """
+
+    threads: list[int | Literal["all"]] = Field(
+        default_factory=lambda: [1],  # type: ignore[arg-type,return-value]
+        min_length=1,
+        description='thread sweep: each entry is a num_threads to benchmark with; 0 or "all" = every CPU '
+        "this process may use (os.sched_getaffinity). Duplicates after resolving run once",
     )
-    memory_limit_mb: int = Field(default=1024, ge=64, description="address-space limit of the child")
+    warmup_runs: int = Field(default=5, ge=0, description="inferences run and discarded before timing")
+    min_runs: int = Field(default=50, ge=1, description="timed inferences, at least")
+    min_seconds: float = Field(default=1.0, ge=0, description="timed loop lasts at least this long")
+    max_runs: int = Field(default=10_000, ge=1, description="timed inferences, at most")
+    max_eval: int = Field(
+        default=1000, ge=0, description="sample rows scored for accuracy/agreement (0 = skip the sample)"
+    )
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="wall clock per variant, then the child is killed (RUN_TIMEOUT)"
+    )
+    memory_limit_mb: int = Field(
+        default=1024, ge=64, description="address-space limit (RLIMIT_AS) of the child (OOM beyond)"
+    )
     accuracy_tolerance: float = Field(
-        default=0.05, ge=0, le=1, description="ACCURACY_MISMATCH beyond this drop against host accuracy"
+        default=0.05,
+        ge=0,
+        le=1,
+        description="ACCURACY_MISMATCH when on-device accuracy differs from the host's by more than this "
+        "(either direction)",
     )
 
     @model_validator(mode="after")
     def _runs(self) -> Self:
         if self.max_runs < self.min_runs:
             raise ValueError("max_runs must be >= min_runs")
-        if any(t < 1 for t in self.threads):
-            raise ValueError("threads must all be >= 1")
+        if any(t != "all" and t < 0 for t in self.threads):
+            raise ValueError('threads must all be >= 1, or 0 / "all" for every CPU')
         return self
+
+    def thread_counts(self, cpus: int | None = None) -> list[int]:
+        """The sweep as positive ints, in order, duplicates removed; 0/"all" become ``cpus``."""
+        n = cpus if cpus is not None else _usable_cpus()
+        out: list[int] = []
+        for t in self.threads:
+            count = t if isinstance(t, int) and t > 0 else n
+            if count not in out:
+                out.append(count)
+        return out
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class HealthConfig(_Strict):
     inferences: int = Field(default=8, ge=1)
     probation_s: float = Field(default=5.0, ge=0, description="wait after activation before commit")
     timeout_s: float = Field(default=60.0, gt=0)
+    accuracy_tolerance: float = Field(
+        default=0.05, ge=0, le=1, description="roll back when sample accuracy < host accuracy - this"
+    )
+    max_eval: int = Field(default=200, ge=1, description="sample rows scored by the health check")
+
+
+class CommandsConfig(_Strict):
+    max_age_s: float = Field(
+        default=600.0, gt=0, description="refuse commands whose issued_at is older than this (stale/replay)"
+    )
 
 
 class TelemetryConfig(_Strict):
@@ -165,7 +225,10 @@ class AgentConfig(_Strict):
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    thermal: ThermalConfig = Field(default_factory=ThermalConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     def trusted_keys(self) -> dict[str, Ed25519PublicKey]:

@@ -23,12 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from paho.mqtt.client import topic_matches_sub
 
 import agent
-from agent.bench import benchmark_variant, health_check
+from agent.active import read_counters
+from agent.bench import benchmark_variant
 from agent.config import AgentConfig
 from agent.errors import ConnectionFatal, DiskFullError, IllegalTransition, IntegrityError, StoreError
+from agent.faults import crash_point
 from agent.fetch import Fetcher, FetchNote
+from agent.health import check_health
+from agent.homeassistant import DeviceInfo, discovery_messages
 from agent.mqtt import BrokerClient, Inbound, PahoBroker
 from agent.notify import Notifier
 from agent.runtime import detect_runtime
@@ -109,6 +114,8 @@ class Agent:
         self.seen_commands: deque[str] = deque(maxlen=256)
         self.fetch_problems: dict[str, dict[str, str]] = {}
         self.started = time.monotonic()
+        self.max_payload = config.mqtt.max_payload_kb * 1024
+        self.ha_published: dict[str, bytes] = {}
         self.notifier = Notifier()
         self._process = psutil.Process()
 
@@ -174,8 +181,12 @@ class Agent:
                 self.start_pipeline(model, manifest, payload)
             elif rec.state is ModelState.ACTIVATING:
                 target = rec.extra.get("target") or {}
-                if self.store.link_sha(self.store.active_link(model)) == target.get("sha256"):
-                    self.store.restore_previous(model)
+                if (
+                    self.store.link_sha(self.store.active_link(model)) == target.get("sha256")
+                    and self.store.restore_previous(model) is None
+                    and rec.active is None
+                ):
+                    self.store.deactivate(model)  # a first activation: "old" is no model at all
                 if rec.active is not None:
                     self.store.write_active_info(model, rec.active)
                 self.book.move(
@@ -197,11 +208,19 @@ class Agent:
         if msg.fatal is not None:
             raise ConnectionFatal(msg.fatal)
         if msg.connected:
+            self.publish_discovery(force=True)
             return
         try:
             parsed = self.topics.parse(msg.topic)
-        except WireError:
-            log.info("ignoring message on %s (not an edgefleet topic)", msg.topic)
+        except WireError as err:
+            if any(topic_matches_sub(sub, msg.topic) for sub in self.subscriptions()):
+                # one of our subscriptions matched a topic whose model/device part is not an identifier
+                log.warning("refused message on %r: %s", msg.topic[:200], err)
+                self.event(
+                    EventKind.REJECTED, reason=_reason(err.reason), detail=f"topic {msg.topic[:200]!r}: {err}"
+                )
+            else:
+                log.debug("ignoring message on %s (not an edgefleet topic)", msg.topic)
             return
         try:
             if parsed.kind is TopicKind.BLOB and parsed.sha256 is not None and parsed.index is not None:
@@ -216,7 +235,7 @@ class Agent:
             elif parsed.kind is TopicKind.CMD and parsed.device == self.device:
                 self.on_command(msg.payload)
             else:
-                log.info("ignoring message on %s (not for this device)", msg.topic)
+                log.debug("ignoring message on %s (not subscribed / not for this device)", msg.topic)
         except ConnectionFatal:
             raise
         except (StoreError, IllegalTransition, OSError) as err:
@@ -239,7 +258,7 @@ class Agent:
             log.info("ignoring manifest of %s (not in models.follow)", model)
             return
         try:
-            manifest = verify_signed(Manifest, payload, self.trusted)
+            manifest = verify_signed(Manifest, payload, self.trusted, self.max_payload)
         except WireError as err:
             log.warning("refused manifest of %s: %s", model, err)
             self.event(EventKind.REJECTED, model, reason=_reason(err.reason), detail=str(err))
@@ -446,7 +465,7 @@ class Agent:
         if not payload:
             return None
         try:
-            a = verify_signed(Assignment, payload, self.trusted)
+            a = verify_signed(Assignment, payload, self.trusted, self.max_payload)
         except WireError as err:
             log.warning("refused assignment for %s: %s", model, err)
             self.event(EventKind.REJECTED, model, reason=_reason(err.reason), detail=str(err))
@@ -538,6 +557,7 @@ class Agent:
         )
         self.publish_status()
         self.store.activate(model, a.sha256)
+        crash_point("after-swap")
         self.store.write_active_info(model, target)
         self.book.move(
             model,
@@ -556,21 +576,25 @@ class Agent:
         assert rec.active is not None
         manifest = self.manifests.get(model) or self._stored_manifest(model)
         sample = None
+        host_accuracy = None
         if manifest is not None:
             with contextlib.suppress(KeyError):
                 v = manifest.variant(rec.active.variant)
+                host_accuracy = v.metrics.accuracy
                 if v.sample is not None and self.store.has_blob(v.sample.sha256, "npz"):
                     sample = self.store.blob_path(v.sample.sha256, "npz")
         h = self.config.health
-        problem = health_check(
+        problem = check_health(
             self.store.active_link(model),
             sample,
-            inferences=h.inferences,
-            timeout_s=h.timeout_s,
+            host_accuracy,
+            h,
             memory_limit_mb=self.config.bench.memory_limit_mb,
             stop=self.stop,
             tick=self.notifier.watchdog,
         )
+        if self.stop.is_set():
+            return  # interrupted: state stays probation and the check reruns after the restart
         if problem is not None:
             self.rollback(
                 model, ReasonCode.HEALTH_CHECK_FAILED, f"health check failed: {problem}", mark_rejected=True
@@ -647,7 +671,7 @@ class Agent:
 
     def on_command(self, payload: bytes) -> None:
         try:
-            cmd = verify_signed(Command, payload, self.trusted)
+            cmd = verify_signed(Command, payload, self.trusted, self.max_payload)
         except WireError as err:
             log.warning("refused command: %s", err)
             self.event(EventKind.REJECTED, reason=_reason(err.reason), detail=str(err))
@@ -664,6 +688,15 @@ class Agent:
                 reason=ReasonCode.WRONG_DEVICE,
                 detail=cmd.device,
                 correlation_id=cid,
+            )
+            return
+        age = now() - cmd.issued_at
+        if age > self.config.commands.max_age_s:
+            limit = self.config.commands.max_age_s
+            detail = f"stale command: issued {age:.0f} s ago, older than commands.max_age_s = {limit:g}"
+            log.warning("refused stale command %s: %s", cid, detail)
+            self.event(
+                EventKind.REJECTED, cmd.model, reason=ReasonCode.REPLAY, detail=detail, correlation_id=cid
             )
             return
         log.info("command %s (%s)", cmd.action.value, cid)
@@ -758,6 +791,25 @@ class Agent:
         topic = self.topics.status(self.device)
         self.client.set_birth(topic, payload)
         self.client.publish(topic, payload, qos=1, retain=True, timeout=5.0)
+        self.publish_discovery()
+
+    def publish_discovery(self, force: bool = False) -> None:
+        """Retained Home Assistant discovery configs (opt-in); republished on connect and when they change."""
+        if not self.config.telemetry.home_assistant:
+            return
+        models = {*self.book.models, *self.config.models.follow}
+        active = {m: rec.active.variant for m, rec in self.book.models.items() if rec.active is not None}
+        info = DeviceInfo(
+            self.device, self.board, agent.__version__, device_class=self.config.device.device_class
+        )
+        messages = discovery_messages(
+            info, models, active, self.config.mqtt.namespace, self.config.telemetry.interval_s
+        )
+        for msg in messages:
+            payload = msg.payload_bytes()
+            if force or self.ha_published.get(msg.topic) != payload:
+                self.client.publish(msg.topic, payload, qos=1, retain=True, timeout=5.0)
+                self.ha_published[msg.topic] = payload
 
     def send_telemetry(self) -> None:
         try:
@@ -772,6 +824,7 @@ class Agent:
             rss_bytes=rss,
             temperature_c=cpu_temperature(),
             throttled=throttled(),
+            inferences=read_counters(self.store.root),
         )
         self.client.publish(self.topics.telemetry(self.device), tel.to_json(), qos=0, retain=False)
 

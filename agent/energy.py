@@ -73,6 +73,7 @@ AUTO_ORDER: tuple[BackendKind, ...] = ("hwmon", "pmic", "rapl", "battery", "mode
 HWMON_CHIPS = ("ina219", "ina220", "ina226", "ina230", "ina231", "ina2xx", "ina3221", "ina238")
 PMIC_FIT_SLOPE = 1.1451
 PMIC_FIT_OFFSET_W = 0.5879
+DEFAULT_PROFILE_NAME = "power-profile.json"
 
 Opener = Callable[[Path], str]
 """Reads a sysfs file as text; injected by tests to simulate EACCES (tests run as root)."""
@@ -96,7 +97,7 @@ class BackendUnavailable(SensorError):
 
 
 class EnergyConfig(BaseModel):
-    """Proposed ``[energy]`` section of agent.toml (the lead wires it into ``AgentConfig``)."""
+    """``[energy]`` section of agent.toml: which power backend, how often to sample, the idle baseline."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -106,7 +107,12 @@ class EnergyConfig(BaseModel):
     )
     interval_s: float = Field(default=0.05, ge=0.005, le=5, description="sampling period")
     idle_seconds: float = Field(
-        default=2.0, ge=0, le=60, description="idle baseline before each run; 0 = off"
+        default=1.0,
+        ge=0,
+        le=60,
+        description="seconds of idle sampling just before each benchmark run (measured backends only; the "
+        "model uses the profile's idle figure); 0 = off. Small by default so demos stay fast; 3–5 s gives a "
+        "steadier baseline on a real board",
     )
     max_samples: int = Field(default=100_000, ge=16, description="sampler ring buffer bound")
     hwmon_device: str | None = Field(
@@ -119,8 +125,18 @@ class EnergyConfig(BaseModel):
     pmic_fit_offset_w: float = Field(default=PMIC_FIT_OFFSET_W, ge=0)
     command_timeout_s: float = Field(default=2.0, gt=0, le=30, description="vcgencmd timeout")
     profile_file: Path | None = Field(
-        default=None, description="calibrated power profile JSON; replaces the built-in board profile"
+        default=None,
+        description="calibrated power profile JSON (written by `edgefleet-agent calibrate`); replaces the "
+        f"built-in board profile. Default: <store.path>/{DEFAULT_PROFILE_NAME} when that file exists",
     )
+
+
+def resolve_profile_file(config: EnergyConfig, store_path: Path) -> Path | None:
+    """The calibration file to use: the configured one (must exist), else the store's if it exists."""
+    if config.profile_file is not None:
+        return config.profile_file
+    default = store_path / DEFAULT_PROFILE_NAME
+    return default if default.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------------------

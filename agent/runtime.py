@@ -1,9 +1,9 @@
 """The one module of the agent that imports a TFLite runtime.
 
 Preference order: ``ai_edge_litert`` (device and host), ``tflite_runtime`` (frozen, armv7l), then
-``tensorflow.lite`` (host only; never installed on a device). The import is lazy: ``import agent`` and the
-daemon process never load a runtime; the benchmark/health child calls :func:`load_runtime`, the daemon only
-asks :func:`detect_runtime` (package metadata, no import) for its status message.
+``tensorflow.lite`` (host only; never installed on a device). The import is lazy: ``import agent`` and
+the daemon process never load a runtime; the benchmark/health child calls :func:`load_interpreter`, the
+daemon only asks :func:`detect_runtime` (package metadata, no import) for its status message.
 """
 
 from __future__ import annotations
@@ -54,38 +54,40 @@ def detect_runtime() -> RuntimeInfo | None:
     return None
 
 
-def _import_interpreter(module: str) -> Any:
-    """Import one candidate with a plain import statement (the import-rule test reads them)."""
-    if module == "ai_edge_litert.interpreter":
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    if module == "tflite_runtime.interpreter":
-        from tflite_runtime.interpreter import Interpreter as TfliteRuntimeInterpreter
-
-        return TfliteRuntimeInterpreter
-    import tensorflow as tf  # host only: never installed on a device
-
-    return tf.lite.Interpreter
+def _problem(dist: str, err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError):
+        return f"{dist}: not installed"
+    return f"{dist}: {type(err).__name__}: {err}"
 
 
 def load_interpreter() -> tuple[Any, str, str]:
     """Import the best available runtime: ``(Interpreter class, runtime name, version)``.
 
-    Used by the benchmark child, which skips pydantic (``agent.wire``) to start faster.
-    Raises RuntimeMissing naming what to install when none imports.
+    ai-edge-litert, then tflite-runtime, then tensorflow.lite, each a literal import in its own
+    try/except (the import-rule test reads them), so a broken wheel — tflite-runtime 2.14 under numpy 2,
+    a wheel for the wrong glibc — falls through to the next one. Used by the benchmark child, which skips
+    pydantic (``agent.wire``) to start faster. Raises RuntimeMissing naming what to install when none
+    imports.
     """
     problems: list[str] = []
-    for module, dist, name in _CANDIDATES:
-        if not _present(module):
-            problems.append(f"{dist}: not installed")
-            continue
-        try:
-            interpreter = _import_interpreter(module)
-        except Exception as err:  # noqa: BLE001 - a broken runtime wheel raises anything; try the next one
-            problems.append(f"{dist}: {type(err).__name__}: {err}")
-            continue
-        return interpreter, name, _version(dist)
+    try:
+        from ai_edge_litert.interpreter import Interpreter as LiteRtInterpreter
+    except Exception as err:  # noqa: BLE001 - a broken runtime wheel raises anything; try the next one
+        problems.append(_problem("ai-edge-litert", err))
+    else:
+        return LiteRtInterpreter, "ai-edge-litert", _version("ai-edge-litert")
+    try:
+        from tflite_runtime.interpreter import Interpreter as TfliteRuntimeInterpreter
+    except Exception as err:  # noqa: BLE001
+        problems.append(_problem("tflite-runtime", err))
+    else:
+        return TfliteRuntimeInterpreter, "tflite-runtime", _version("tflite-runtime")
+    try:
+        import tensorflow as tf  # host only: never installed on a device
+    except Exception as err:  # noqa: BLE001
+        problems.append(_problem("tensorflow", err))
+    else:
+        return tf.lite.Interpreter, "tensorflow", _version("tensorflow")
     raise RuntimeMissing(
         "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
         "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)

@@ -8,6 +8,7 @@
     models/<model>/active.json     variant id, sha, manifest version, activated_at
     models/<model>/manifest.json   the signed manifest exactly as received (re-verified on restart)
     state.json                     per-model state machine, written atomically; a corrupt file is moved aside
+    counters/<model>.count         inferences applications served (agent.active), summed in telemetry
 
 Every write is a temp file in the same directory + fsync + ``os.replace`` + fsync of the directory, so a
 power cut leaves either the old or the new file, never a torn one.
@@ -116,6 +117,11 @@ class Store:
     def ensure(self) -> None:
         for d in (self.root, self.blobs, self.partial, self.models):
             d.mkdir(parents=True, exist_ok=True)
+        counters = self.root / "counters"  # applications add their inference counts here (agent.active)
+        if not counters.is_dir():
+            counters.mkdir()
+            with contextlib.suppress(OSError):
+                os.chmod(counters, 0o2770)  # noqa: S103 - the edgefleet group's applications write counts
 
     # ---------------------------------------------------------------- blobs and chunks
 

@@ -34,15 +34,22 @@ SensorsFn = Callable[[], dict[str, list[Any]]]
 
 
 class ThermalConfig(BaseModel):
-    """Proposed ``[thermal]`` section of agent.toml."""
+    """``[thermal]`` section of agent.toml: cool down before each benchmark run so runs start alike."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cool_below_c: float | None = Field(
-        default=65.0, ge=20, le=110, description="wait before each benchmark until the CPU is below this"
+        default=70.0,
+        ge=20,
+        le=110,
+        description="before each benchmark run (variant × thread count), wait until the CPU is below this "
+        "temperature; null = never wait. A no-op where no temperature sensor exists (VMs, qemu). 70 °C only "
+        "waits on a board that is clearly hot; 60 °C gives steadier figures on a Pi 4/5 at the cost of time",
     )
-    cool_timeout_s: float = Field(default=120.0, ge=0, le=3600, description="then benchmark anyway")
-    poll_s: float = Field(default=1.0, gt=0, le=60)
+    cool_timeout_s: float = Field(
+        default=60.0, ge=0, le=3600, description="longest wait per run; then benchmark anyway (logged)"
+    )
+    poll_s: float = Field(default=1.0, gt=0, le=60, description="temperature poll period while waiting")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -60,8 +67,7 @@ def _psutil_sensors() -> dict[str, list[Any]]:
     return result
 
 
-def _zone_temperatures(root: Path) -> list[tuple[str, float]]:
-    base = root / "sys/class/thermal"
+def _zone_temperatures_in(base: Path) -> list[tuple[str, float]]:
     try:
         zones = sorted(p for p in base.iterdir() if p.name.startswith("thermal_zone"))
     except OSError:
@@ -80,15 +86,24 @@ def _zone_temperatures(root: Path) -> list[tuple[str, float]]:
     return out
 
 
-def cpu_temperature(root: Path = Path("/"), sensors: SensorsFn | None = _psutil_sensors) -> float | None:
-    """CPU temperature in °C, or None when no sensor answers; ``sensors=None`` disables psutil."""
-    zones = _zone_temperatures(root)
+def zone_temperature(thermal_dir: Path) -> float | None:
+    """CPU temperature in °C from the ``thermal_zone*`` directories of ``thermal_dir`` only (no psutil)."""
+    return _pick_zone(_zone_temperatures_in(thermal_dir))
+
+
+def _pick_zone(zones: list[tuple[str, float]]) -> float | None:
     for preferred in _PREFERRED_ZONES:
         for kind, temp in zones:
             if kind.startswith(preferred):
                 return temp
+    return zones[0][1] if zones else None
+
+
+def cpu_temperature(root: Path = Path("/"), sensors: SensorsFn | None = _psutil_sensors) -> float | None:
+    """CPU temperature in °C, or None when no sensor answers; ``sensors=None`` disables psutil."""
+    zones = _zone_temperatures_in(root / "sys/class/thermal")
     if zones:
-        return zones[0][1]
+        return _pick_zone(zones)
     if sensors is None:
         return None
     readings = sensors()
@@ -169,6 +184,22 @@ def read_throttled(
         return parse_throttled(text)
     except (OSError, ValueError):
         return None
+
+
+def throttled_during(before: ThrottleState | None, after: ThrottleState | None) -> bool | None:
+    """Whether the CPU was throttled (or capped, or under-voltage) during a run bracketed by two reads.
+
+    True when a *now* bit is set before or after, or when a *since boot* bit appeared between the two
+    reads (the condition came and went during the run). None when neither read worked (no firmware
+    interface): unknown, not "no".
+    """
+    if before is None and after is None:
+        return None
+    if (before is not None and before.any_now) or (after is not None and after.any_now):
+        return True
+    if before is not None and after is not None:
+        return bool((after.raw & ~before.raw) & 0xF0000)
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,125 +1,143 @@
-"""Keras model → TFLite variants, driven by named recipes.
+"""Keras model → TFLite variants, driven by recipes (:mod:`compressor.recipe`).
 
-A :class:`Recipe` is an id plus an ordered list of steps. Steps are a tagged union chosen by ``kind``;
-today there is one kind, ``quantize`` (the last step, it configures the TFLite converter). Model
-transforms such as structured pruning or distillation slot in as further kinds that run before it::
-
-    class PruneStep(Step):  kind: Literal["prune"]; keep: float          # (future)
-    AnyStep = Annotated[QuantizeStep | PruneStep, Field(discriminator="kind")]
-    MODEL_TRANSFORMS["prune"] = prune_channels   # (step, model, data, seed) -> new Keras model
+A recipe variant is an ordered chain of steps. The model transforms run first, each registered by its
+``kind`` in :data:`MODEL_TRANSFORMS` (``(step, model, ctx) -> (new model, notes)``); the last step,
+``quantize``, converts to .tflite bytes (:func:`quantize_keras`, or :func:`quantize_tflite` for an input
+that is already a .tflite). :data:`RECIPES` is the built-in default recipe's variants by id.
 
 Every variant is converted from a batch-1 copy of the model (FACTS.md: a fixed batch-1 signature gives
 a smaller graph) with ``TFLiteConverter.from_keras_model`` — never ``from_concrete_functions``, which
-silently drops the weights of Keras 3 models.
+silently drops the weights of Keras 3 models. Weight-only int8 (and dynamic int8 of an existing
+.tflite) uses ai-edge-quantizer on the float32 file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, Self
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.wire import Identifier
 from compressor._tf import keras, quiet_stdout, tf
 from compressor.data import Dataset
 from compressor.errors import ConversionError
+from compressor.recipe import (
+    ClusterStep,
+    DistillStep,
+    MagnitudePruneStep,
+    PruneStep,
+    QuantizeStep,
+    Recipe,
+    load_recipe,
+)
 
-QuantMode = Literal["none", "float16", "dynamic_int8", "int8"]
-REPRESENTATIVE_SAMPLES = 300
-
-
-class Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class QuantizeStep(Step):
-    """Post-training quantization; always the last step of a recipe."""
-
-    kind: Literal["quantize"] = "quantize"
-    mode: QuantMode = Field(description="none = float32; dynamic_int8 = int8 weights, float activations")
-    representative_samples: int = Field(
-        default=REPRESENTATIVE_SAMPLES, ge=1, description="training samples used to calibrate int8"
-    )
-    per_channel_dense: bool = Field(
-        default=False,
-        description="dynamic_int8 only: per-channel FULLY_CONNECTED needs runtime > 2.14 (FACTS.md)",
-    )
-
-
-# The union grows as kinds are added; the discriminator then becomes Field(discriminator="kind").
-AnyStep = QuantizeStep
-
-
-class Recipe(BaseModel):
-    """A named way of producing one variant. ``id`` becomes the variant id and the file name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: Identifier
-    description: str = ""
-    steps: list[AnyStep] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _quantize_last(self) -> Self:
-        kinds = [s.kind for s in self.steps]
-        if kinds.count("quantize") != 1 or kinds[-1] != "quantize":
-            raise ValueError(f"recipe {self.id!r} needs exactly one quantize step, last; got {kinds}")
-        return self
-
-    @property
-    def quantize(self) -> QuantizeStep:
-        step = self.steps[-1]
-        assert isinstance(step, QuantizeStep)
-        return step
-
-    @property
-    def quantization(self) -> QuantMode:
-        return self.quantize.mode
-
-    @property
-    def techniques(self) -> list[str]:
-        """Wire ``Variant.techniques``: the model-transform kinds plus ``quantize`` when it quantizes."""
-        out: list[str] = [s.kind for s in self.steps[:-1]]
-        if self.quantization != "none":
-            out.append("quantize")
-        return out
-
-
-RECIPES: dict[str, Recipe] = {
-    r.id: r
-    for r in (
-        Recipe(id="float32", description="float32 baseline", steps=[QuantizeStep(mode="none")]),
-        Recipe(id="float16", description="float16 weights", steps=[QuantizeStep(mode="float16")]),
-        Recipe(
-            id="dynint8",
-            description="dynamic-range int8 (int8 weights, float I/O)",
-            steps=[QuantizeStep(mode="dynamic_int8")],
-        ),
-        Recipe(
-            id="int8",
-            description="full-integer int8 with int8 input and output",
-            steps=[QuantizeStep(mode="int8")],
-        ),
-    )
-}
-DEFAULT_VARIANTS: tuple[str, ...] = tuple(RECIPES)
 BASELINE = "float32"
-
-# kind → (step, model, data, seed) -> transformed Keras model. Empty until pruning/distillation land.
-MODEL_TRANSFORMS: dict[str, Callable[[Any, Any, Dataset, int], Any]] = {}
+RECIPES: dict[str, Recipe] = {r.id: r for r in load_recipe("default").variants}
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(RECIPES)
 
 
 def resolve_recipes(names: Sequence[str] | None) -> list[Recipe]:
-    """Recipes for ``names`` (default: all), with the float32 baseline always first."""
-    wanted = list(DEFAULT_VARIANTS) if names is None else list(dict.fromkeys(n.strip() for n in names))
-    unknown = [n for n in wanted if n not in RECIPES]
-    if unknown:
-        raise ConversionError(f"unknown variant(s) {', '.join(unknown)}; known recipes: {', '.join(RECIPES)}")
-    if BASELINE in wanted:
-        wanted.remove(BASELINE)
-    return [RECIPES[BASELINE]] + [RECIPES[n] for n in wanted]
+    """Variants of the built-in default recipe for ``names`` (default: all), the float32 baseline first."""
+    return load_recipe("default").select(None if names is None else list(names))
+
+
+# --------------------------------------------------------------------------------------------------------
+# model transforms
+
+
+@dataclass(slots=True)
+class TransformContext:
+    """What a transform may use besides the model: the data, the seed, the original model (the teacher
+    for distillation) and a progress callback."""
+
+    data: Dataset
+    seed: int
+    teacher: Any
+    progress: Callable[[str], None] = field(default=lambda _line: None)
+
+
+Transform = Callable[[Any, Any, TransformContext], tuple[Any, list[str]]]
+
+
+def _epoch_logger(ctx: TransformContext, label: str, epochs: int) -> list[Any]:
+    from compressor.models import progress_callback
+
+    return [progress_callback(ctx.progress, epochs, label)] if epochs else []
+
+
+def _prune(step: PruneStep, model: Any, ctx: TransformContext) -> tuple[Any, list[str]]:
+    from compressor.prune import fine_tune, prune_structured
+
+    pruned, report = prune_structured(model, step.keep, step.criterion, data=ctx.data)
+    notes = [line.strip() for line in report.summary().splitlines()[:1]]
+    if step.fine_tune_epochs:
+        fine_tune(
+            pruned,
+            ctx.data,
+            step.fine_tune_epochs,
+            learning_rate=step.learning_rate,
+            seed=ctx.seed,
+            callbacks=_epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", step.fine_tune_epochs),
+        )
+        notes.append(f"fine-tuned {step.fine_tune_epochs} epochs after pruning")
+    return pruned, notes
+
+
+def _magnitude_prune(step: MagnitudePruneStep, model: Any, ctx: TransformContext) -> tuple[Any, list[str]]:
+    from compressor.sparsity import magnitude_prune
+
+    out, report = magnitude_prune(model, ctx.data, step.final_sparsity, step.epochs, seed=ctx.seed)
+    return out, [report.summary().splitlines()[0]]
+
+
+def _cluster(step: ClusterStep, model: Any, ctx: TransformContext) -> tuple[Any, list[str]]:
+    from compressor.sparsity import cluster_weights
+
+    out, report = cluster_weights(model, step.clusters, data=ctx.data, epochs=step.epochs, seed=ctx.seed)
+    return out, [report.summary().splitlines()[0]]
+
+
+def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any, list[str]]:
+    from compressor.distill import distill, make_student
+
+    if step.student is not None:
+        from pathlib import Path
+
+        from compressor.models import load_keras_model
+
+        student, origin = load_keras_model(Path(step.student)), f"student {step.student}"
+    elif step.width is not None:
+        student, origin = make_student(model, step.width, seed=ctx.seed), f"fresh student width {step.width:g}"
+    else:
+        from compressor.sparsity import _copy
+
+        student, origin = _copy(model), "the current model as student"
+    ctx.progress(f"distill: {origin}, {step.epochs} epochs, T={step.temperature:g} alpha={step.alpha:g}")
+    out, report = distill(
+        ctx.teacher,
+        student,
+        ctx.data,
+        step.epochs,
+        temperature=step.temperature,
+        alpha=step.alpha,
+        seed=ctx.seed,
+    )
+    for i, loss in enumerate(report.loss_history):
+        ctx.progress(f"distill: epoch {i + 1}/{step.epochs} loss {loss:.4f}")
+    return out, [f"{origin}: {report.summary()}"]
+
+
+MODEL_TRANSFORMS: dict[str, Transform] = {
+    "prune": _prune,
+    "magnitude_prune": _magnitude_prune,
+    "cluster": _cluster,
+    "distill": _distill,
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# conversion
 
 
 def representative_subset(x: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -140,21 +158,37 @@ def batch1_model(model: Any) -> Any:
     return k.Model(inp, model(inp), name=f"{model.name}_b1")
 
 
-def convert(model: Any, recipe: Recipe, data: Dataset, *, seed: int = 0) -> bytes:
-    """Run ``recipe``'s model transforms, then convert to .tflite bytes with its quantize step."""
-    for step in recipe.steps[:-1]:
-        transform = MODEL_TRANSFORMS.get(step.kind)
-        if transform is None:
-            raise ConversionError(f"recipe {recipe.id!r}: no transform registered for step {step.kind!r}")
-        model = transform(step, model, data, seed)
+def quantize_keras(model: Any, step: QuantizeStep, data: Dataset, *, seed: int = 0) -> bytes:
+    """Convert a Keras model to .tflite bytes as ``step`` says."""
+    if step.mode == "weight_only_int8":
+        from compressor.aeq import aeq_quantize
+
+        return aeq_quantize(to_tflite(model, QuantizeStep(mode="float32")), step.mode)
     rep = None
-    if recipe.quantization == "int8":
-        rep = representative_subset(data.x_train, recipe.quantize.representative_samples, seed)
-    return to_tflite(model, recipe.quantize, rep)
+    if step.mode == "int8":
+        rep = representative_subset(data.x_train, step.representative_samples or 0, seed)
+    return to_tflite(model, step, rep)
+
+
+class NeedsKerasError(ConversionError):
+    """The step cannot be applied to an existing .tflite (it needs the Keras model)."""
+
+
+def quantize_tflite(float_tflite: bytes, step: QuantizeStep) -> bytes:
+    """Quantize an existing float .tflite: float32 is the file itself, the int8 modes use ai-edge-quantizer."""
+    if step.mode == "float32":
+        return float_tflite
+    if step.mode in ("weight_only_int8", "dynamic_int8"):
+        from compressor.aeq import aeq_quantize
+
+        return aeq_quantize(float_tflite, step.mode)
+    raise NeedsKerasError(f"mode {step.mode!r} needs the Keras model (a .tflite input has no Keras source)")
 
 
 def to_tflite(model: Any, step: QuantizeStep, representative: np.ndarray | None = None) -> bytes:
     """Convert a Keras model to TFLite bytes as ``step`` says; TF errors become ConversionError."""
+    if step.mode == "weight_only_int8":
+        raise ConversionError("weight_only_int8 is produced by ai-edge-quantizer, not the TF converter")
     t = tf()
     if step.mode == "int8" and (representative is None or len(representative) == 0):
         raise ConversionError("full-integer int8 needs a representative dataset")
@@ -170,7 +204,7 @@ def to_tflite(model: Any, step: QuantizeStep, representative: np.ndarray | None 
 
 
 def _configure(t: Any, converter: Any, step: QuantizeStep, representative: np.ndarray | None) -> None:
-    if step.mode == "none":
+    if step.mode == "float32":
         return
     converter.optimizations = [t.lite.Optimize.DEFAULT]
     if step.mode == "float16":

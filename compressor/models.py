@@ -66,7 +66,7 @@ def train(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    callbacks = [_ProgressCallback(progress, epochs)] if progress else []
+    callbacks = [progress_callback(progress, epochs)] if progress else []
     history = model.fit(
         data.x_train,
         data.y_train,
@@ -80,7 +80,8 @@ def train(
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
-def _ProgressCallback(progress: Callable[[str], None] | None, epochs: int) -> Any:  # noqa: N802
+def progress_callback(progress: Callable[[str], None] | None, epochs: int, label: str = "train") -> Any:
+    """A Keras callback that reports ``<label>: epoch i/n loss ... val_accuracy ...`` after each epoch."""
     k = keras()
 
     base: Any = k.callbacks.Callback
@@ -90,7 +91,7 @@ def _ProgressCallback(progress: Callable[[str], None] | None, epochs: int) -> An
             logs = logs or {}
             if progress is not None:
                 progress(
-                    f"train: epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.4f} "
+                    f"{label}: epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.4f} "
                     f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}"
                 )
 

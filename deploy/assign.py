@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
 from deploy.errors import StateError
-from deploy.mqtt import MqttSession
+from deploy.mqtt import Bus
 from deploy.select import Decision, Policy, select
 from deploy.state import FleetState, collect_state
 
@@ -51,7 +51,7 @@ def plan(state: FleetState, model: str, policy: Policy, devices: Iterable[str] |
 
 
 def collect_plan(
-    session: MqttSession, model: str, policy: Policy, devices: Iterable[str] | None = None
+    session: Bus, model: str, policy: Policy, devices: Iterable[str] | None = None
 ) -> Plan:
     """Read the retained state of ``model`` from the broker, then :func:`plan`."""
     return plan(collect_state(session, model), model, policy, devices)
@@ -86,7 +86,7 @@ class AssignResult:
 def assign(
     decisions: Sequence[Decision],
     key: Ed25519PrivateKey,
-    session: MqttSession,
+    session: Bus,
     existing: FleetState | None = None,
     progress: Progress = _quiet,
 ) -> AssignResult:

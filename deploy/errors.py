@@ -6,7 +6,9 @@ DeployError
 ├── SigningKeyError    the signing key is missing, unreadable or not Ed25519
 ├── PolicyError        a policy file is invalid (the message names the key)
 ├── PublishError       the broker did not acknowledge publishes in time, or refused them (ACL)
-└── StateError         the broker does not hold what a command needs (e.g. no manifest for the model)
+├── StateError         the broker does not hold what a command needs (e.g. no manifest for the model)
+├── RolloutError       an illegal rollout transition, or no rollout to resume / show
+└── CommandTimeout     a device did not answer a command within --wait
 """
 
 from __future__ import annotations
@@ -38,3 +40,11 @@ class PublishError(DeployError):
 
 class StateError(DeployError):
     """The retained fleet state lacks what a command needs."""
+
+
+class RolloutError(DeployError):
+    """A rollout cannot move as asked (illegal transition, nothing to resume, one already running)."""
+
+
+class CommandTimeout(DeployError):
+    """A device did not answer a command in time."""

@@ -14,12 +14,19 @@ One :class:`MqttSession` wraps one paho client running its network loop in a bac
 * ``collect_retained()`` subscribes to a few filters and gathers what the broker holds retained, until
   no new message arrived for ``quiet_s``. Never use it with a wildcard over hundreds of chunks:
   mosquitto silently drops retained messages past its queue limit; subscribe per topic instead.
+* ``watch()`` keeps a live subscription (re-issued in every ``on_connect``) and queues what matches
+  its filters, for commands that wait for an answer (events) or follow a rollout (statuses). A
+  watch is bounded (``max_queued``); past that the oldest messages are dropped and counted.
+
+:class:`Bus` is the small interface the controllers (assign, rollout, cmd) use; ``MqttSession`` is the
+real one, tests pass a fake.
 
 Callbacks never block: they only record results under a lock and notify a condition.
 """
 
 from __future__ import annotations
 
+import collections
 import ssl
 import threading
 import time
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+from typing import Protocol as _Interface
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -80,6 +88,80 @@ def _code(reason: ReasonCode | int | None) -> int:
     return int(reason.value)
 
 
+class Watch:
+    """Messages matching some filters, queued as they arrive (thread-safe; filled by the network thread)."""
+
+    def __init__(self, filters: Iterable[str], max_queued: int = 10_000) -> None:
+        self.filters = list(dict.fromkeys(filters))
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._max = max_queued
+        self.dropped = 0
+        self.closed = False
+        self._on_close: list[Any] = []
+
+    def matches(self, topic: str) -> bool:
+        return any(paho.topic_matches_sub(f, topic) for f in self.filters)
+
+    def put(self, topic: str, payload: bytes) -> None:
+        with self._cond:
+            if len(self._queue) >= self._max:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append((topic, payload))
+            self._cond.notify_all()
+
+    def drain(self) -> list[tuple[str, bytes]]:
+        """Everything queued so far (never blocks)."""
+        with self._cond:
+            out = list(self._queue)
+            self._queue.clear()
+        return out
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until a message is queued or ``timeout_s`` passed; True if one is queued."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._cond:
+            while not self._queue and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return bool(self._queue)
+
+    def close(self) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._cond.notify_all()
+        for callback in self._on_close:
+            callback(self)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Bus(_Interface):
+    """What the host controllers need from a broker connection (MqttSession, or a fake in tests)."""
+
+    @property
+    def topics(self) -> wire.Topics: ...
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> None: ...
+
+    def flush(self, timeout_s: float | None = None) -> None: ...
+
+    def collect_retained(
+        self, filters: Iterable[str], quiet_s: float = 0.3, timeout_s: float = 10.0
+    ) -> dict[str, bytes]: ...
+
+    def watch(self, filters: Iterable[str], timeout_s: float = 10.0) -> Watch: ...
+
+
 class MqttSession:
     """A connected paho client with a bounded publish window. Use as a context manager."""
 
@@ -87,7 +169,7 @@ class MqttSession:
         if window < 1:
             raise ValueError("window must be >= 1")
         self.options = options
-        self.topics = options.topics
+        self._topics = options.topics
         self.window = window
         self.ack_timeout_s = ack_timeout_s
         self._cond = threading.Condition()
@@ -100,6 +182,7 @@ class MqttSession:
         self._collector: dict[str, bytes] | None = None
         self._last_message = 0.0
         self._subacked: set[int] = set()
+        self._watches: list[Watch] = []
         self.published = 0
         self.published_bytes = 0
         client_id = options.client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
@@ -127,6 +210,10 @@ class MqttSession:
                 )
             except (OSError, ssl.SSLError, ValueError) as err:
                 raise BrokerError(f"cannot load TLS files: {err}") from err
+
+    @property
+    def topics(self) -> wire.Topics:
+        return self._topics
 
     @property
     def address(self) -> str:
@@ -192,6 +279,11 @@ class MqttSession:
         if code != 0:
             # A refusal is fatal: stop paho from retrying with the same credentials.
             client.disconnect()
+            return
+        with self._cond:
+            filters = sorted({f for w in self._watches for f in w.filters})
+        if filters:  # subscriptions do not survive a reconnect with a clean session: re-issue them
+            client.subscribe([(f, 1) for f in filters])
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
@@ -231,6 +323,9 @@ class MqttSession:
                 self._collector[msg.topic] = bytes(msg.payload)
                 self._last_message = time.monotonic()
                 self._cond.notify_all()
+            watches = [w for w in self._watches if w.matches(msg.topic)]
+        for w in watches:
+            w.put(msg.topic, bytes(msg.payload))
 
     # ---------------------------------------------------------------- publishing
 
@@ -326,8 +421,55 @@ class MqttSession:
         finally:
             with self._cond:
                 self._collector = None
-            self._client.unsubscribe(filters)
+                watched = {f for w in self._watches for f in w.filters}
+            gone = [f for f in filters if f not in watched]  # a live watch keeps its subscription
+            if gone:
+                self._client.unsubscribe(gone)
         return {t: p for t, p in collected.items() if p}
+
+
+    # ---------------------------------------------------------------- live subscriptions
+
+    def watch(self, filters: Iterable[str], timeout_s: float = 10.0) -> Watch:
+        """Subscribe (QoS1) to ``filters`` and queue what matches until the watch is closed.
+
+        Returns once the broker acknowledged the subscription, so nothing published after this call
+        returns is missed. Retained messages matching the filters arrive first.
+        """
+        w = Watch(filters)
+        if not w.filters:
+            return w
+        with self._cond:
+            self._watches.append(w)
+        w._on_close.append(self._unwatch)
+        try:
+            self._subscribe_and_wait(w.filters, timeout_s)
+        except BaseException:
+            w.close()
+            raise
+        return w
+
+    def _subscribe_and_wait(self, filters: list[str], timeout_s: float) -> None:
+        result, mid = self._client.subscribe([(f, 1) for f in filters])
+        if result != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise BrokerError(f"cannot subscribe on {self.address}: {paho.error_string(result)}")
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while mid not in self._subacked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(f"broker {self.address} did not acknowledge a subscription in time")
+                self._cond.wait(left)
+            self._subacked.discard(mid)
+
+    def _unwatch(self, w: Watch) -> None:
+        with self._cond:
+            if w in self._watches:
+                self._watches.remove(w)
+            still = {f for other in self._watches for f in other.filters}
+        gone = [f for f in w.filters if f not in still]
+        if gone and self._connected:
+            self._client.unsubscribe(gone)
 
 
 def _refusal(topic: str, reason: ReasonCode | int) -> PublishError:

@@ -43,6 +43,9 @@ How a decision is made, per device:
 
 Accuracy is the host's (measured on the .tflite file on held-out data); a device whose runtime gives
 wrong outputs reports ``ACCURACY_MISMATCH`` and the variant fails in step 2.
+
+Energy figures in decisions carry the method's honesty: a figure from the utilisation model
+(``energy.measured`` false) is printed as ``1.2 mJ (modelled)``, never as a plain measurement.
 """
 
 from __future__ import annotations
@@ -152,6 +155,10 @@ class Candidate(_Strict):
     p95_ms: float | None = None
     p99_ms: float | None = None
     energy_mj: float | None = None
+    energy_measured: bool | None = Field(
+        default=None, description="false: the energy figure comes from a utilisation model, not a sensor"
+    )
+    energy_method: str | None = None
     peak_rss_mb: float | None = None
     threads: int | None = None
     size_bytes: int = 0
@@ -186,6 +193,13 @@ class _Eval:
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _mj(x: float | None, measured: bool | None) -> str:
+    """An energy figure; one that is not known to be measured says "(modelled)"."""
+    if x is None:
+        return "n/a"
+    return f"{_fmt(x)} mJ" + ("" if measured else " (modelled)")
 
 
 def _pts(x: float) -> str:
@@ -233,6 +247,8 @@ def _evaluate(
             "p95_ms": lat.p95,
             "p99_ms": lat.p99,
             "energy_mj": best.energy.mj_per_inference if best.energy else None,
+            "energy_measured": best.energy.measured if best.energy else None,
+            "energy_method": best.energy.method.value if best.energy else None,
             "peak_rss_mb": best.peak_rss_bytes / _MIB if best.peak_rss_bytes is not None else None,
             "threads": best.threads,
         }
@@ -270,7 +286,7 @@ def _violation(
         if c.energy_mj is None:
             return "no energy figure"
         if c.energy_mj > rule.max_energy_mj:
-            return f"energy {_fmt(c.energy_mj)} mJ > max {_fmt(rule.max_energy_mj)} mJ"
+            return f"energy {_mj(c.energy_mj, c.energy_measured)} > max {_fmt(rule.max_energy_mj)} mJ"
     if rule.max_peak_rss_mb is not None:
         if c.peak_rss_mb is None:
             return "no peak memory figure"
@@ -306,8 +322,6 @@ def _lost_to(loser: Candidate, winner: Candidate, objective: Objective) -> str:
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{_fmt(x)} ms"
 
-    def mj(x: float | None) -> str:
-        return "n/a" if x is None else f"{_fmt(x)} mJ"
 
     def agree(c: Candidate) -> str:
         return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
@@ -317,7 +331,7 @@ def _lost_to(loser: Candidate, winner: Candidate, objective: Objective) -> str:
         "agreement": ("lower agreement with float32", agree),
         "p50": ("higher p50", lambda c: ms(c.p50_ms)),
         "p95": ("higher p95", lambda c: ms(c.p95_ms)),
-        "energy": ("higher energy", lambda c: mj(c.energy_mj)),
+        "energy": ("higher energy", lambda c: _mj(c.energy_mj, c.energy_measured)),
     }
     order = {
         "accuracy": ["accuracy", "agreement", "p95", "energy"],
@@ -376,7 +390,7 @@ def decide(
     if w.p50_ms is not None and w.p95_ms is not None:
         figures.append(f"p50 {_fmt(w.p50_ms)} ms, p95 {_fmt(w.p95_ms)} ms")
     if w.energy_mj is not None:
-        figures.append(f"{_fmt(w.energy_mj)} mJ/inference")
+        figures.append(f"{_mj(w.energy_mj, w.energy_measured)}/inference")
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
     best_of = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy": "lowest energy"}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
-from deploy.mqtt import MqttSession, decode_all
+from deploy.mqtt import Bus, decode_all
 
 
 @dataclass
@@ -39,32 +39,34 @@ class FleetState:
 
 
 def collect_state(
-    session: MqttSession,
+    session: Bus,
     model: str | None = None,
     trusted: Mapping[str, Ed25519PublicKey] | None = None,
     quiet_s: float = 0.3,
     timeout_s: float = 10.0,
 ) -> FleetState:
     """Read the retained fleet state (for one model, or all); with ``trusted``, manifests must verify."""
-    topics = session.topics
+    raw = session.collect_retained(state_filters(session.topics, model), quiet_s=quiet_s, timeout_s=timeout_s)
+    return parse_state(raw, session.topics, trusted)
+
+
+def state_filters(topics: wire.Topics, model: str | None = None) -> list[str]:
+    """The subscriptions that read the retained state of one model (or of all)."""
     ns = topics.ns
     if model is not None:
         wire.check_id(model, "model")
-        filters = [
+        return [
             topics.manifest(model),
             topics.all_statuses(),
             f"{ns}/devices/+/reports/{model}",
             f"{ns}/devices/+/assign/{model}",
         ]
-    else:
-        filters = [
-            topics.all_manifests(),
-            topics.all_statuses(),
-            topics.all_reports(),
-            f"{ns}/devices/+/assign/+",
-        ]
-    raw = session.collect_retained(filters, quiet_s=quiet_s, timeout_s=timeout_s)
-    return parse_state(raw, topics, trusted)
+    return [
+        topics.all_manifests(),
+        topics.all_statuses(),
+        topics.all_reports(),
+        f"{ns}/devices/+/assign/+",
+    ]
 
 
 def parse_state(

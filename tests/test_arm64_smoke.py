@@ -22,6 +22,7 @@ SCRIPT = REPO / "scripts" / "arm64-smoke"
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.arm64,
     pytest.mark.skipif(
         os.environ.get("EDGEFLEET_ARM64_SMOKE") != "1",
         reason="arm64 smoke test under qemu-user is opt-in: set EDGEFLEET_ARM64_SMOKE=1 "
