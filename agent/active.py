@@ -14,8 +14,10 @@ is called::
 
 :meth:`ActiveModel.count` adds to ``counters/<model>.count`` under the store (a decimal number, updated
 under ``flock``, flushed at most once per ``flush_interval_s``). The agent creates ``counters/`` group-
-writable (mode 2770): run the application in the ``edgefleet`` group. If the file cannot be written the
-count is dropped silently (an application must never fail because of telemetry).
+writable (mode 0770; no setgid bit, which ``RestrictSUIDSGID=`` forbids): run the application with
+``edgefleet`` as a supplementary group; the helper gives the counter file that group and mode 0660.
+If the file cannot be written the count is dropped silently (an application must never fail because of
+telemetry).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def add_to_counter(path: Path, n: int) -> None:
     """Add ``n`` to the decimal counter in ``path`` under an exclusive ``flock`` (creates it)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
     try:
+        with contextlib.suppress(OSError):  # let the agent (the directory's group) read it
+            os.fchown(fd, -1, os.stat(path.parent).st_gid)
+            os.fchmod(fd, 0o660)
         fcntl.flock(fd, fcntl.LOCK_EX)
         raw = os.pread(fd, 64, 0)
         try:

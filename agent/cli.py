@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import ConfigError, ConnectionFatal
 
 log = logging.getLogger("agent")
@@ -37,7 +37,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 (valid) or 1")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
     p.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
+    add_calibrate_parser(p)
     return p
+
+
+def add_calibrate_parser(p: argparse.ArgumentParser) -> None:
+    """``edgefleet-agent calibrate [--config agent.toml] [--seconds S]`` (see :mod:`agent.calibrate`)."""
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser(
+        "calibrate",
+        help="measure idle and full-load power with this board's sensor; write the power profile",
+        description="Sample idle power for S seconds, then full load (a busy loop per CPU) for S seconds, "
+        "with the best measured energy backend, and write [energy].profile_file (default "
+        "<store.path>/power-profile.json). Exit 1 when the board has no power sensor.",
+    )
+    c.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
+    c.add_argument("--seconds", type=float, default=10.0, help="seconds idle and seconds loaded (default 10)")
+    c.add_argument("--root", type=Path, default=Path("/"), help="read sensors under ROOT (recorded trees)")
+
+
+def run_calibrate(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent.board import HardwareError
+    from agent.calibrate import calibrate
+
+    setup_logging(args.log_level or config.log_level)
+    try:
+        cal = calibrate(config, args.seconds, root=args.root)
+    except HardwareError as err:
+        print(f"edgefleet-agent calibrate: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    prof = cal.profile
+    print(
+        f"wrote {cal.path}: idle {prof.idle_w:.3f} W ({cal.idle_samples} samples), full load "
+        f"{prof.max_w:.3f} W ({cal.load_samples} samples); {prof.source}"
+    )
+    return EXIT_OK
 
 
 def setup_logging(level: str) -> None:
@@ -57,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"edgefleet-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(args, "command", None) == "calibrate":
+        return run_calibrate(args, config)
     if args.check_config:
         from agent.daemon import default_store_ok
 

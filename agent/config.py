@@ -135,6 +135,10 @@ class ModelsConfig(_Strict):
     follow: list[Identifier] = Field(default_factory=list, description="models to follow; empty = all")
 
 
+def _one_thread() -> list[int | Literal["all"]]:
+    return [1]
+
+
 class BenchConfig(_Strict):
     """``[bench]``: how each variant is benchmarked (method after TFLite's benchmark_model).
 
@@ -144,7 +148,7 @@ class BenchConfig(_Strict):
     """
 
     threads: list[int | Literal["all"]] = Field(
-        default_factory=lambda: [1],  # type: ignore[arg-type,return-value]
+        default_factory=_one_thread,
         min_length=1,
         description='thread sweep: each entry is a num_threads to benchmark with; 0 or "all" = every CPU '
         "this process may use (os.sched_getaffinity). Duplicates after resolving run once",

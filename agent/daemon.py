@@ -12,6 +12,7 @@ with a reason code and the loop goes on; only bad broker credentials stop it (Co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -27,9 +28,18 @@ from paho.mqtt.client import topic_matches_sub
 
 import agent
 from agent.active import read_counters
-from agent.bench import benchmark_variant
+from agent.bench import measure_variant
+from agent.board import BoardInfo, HardwareError, detect_board, profile_key_for
 from agent.config import AgentConfig
-from agent.errors import ConnectionFatal, DiskFullError, IllegalTransition, IntegrityError, StoreError
+from agent.energy import EnergyConfig, EnergyMeter, resolve_profile_file
+from agent.errors import (
+    ConfigError,
+    ConnectionFatal,
+    DiskFullError,
+    IllegalTransition,
+    IntegrityError,
+    StoreError,
+)
 from agent.faults import crash_point
 from agent.fetch import Fetcher, FetchNote
 from agent.health import check_health
@@ -39,10 +49,11 @@ from agent.notify import Notifier
 from agent.runtime import detect_runtime
 from agent.state import IN_ACTIVATION, IN_PIPELINE, SETTLED, StateBook
 from agent.store import Store, file_sha256
-from agent.sysinfo import board_name, cpu_count, cpu_temperature, throttled
+from agent.thermal import cpu_temperature, read_throttled
 from agent.wire import (
     ActiveVariant,
     Assignment,
+    BenchError,
     BenchResult,
     Command,
     CommandAction,
@@ -100,7 +111,9 @@ class Agent:
         self.book.load()
         self.trusted = config.trusted_keys()
         self.stop = stop if stop is not None else threading.Event()
-        self.board = config.device.board or board_name()
+        self.board_info = board_info(config)
+        self.board = config.device.board or self.board_info.model_string
+        self.meter = energy_meter(config, self.board_info)  # once per daemon; logs the backend chosen
         self.runtime = detect_runtime()
         self.client: BrokerClient = client or PahoBroker(
             config, will=(self.topics.status(self.device), self._status(online=False).to_json())
@@ -419,24 +432,44 @@ class Agent:
             self.on_assignment(model, self.pending.assignment.pop(model))
 
     def benchmark_and_report(self, model: str, manifest: Manifest, variants: list[Variant]) -> Report:
+        """Benchmark every variant at every thread count and publish one Report (retained).
+
+        The baseline (float32) variant runs first: its top-1 predictions on the sample, on this device,
+        give every other variant's ``agreement`` (the samples hold the same inputs in the same order, only
+        the dtype differs). A variant whose ``min_runtime`` this device's runtime does not meet is not run:
+        its result is RUNTIME_TOO_OLD and a ``skipped`` event says so.
+        """
         t0 = time.monotonic()
         results: list[BenchResult] = []
-        for v in variants:
-            for threads in self.config.bench.threads:
+        baseline_predictions: list[int] | None = None
+        for v in sorted(variants, key=lambda v: v.id != manifest.baseline):  # stable: baseline first
+            sample = self.store.blob_path(v.sample.sha256, "npz") if v.sample else None
+            for threads in self.config.bench.thread_counts():
                 if self.stop.is_set():
                     break
-                sample = self.store.blob_path(v.sample.sha256, "npz") if v.sample else None
-                result = benchmark_variant(
+                run = measure_variant(
                     v,
                     self.store.blob_path(v.sha256),
                     sample if sample is not None and sample.is_file() else None,
                     self.config.bench,
-                    board=self.board,
+                    board=self.board_info,
                     threads=threads,
                     stop=self.stop,
                     tick=self.notifier.watchdog,
+                    meter=self.meter,
+                    runtime=self.runtime,
+                    thermal=self.config.thermal,
+                    baseline_predictions=baseline_predictions,
+                    is_baseline=v.id == manifest.baseline,
                 )
+                result = run.result
                 results.append(result)
+                if result.error is BenchError.RUNTIME_TOO_OLD:
+                    reason = ReasonCode.RUNTIME_TOO_OLD
+                    self.event(EventKind.SKIPPED, model, v.id, v.sha256, reason, detail=result.error_detail)
+                    break  # the other thread counts would say the same
+                if v.id == manifest.baseline and baseline_predictions is None:
+                    baseline_predictions = run.predictions
                 self.event(
                     EventKind.BENCHMARKED,
                     model,
@@ -780,7 +813,7 @@ class Agent:
             runtime=self.runtime,
             board=self.board,
             arch=platform.machine()[:64] or None,
-            cpu_count=cpu_count(),
+            cpu_count=self.board_info.cpu_count,
             ram_bytes=psutil.virtual_memory().total,
             device_class=self.config.device.device_class,
             models={m: rec.status() for m, rec in self.book.models.items()},
@@ -823,7 +856,7 @@ class Agent:
             cpu_percent=psutil.cpu_percent(interval=None),
             rss_bytes=rss,
             temperature_c=cpu_temperature(),
-            throttled=throttled(),
+            throttled=throttled_now(),
             inferences=read_counters(self.store.root),
         )
         self.client.publish(self.topics.telemetry(self.device), tel.to_json(), qos=0, retain=False)
@@ -836,3 +869,32 @@ def default_store_ok(config: AgentConfig) -> str | None:
     if not os.access(probe, os.W_OK):
         return f"store.path {path} is not writable by this user"
     return None
+
+
+def board_info(config: AgentConfig) -> BoardInfo:
+    """The detected board; ``[device].board`` renames it and, naming a known board, picks its profile."""
+    info = detect_board()
+    override = config.device.board
+    if override:
+        key = profile_key_for(override, info.arch)
+        if not key.startswith("generic"):
+            info = dataclasses.replace(info, name=override, model_string=override, profile_key=key)
+    return info
+
+
+def energy_meter(config: AgentConfig, info: BoardInfo) -> EnergyMeter:
+    """The energy meter for this daemon: the configured backend (or the best found) and the board profile."""
+    energy: EnergyConfig = config.energy
+    profile_file = resolve_profile_file(energy, config.store.path)
+    if profile_file != energy.profile_file:
+        energy = energy.model_copy(update={"profile_file": profile_file})
+    try:
+        return EnergyMeter.from_config(energy, board=info)
+    except HardwareError as err:
+        raise ConfigError(f"[energy]: {err}") from err
+
+
+def throttled_now() -> bool | None:
+    """Raspberry Pi firmware throttling flags, any set now; None where there is no firmware interface."""
+    state = read_throttled()
+    return None if state is None else state.any_now

@@ -121,7 +121,7 @@ class Store:
         if not counters.is_dir():
             counters.mkdir()
             with contextlib.suppress(OSError):
-                os.chmod(counters, 0o2770)  # noqa: S103 - the edgefleet group's applications write counts
+                os.chmod(counters, 0o770)  # noqa: S103 - the edgefleet group's applications write counts
 
     # ---------------------------------------------------------------- blobs and chunks
 

@@ -4,10 +4,13 @@ Layout (file names are fixed; deploy reads the bundle through ``manifest.json`` 
 
     <out>/manifest.json             unsigned edgefleet Manifest (pretty-printed JSON)
     <out>/<variant>.tflite          each variant (Variant.file, hashed in Variant.sha256/chunks)
-    <out>/<variant>.sample.npz      128 held-out inputs in the variant's input dtype, arrays x and y
-                                    (Variant.sample; np.savez, loads with allow_pickle=False)
-    <out>/report.md                 Markdown table of the variants (+ any that failed)
+    <out>/<variant>.sample.npz      the first 128 held-out inputs in the variant's input dtype, arrays x
+                                    and y (Variant.sample; np.savez, loads with allow_pickle=False). The
+                                    SAME inputs in the same order for every variant, so a device can
+                                    compare each variant's predictions with float32's on the same sample.
+    <out>/report.md                 Markdown table of the variants, notes, and any that failed
     <out>/accuracy_vs_size.png      accuracy against file size, every point labelled
+    <out>/accuracy_vs_latency.png   accuracy against host latency (p50, 1 thread), every point labelled
 
 The bundle is built in a hidden sibling directory and renamed into place, with ``manifest.json``
 written last, so a half-built bundle is never mistaken for a good one. An existing ``<out>`` is
@@ -19,7 +22,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,12 @@ SAMPLE_SIZE = 128
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 PLOT = "accuracy_vs_size.png"
+PLOT_LATENCY = "accuracy_vs_latency.png"
+UNSTRUCTURED_STATEMENT = (
+    "Magnitude pruning and weight clustering are unstructured: every weight tensor keeps its full shape, "
+    "so the .tflite file is no smaller and no faster than without them. Their only gain is in the "
+    "gzip-compressed size (download and storage), shown in the gzip column."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,30 +132,96 @@ def render_report(
         f"# Bundle `{manifest.model}` version {manifest.version}",
         "",
         f"Baseline: `{manifest.baseline}`. Every figure is measured on the .tflite file itself with "
-        "ai-edge-litert on the held-out test split; latency is the host median, 1 thread.",
+        "ai-edge-litert on the held-out test split; latency is the host median, 1 thread. Parameters "
+        "and MACs are read from the .tflite graph (Conv2D, DepthwiseConv2D, FullyConnected). Drop is in "
+        "points against float32; agreement is top-1 agreement with float32 on the same inputs.",
         "",
-        "| variant | quantization | accuracy | drop (pts) | agreement | size (KiB) | gzip (KiB) "
-        "| params | MACs | latency p50 (ms) | min runtime |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *summary_table(manifest, markdown=True),
     ]
-    for v in manifest.variants:
-        m = v.metrics
-        lines.append(
-            f"| `{v.id}` | {v.quantization} | {_pct(m.accuracy)} | {_pts(m.accuracy_drop)} "
-            f"| {_pct(m.agreement)} | {m.size_bytes / 1024:.1f} | {_kib(m.gzip_bytes)} "
-            f"| {_int(m.params)} | {_int(m.macs)} | {_ms(m.latency_ms_p50)} | {v.min_runtime or '?'} |"
-        )
     n = manifest.variants[0].metrics.eval_samples
-    lines += ["", f"Evaluation samples: {n}."]
-    variant_notes = [(v.id, note) for v in manifest.variants for note in v.notes]
-    if notes or variant_notes:
+    lines += [
+        "",
+        f"Evaluation samples: {n}. Each `<variant>.sample.npz` holds the same first "
+        f"{SAMPLE_SIZE if n is None else min(SAMPLE_SIZE, n)} test inputs in the same order, in that "
+        "variant's input dtype.",
+    ]
+    techniques = {t for v in manifest.variants for t in v.techniques}
+    if techniques & {"magnitude_prune", "cluster"}:
+        lines += ["", f"**{UNSTRUCTURED_STATEMENT}**"]
+    if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
-        lines += [f"- `{vid}`: {note}" for vid, note in variant_notes]
+    if any(v.notes for v in manifest.variants):
+        lines += ["", "## Per-variant notes", ""]
+        for v in manifest.variants:
+            if v.notes:
+                lines.append(f"- `{v.id}` ({', '.join(v.techniques) or 'no transform'}):")
+                lines += [f"  - {note}" for note in v.notes]
     if failures:
-        lines += ["", "## Failed variants", ""]
+        lines += ["", "## Variants not built", ""]
         lines += [f"- `{f.variant}` ({f.stage}): {f.message}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = (
+    "variant",
+    "quant",
+    "accuracy",
+    "drop",
+    "agreement",
+    "size KiB",
+    "gzip KiB",
+    "params",
+    "MACs",
+    "p50 ms",
+    "min rt",
+)
+
+
+_LEFT = (0, 1, 10)  # text columns
+
+
+def summary_rows(manifest: Manifest) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for v in manifest.variants:
+        m = v.metrics
+        rows.append(
+            (
+                v.id,
+                v.quantization,
+                _pct(m.accuracy),
+                _pts(m.accuracy_drop),
+                _pct(m.agreement),
+                f"{m.size_bytes / 1024:.1f}",
+                _kib(m.gzip_bytes),
+                _int(m.params),
+                _int(m.macs),
+                _ms(m.latency_ms_p50),
+                v.min_runtime or "?",
+            )
+        )
+    return rows
+
+
+def summary_table(manifest: Manifest, *, markdown: bool = False) -> list[str]:
+    """The variants as a Markdown table or as aligned plain text (the CLI's summary)."""
+    rows = summary_rows(manifest)
+    if markdown:
+        head = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
+        align = (
+            "|" + "|".join("---" if i in (0, 1, 10) else "---:" for i in range(len(SUMMARY_COLUMNS))) + "|"
+        )
+        body = ["| " + " | ".join((f"`{r[0]}`", *r[1:])) + " |" for r in rows]
+        return [head, align, *body]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(SUMMARY_COLUMNS)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in (0, 1, 10) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [fmt(SUMMARY_COLUMNS), *(fmt(r) for r in rows)]
 
 
 def _pct(v: float | None) -> str:
@@ -171,25 +246,46 @@ def _ms(v: float | None) -> str:
 
 def plot_accuracy_vs_size(manifest: Manifest, path: Path) -> None:
     """PNG scatter of accuracy against .tflite size (KiB, log scale), each point labelled."""
+    _plot(
+        manifest,
+        path,
+        x=lambda v: v.metrics.size_bytes / 1024,
+        xlabel=".tflite size (KiB, log scale)",
+        title="accuracy vs size",
+    )
+
+
+def plot_accuracy_vs_latency(manifest: Manifest, path: Path) -> None:
+    """PNG scatter of accuracy against host latency (p50 ms, 1 thread, log scale), each point labelled."""
+    _plot(
+        manifest,
+        path,
+        x=lambda v: v.metrics.latency_ms_p50 or 1e-3,
+        xlabel="host latency p50, 1 thread (ms, log scale)",
+        title="accuracy vs host latency",
+    )
+
+
+def _plot(manifest: Manifest, path: Path, *, x: Callable[[Variant], float], xlabel: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(7.2, 4.8), dpi=110)
     ax = fig.add_subplot()
     for v in manifest.variants:
-        size_kib = v.metrics.size_bytes / 1024
+        xv = x(v)
         acc = 100 * (v.metrics.accuracy or 0.0)
-        ax.scatter([size_kib], [acc], s=40)
-        ax.annotate(v.id, (size_kib, acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.scatter([xv], [acc], s=40)
+        ax.annotate(v.id, (xv, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel(".tflite size (KiB, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{manifest.model}: accuracy vs size")
+    ax.set_title(f"{manifest.model}: {title}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": None})
 
 
 def check_out(out: Path) -> None:
@@ -220,6 +316,7 @@ def write_bundle(
             _write(tmp / name, data)
         _write(tmp / REPORT, report_md.encode("utf-8"))
         plot_accuracy_vs_size(manifest, tmp / PLOT)
+        plot_accuracy_vs_latency(manifest, tmp / PLOT_LATENCY)
         body = manifest.model_dump_json(by_alias=True, exclude_none=True, indent=2) + "\n"
         _write(tmp / MANIFEST, body.encode("utf-8"))
         _fsync_dir(tmp)

@@ -108,7 +108,10 @@ def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any,
 
         student, origin = load_keras_model(Path(step.student)), f"student {step.student}"
     elif step.width is not None:
-        student, origin = make_student(model, step.width, seed=ctx.seed), f"fresh student width {step.width:g}"
+        student, origin = (
+            make_student(model, step.width, seed=ctx.seed),
+            f"fresh student width {step.width:g}",
+        )
     else:
         from compressor.sparsity import _copy
 
@@ -175,7 +178,7 @@ class NeedsKerasError(ConversionError):
 
 
 def quantize_tflite(float_tflite: bytes, step: QuantizeStep) -> bytes:
-    """Quantize an existing float .tflite: float32 is the file itself, the int8 modes use ai-edge-quantizer."""
+    """Quantize an existing float .tflite: float32 is the file itself; int8 modes use ai-edge-quantizer."""
     if step.mode == "float32":
         return float_tflite
     if step.mode in ("weight_only_int8", "dynamic_int8"):

@@ -8,7 +8,9 @@
 
 Errors are raised with ``raise ... from err`` so the TensorFlow/numpy cause stays in the traceback, and
 their messages say what to check. A failure in one variant is recorded as a :class:`VariantFailure`
-by the pipeline and does not stop the others (only the float32 baseline is mandatory).
+by the pipeline and does not stop the others (only the float32 baseline is mandatory); so is any other
+exception a variant raises. Recipe problems raise ``compressor.recipe.RecipeError`` (a CompressorError),
+structured pruning's ``compressor.prune.UnsupportedLayerError`` likewise.
 """
 
 from __future__ import annotations
@@ -41,5 +43,5 @@ class VariantFailure:
     """One variant that could not be built; the others carry on."""
 
     variant: str
-    stage: str  # "convert" | "evaluate"
+    stage: str  # "transform" | "convert" | "evaluate" | "skipped" (needs a Keras source)
     message: str

@@ -50,17 +50,18 @@ def plan(state: FleetState, model: str, policy: Policy, devices: Iterable[str] |
     return Plan(manifest, decisions, state, missing)
 
 
-def collect_plan(
-    session: Bus, model: str, policy: Policy, devices: Iterable[str] | None = None
-) -> Plan:
+def collect_plan(session: Bus, model: str, policy: Policy, devices: Iterable[str] | None = None) -> Plan:
     """Read the retained state of ``model`` from the broker, then :func:`plan`."""
     return plan(collect_state(session, model), model, policy, devices)
 
 
 def make_assignment(
-    decision: Decision, key: Ed25519PrivateKey, issued_at: float | None = None
+    decision: Decision,
+    key: Ed25519PrivateKey,
+    issued_at: float | None = None,
+    rollout: str | None = None,
 ) -> wire.Assignment:
-    """The signed assignment for a decision that chose a variant."""
+    """The signed assignment for a decision that chose a variant (``rollout``: the staged rollout's id)."""
     if decision.variant is None or decision.sha256 is None:
         raise ValueError(f"decision for {decision.device} keeps the current variant; nothing to assign")
     assignment = wire.Assignment(
@@ -72,6 +73,7 @@ def make_assignment(
         issued_at=wire.now() if issued_at is None else issued_at,
         policy=decision.policy[:200],
         reason=decision.why[:4000],
+        rollout=rollout,
     )
     return wire.sign(assignment, key)
 

@@ -7,12 +7,18 @@
     edgefleet publish BUNDLE [--key K]               verify, sign and publish a bundle (chunks, then manifest)
     edgefleet select --model M [--policy P] [--json] show what the policy would choose per device
     edgefleet assign --model M [--policy P] [--device D ...] [--key K] [--dry-run]
-    edgefleet fleet [--model M] [--json]             devices, active variants, state, latest latency
+    edgefleet fleet [--model M] [--json] [--db PATH] devices, active variants, state, latency, energy
+    edgefleet report DEVICE [--model M] [--json] [--db PATH]   every benchmark result of one device
+    edgefleet plot MODEL --out FILE.png              latency (p50, log) vs host accuracy per device
+    edgefleet rollout MODEL [--canary N | --canary-percent P] [--wait] [--timeout S] [--resume]
+    edgefleet rollout status|abort MODEL             staged rollouts (see deploy/rollout.py)
+    edgefleet cmd DEVICE ping|rebenchmark|rollback [--model M] [--wait S]   signed command
     edgefleet schema --out DIR                       JSON Schemas of every wire message
     edgefleet compress ...                           (provided by the compressor, when installed)
     edgefleet demo ...                               (end-to-end demo)
 
-Broker options (publish/select/assign/fleet): --host, --port, --username, --password-file, --tls-ca,
+Broker options (publish/select/assign/fleet/report/plot/rollout/cmd; rollout calls --timeout
+--connect-timeout): --host, --port, --username, --password-file, --tls-ca,
 --tls-cert, --tls-key, --mqtt v5|v311, --namespace.
 
 Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
@@ -56,7 +62,8 @@ def _progress(message: str) -> None:
 # Broker options
 
 
-def _broker_parent() -> _Parser:
+def _broker_parent(timeout_flag: str = "--timeout") -> _Parser:
+    """Broker flags; ``timeout_flag`` renames --timeout for commands that use it for something else."""
     p = _Parser(add_help=False)
     g = p.add_argument_group("broker")
     g.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default: %(default)s)")
@@ -70,7 +77,9 @@ def _broker_parent() -> _Parser:
     g.add_argument(
         "--namespace", default=wire.DEFAULT_NAMESPACE, help="topic namespace (default: %(default)s)"
     )
-    g.add_argument("--timeout", type=float, default=10.0, help="connect / ack timeout, seconds")
+    g.add_argument(
+        timeout_flag, dest="timeout", type=float, default=10.0, help="connect / ack timeout, seconds"
+    )
     return p
 
 
@@ -211,24 +220,6 @@ def _cmd_assign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_fleet(args: argparse.Namespace) -> int:
-    from deploy.fleet import fleet_rows, fleet_table
-    from deploy.state import collect_state
-
-    with _session(args) as session:
-        state = collect_state(session, args.model)
-    rows = fleet_rows(state)
-    if args.json:
-        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2, sort_keys=True))
-    elif rows:
-        print(fleet_table(rows))
-    else:
-        print("no device has published a status yet")
-    for line in state.skipped:
-        _err(f"warning: skipped {line}")
-    return EXIT_OK
-
-
 def write_schemas(out: Path) -> list[Path]:
     """Write one pretty JSON Schema file per wire message into ``out``."""
     try:
@@ -318,11 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     asg.add_argument("--dry-run", action="store_true", help="show the decisions, publish nothing")
     asg.set_defaults(func=_cmd_assign)
 
-    fl = sub.add_parser("fleet", parents=[broker], help="devices, active variants and latest results")
-    fl.add_argument("--model", help="only this model")
-    fl.add_argument("--json", action="store_true", help="rows as JSON")
-    fl.set_defaults(func=_cmd_fleet)
-
     sch = sub.add_parser("schema", help="write the JSON Schemas of the wire messages")
     sch.add_argument("--out", type=Path, required=True, help="output directory")
     sch.set_defaults(func=_cmd_schema)
@@ -330,10 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     _register_compress(sub)
 
     # Subcommands that live in their own modules (imports as light as the rest of deploy).
-    from deploy import brokerconf, collect, provision
+    from deploy import brokerconf, collect, command, provision, rollout, views
     from deploy import demo as demo_command
 
     collect.register(sub, parents=[broker])
+    rollout.register(sub, parents=[_broker_parent("--connect-timeout")])
+    command.register(sub, parents=[broker])
+    views.register(sub, parents=[broker])
     brokerconf.register(sub)
     provision.register(sub)
     demo_command.register(sub)

@@ -72,7 +72,8 @@ max_accuracy_drop = 0.02
 class DemoSettings:
     workdir: Path | None = None
     epochs: int = 8
-    variants: tuple[str, ...] = ()  # empty: the compressor's default set
+    recipe: str = "demo"  # float32, float16, dynint8, int8, prune50-int8: the interesting ones, fast
+    variants: tuple[str, ...] = ()  # empty: every variant of the recipe
     bench_min_runs: int = 50
     bench_min_seconds: float = 1.0
     probation_s: float = 1.0
@@ -173,6 +174,8 @@ def _compress(
         "deploy",
         "compress",
         "--demo",
+        "--recipe",
+        settings.recipe,
         "--out",
         str(bundle_dir),
         "--epochs",

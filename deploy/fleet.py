@@ -29,17 +29,27 @@ class DeviceModelRow(BaseModel):
     report_age_s: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    energy_mj: float | None = None
+    energy_measured: bool | None = None
+    energy_method: str | None = None
+    rollout: str | None = None
 
 
-def _active_latency(report: wire.Report | None, sha: str | None) -> tuple[float | None, float | None]:
+def active_result(report: wire.Report | None, sha: str | None) -> wire.BenchResult | None:
+    """The device's best successful result for the file ``sha`` (lowest p50 over thread counts)."""
     if report is None or sha is None:
-        return None, None
+        return None
     ok = [r for r in report.results if r.sha256 == sha and r.ok and r.latency_ms is not None]
     if not ok:
-        return None, None
-    best = min(ok, key=lambda r: r.latency_ms.p50 if r.latency_ms else 0.0)
-    assert best.latency_ms is not None
-    return best.latency_ms.p50, best.latency_ms.p99
+        return None
+    return min(ok, key=lambda r: r.latency_ms.p50 if r.latency_ms else 0.0)
+
+
+def energy_text(mj: float | None, measured: bool | None) -> str:
+    """Energy per inference; a figure not known to be measured always says "(modelled)"."""
+    if mj is None:
+        return "-"
+    return f"{mj:.3g} mJ" + ("" if measured else " (modelled)")
 
 
 def fleet_rows(state: FleetState, now: float | None = None) -> list[DeviceModelRow]:
@@ -67,7 +77,9 @@ def fleet_rows(state: FleetState, now: float | None = None) -> list[DeviceModelR
             report: wire.Report | None = state.reports.get((device, model))
             assignment: wire.Assignment | None = state.assignments.get((device, model))
             active = ms.active if ms else None
-            p50, p99 = _active_latency(report, active.sha256 if active else None)
+            best = active_result(report, active.sha256 if active else None)
+            lat = best.latency_ms if best else None
+            energy = best.energy if best else None
             rows.append(
                 DeviceModelRow(
                     **base,
@@ -77,8 +89,12 @@ def fleet_rows(state: FleetState, now: float | None = None) -> list[DeviceModelR
                     active_version=active.manifest_version if active else None,
                     assigned=assignment.variant if assignment else None,
                     report_age_s=max(0.0, now - report.ts) if report else None,
-                    p50_ms=p50,
-                    p99_ms=p99,
+                    p50_ms=lat.p50 if lat else None,
+                    p99_ms=lat.p99 if lat else None,
+                    energy_mj=energy.mj_per_inference if energy else None,
+                    energy_measured=energy.measured if energy else None,
+                    energy_method=energy.method.value if energy else None,
+                    rollout=assignment.rollout if assignment else None,
                 )
             )
     return rows
@@ -125,6 +141,7 @@ def fleet_table(rows: Sequence[DeviceModelRow]) -> str:
         "REPORT",
         "P50ms",
         "P99ms",
+        "ENERGY/INF",
     ]
     cells = []
     for r in rows:
@@ -132,6 +149,8 @@ def fleet_table(rows: Sequence[DeviceModelRow]) -> str:
         active = f"{r.active} (v{r.active_version})" if r.active else "-"
         if r.assigned and r.assigned != r.active:
             active += f" → {r.assigned}"
+        if r.rollout:
+            active += f" [{r.rollout}]"
         cells.append(
             [
                 r.device,
@@ -145,9 +164,129 @@ def fleet_table(rows: Sequence[DeviceModelRow]) -> str:
                 _age(r.report_age_s),
                 _num(r.p50_ms),
                 _num(r.p99_ms),
+                energy_text(r.energy_mj, r.energy_measured),
             ]
         )
     return render_table(headers, cells)
+
+
+class ResultRow(BaseModel):
+    """One benchmark result of one device, for ``edgefleet report``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: str
+    model: str
+    manifest_version: int
+    variant: str
+    sha256: str
+    active: bool = False
+    threads: int
+    ok: bool
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    init_ms: float | None = None
+    peak_rss_mb: float | None = None
+    host_accuracy: float | None = None
+    device_accuracy: float | None = None
+    energy_mj: float | None = None
+    energy_method: str | None = None
+    energy_measured: bool | None = None
+    throttled: bool | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    report_age_s: float | None = None
+
+
+def report_rows(
+    state: FleetState, device: str, model: str | None = None, now: float | None = None
+) -> list[ResultRow]:
+    """Every result the device reported (per model, variant and thread count), in manifest order."""
+    now = time.time() if now is None else now
+    status = state.statuses.get(device)
+    rows: list[ResultRow] = []
+    for (dev, m), report in sorted(state.reports.items()):
+        if dev != device or (model is not None and m != model):
+            continue
+        manifest = state.manifests.get(m)
+        order = {v.id: i for i, v in enumerate(manifest.variants)} if manifest else {}
+        ms = status.models.get(m) if status else None
+        active_sha = ms.active.sha256 if ms and ms.active else None
+        for r in sorted(
+            report.results, key=lambda r: (order.get(r.variant, len(order)), r.variant, r.threads)
+        ):
+            host_acc = None
+            if manifest is not None:
+                v = next((v for v in manifest.variants if v.id == r.variant and v.sha256 == r.sha256), None)
+                host_acc = v.metrics.accuracy if v else None
+            lat = r.latency_ms
+            rows.append(
+                ResultRow(
+                    device=device,
+                    model=m,
+                    manifest_version=report.manifest_version,
+                    variant=r.variant,
+                    sha256=r.sha256,
+                    active=r.sha256 == active_sha,
+                    threads=r.threads,
+                    ok=r.ok,
+                    p50_ms=lat.p50 if lat else None,
+                    p95_ms=lat.p95 if lat else None,
+                    p99_ms=lat.p99 if lat else None,
+                    init_ms=r.init_ms,
+                    peak_rss_mb=r.peak_rss_bytes / (1024 * 1024) if r.peak_rss_bytes is not None else None,
+                    host_accuracy=host_acc,
+                    device_accuracy=r.accuracy,
+                    energy_mj=r.energy.mj_per_inference if r.energy else None,
+                    energy_method=r.energy.method.value if r.energy else None,
+                    energy_measured=r.energy.measured if r.energy else None,
+                    throttled=r.throttled,
+                    error=r.error.value if r.error else None,
+                    error_detail=r.error_detail,
+                    report_age_s=max(0.0, now - report.ts),
+                )
+            )
+    return rows
+
+
+def report_table(rows: Sequence[ResultRow]) -> str:
+    headers = [
+        "MODEL",
+        "VARIANT",
+        "THR",
+        "P50ms",
+        "P95ms",
+        "P99ms",
+        "INITms",
+        "RSS MiB",
+        "ACC host",
+        "ACC dev",
+        "ENERGY/INF",
+        "METHOD",
+        "ERROR",
+    ]
+    cells = []
+    for r in rows:
+        name = f"{r.variant} *" if r.active else r.variant
+        cells.append(
+            [
+                f"{r.model} v{r.manifest_version}",
+                name,
+                str(r.threads),
+                _num(r.p50_ms),
+                _num(r.p95_ms),
+                _num(r.p99_ms),
+                _num(r.init_ms),
+                _num(r.peak_rss_mb),
+                _num(r.host_accuracy),
+                _num(r.device_accuracy),
+                energy_text(r.energy_mj, r.energy_measured),
+                r.energy_method or "-",
+                (r.error or "") + (" (throttled)" if r.throttled else "") or "-",
+            ]
+        )
+    return render_table(headers, cells) + "\n(* = active variant)"
 
 
 def decisions_table(decisions: Sequence[Decision]) -> str:

@@ -427,7 +427,6 @@ class MqttSession:
                 self._client.unsubscribe(gone)
         return {t: p for t, p in collected.items() if p}
 
-
     # ---------------------------------------------------------------- live subscriptions
 
     def watch(self, filters: Iterable[str], timeout_s: float = 10.0) -> Watch:

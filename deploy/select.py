@@ -322,7 +322,6 @@ def _lost_to(loser: Candidate, winner: Candidate, objective: Objective) -> str:
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{_fmt(x)} ms"
 
-
     def agree(c: Candidate) -> str:
         return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
 

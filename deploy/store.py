@@ -13,6 +13,7 @@ creates a second row:
 
 Query API for the fleet view and the selector: :meth:`FleetStore.latest_statuses`,
 :meth:`FleetStore.latest_reports` (shaped like ``deploy.select.select``'s arguments),
+:meth:`FleetStore.all_latest_reports` (every model),
 :meth:`FleetStore.events`, :meth:`FleetStore.devices`, :meth:`FleetStore.telemetry`.
 """
 
@@ -353,6 +354,13 @@ class FleetStore:
             "SELECT device, payload FROM reports WHERE model = ? ORDER BY device", (model,)
         ).fetchall()
         return {device: wire.Report.from_json(payload) for device, payload in rows}
+
+    def all_latest_reports(self) -> dict[tuple[str, str], wire.Report]:
+        """(device, model) → newest report, for every model (the fleet view's shape)."""
+        rows = self._conn.execute(
+            "SELECT device, model, payload FROM reports ORDER BY device, model"
+        ).fetchall()
+        return {(device, model): wire.Report.from_json(payload) for device, model, payload in rows}
 
     def report_history(self, device: str, model: str, limit: int = 100) -> list[wire.Report]:
         """Distinct reports of ``device`` for ``model``, newest first."""

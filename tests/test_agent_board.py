@@ -337,3 +337,19 @@ def test_wait_until_cool_with_a_real_event_returns_promptly() -> None:
     finally:
         timer.cancel()
         timer.join()
+
+
+def test_profile_key_for_model_strings_and_the_sysinfo_facade(tmp_path: Path) -> None:
+    from agent import sysinfo
+    from agent.board import profile_key_for
+
+    assert profile_key_for("Raspberry Pi 5 Model B Rev 1.0") == "pi5"
+    assert profile_key_for("Raspberry Pi Zero 2 W Rev 1.0") == "zero2w"
+    assert profile_key_for("Some PC", "x86_64") == "generic-x86"
+    assert profile_key_for("Some PC") == "generic"
+    # the facade answers from the one implementation in agent.board / agent.thermal
+    assert sysinfo.power_profile("Raspberry Pi 4 Model B").idle_w == PROFILES["pi4b"].idle_w
+    model = tmp_path / "proc/device-tree/model"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
+    assert sysinfo.board_name(tmp_path) == "Raspberry Pi 5 Model B Rev 1.0"

@@ -561,3 +561,13 @@ def test_meter_from_config_on_a_recorded_pi5(tmp_path: Path) -> None:
 def test_profile_type_is_shared() -> None:
     assert isinstance(PI5, PowerProfile)
     assert PI5.power_at(1.0) == 9.7
+
+
+def test_profile_file_defaults_to_the_store(tmp_path: Path) -> None:
+    from agent.energy import DEFAULT_PROFILE_NAME, resolve_profile_file
+
+    assert resolve_profile_file(EnergyConfig(), tmp_path) is None  # nothing calibrated yet
+    (tmp_path / DEFAULT_PROFILE_NAME).write_text('{"idle_w": 1.0, "max_w": 2.0}')
+    assert resolve_profile_file(EnergyConfig(), tmp_path) == tmp_path / DEFAULT_PROFILE_NAME
+    explicit = tmp_path / "elsewhere.json"
+    assert resolve_profile_file(EnergyConfig(profile_file=explicit), tmp_path) == explicit

@@ -159,7 +159,7 @@ def variant_for(vid: str, data: bytes, quant: str, sample: BlobRef | None = None
         quantization=quant,  # type: ignore[arg-type]
         inputs=[TensorSpec(name="x", shape=[1, 8], dtype="float32")],
         outputs=[TensorSpec(name="y", shape=[1, 3], dtype="float32")],
-        metrics=HostMetrics(size_bytes=len(data), accuracy=0.95),
+        metrics=HostMetrics(size_bytes=len(data), accuracy=1.0),
         sample=sample,
         **blob_fields(data, CHUNK),
     )
@@ -521,3 +521,164 @@ def test_mqtt_311_disk_full_and_ping(tiny_models: Path, tmp_path: Path) -> None:
 
 def variants_sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- connection
+
+
+def _signed_assignment(key: Ed25519PrivateKey, variant: Variant) -> bytes:
+    a = Assignment(
+        device=DEVICE,
+        model=MODEL,
+        variant=variant.id,
+        sha256=variant.sha256,
+        manifest_version=1,
+        issued_at=time.time(),
+        policy="test",
+    )
+    return sign(a, key).to_json()
+
+
+def _ping(key: Ed25519PrivateKey, cid: str) -> bytes:
+    return sign(
+        Command(id=cid, device=DEVICE, action=CommandAction.PING, issued_at=time.time()), key
+    ).to_json()
+
+
+def _online(bus: Bus, timeout: float = 30) -> None:
+    bus.wait_for(lambda t, o: t == Topics().status(DEVICE) and o.get("online") is True, timeout=timeout)
+
+
+def test_mqtt_311_full_loop(tiny_models: Path, tmp_path: Path) -> None:
+    """manifest → fetch → verify → benchmark → report → assignment → committed, over MQTT 3.1.1."""
+    topics = Topics()
+    key, pub = new_key()
+    f32 = (tiny_models / "float32.tflite").read_bytes()
+    v = variant_for("float32", f32, "none")
+    manifest = sign(
+        Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=[v]), key
+    )
+    with MosquittoBroker() as broker:
+        cfg = write_config(tmp_path, broker, pub, tmp_path / "store", extra='protocol = "v311"')
+        bus = Bus(broker, topics)
+        publish_blob(bus, topics, f32)
+        bus.publish(topics.manifest(MODEL), manifest.to_json())
+        proc = start_agent(cfg, tmp_path / "agent.log")
+        bus.proc = proc
+        try:
+            report = bus.wait_for(lambda t, o: t == topics.report(DEVICE, MODEL), timeout=40)
+            assert report["results"][0]["ok"]
+            bus.publish(topics.assign(DEVICE, MODEL), _signed_assignment(key, v))
+            bus.wait_for(is_event("committed", variant="float32"), timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            bus.close()
+
+
+def test_offline_queue_and_reconnect_after_broker_restart(tmp_path: Path) -> None:
+    """Persistent session: a non-retained command sent while the agent is down arrives when it is back;
+    a broker restart on the same port is survived (backoff reconnect, birth status republished)."""
+    topics = Topics()
+    key, pub = new_key()
+    broker = MosquittoBroker().start()
+    port = broker.port
+    cfg = write_config(tmp_path, broker, pub, tmp_path / "store", extra="reconnect_max_s = 2")
+    log_path = tmp_path / "agent.log"
+    bus = Bus(broker, topics)
+    proc = start_agent(cfg, log_path)
+    bus.proc = proc
+    try:
+        _online(bus)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        bus.publish(topics.cmd(DEVICE), _ping(key, "queued1"), retain=False)  # agent offline
+        proc = start_agent(cfg, log_path)
+        bus.proc = proc
+        bus.wait_for(is_event("pong", correlation_id="queued1"), timeout=30)
+
+        bus.close()
+        broker.stop()
+        time.sleep(1.0)
+        broker = MosquittoBroker(port=port).start()
+        bus = Bus(broker, topics)  # a fresh broker: no retained status unless the agent republishes it
+        bus.proc = proc
+        _online(bus, timeout=30)
+        bus.publish(topics.cmd(DEVICE), _ping(key, "after1"), retain=False)
+        bus.wait_for(is_event("pong", correlation_id="after1"), timeout=20)
+        assert "disconnected from the broker" in log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        bus.close()
+        broker.stop()
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed")
+def test_tls_with_password_and_with_client_certificate(tmp_path: Path) -> None:
+    from deploy.brokerconf import create_ca, issue_cert
+
+    topics = Topics()
+    key, pub = new_key()
+    ca = create_ca("edgefleet test CA")
+    server = issue_cert(ca, "broker", server_names=["127.0.0.1", "localhost"])
+    client = issue_cert(ca, DEVICE, client=True)
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem())
+    server.write(tmp_path / "server.crt", tmp_path / "server.key")
+    client.write(tmp_path / "client.crt", tmp_path / "client.key")
+    (tmp_path / "server.key").chmod(0o644)
+    pwfile = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(pwfile), DEVICE, "s3cret"], check=True, capture_output=True
+    )
+    pwfile.chmod(0o644)
+    from deploy.broker import free_port
+
+    cert_port = free_port()
+    tls = f"cafile {tmp_path}/ca.crt\ncertfile {tmp_path}/server.crt\nkeyfile {tmp_path}/server.key\n"
+    extra = (
+        f"password_file {pwfile}\n"  # plain listener (for the test bus) stays anonymous-allowed
+        f"listener {{tls_port}} 127.0.0.1\n{tls}"
+        f"listener {cert_port} 127.0.0.1\n{tls}require_certificate true\nuse_identity_as_username true\n"
+    )
+    tls_port = free_port()
+    with MosquittoBroker(extra_config=extra.replace("{tls_port}", str(tls_port))) as broker:
+        bus = Bus(broker, topics)
+        try:
+            for n, (port, auth) in enumerate(
+                [
+                    (tls_port, f'username = "{DEVICE}"\npassword = "s3cret"'),
+                    (cert_port, f'cert_file = "{tmp_path}/client.crt"\nkey_file = "{tmp_path}/client.key"'),
+                ]
+            ):
+                cfg = write_config(tmp_path, broker, pub, tmp_path / "store")
+                text = cfg.read_text().replace(f"port = {broker.port}", f"port = {port}")
+                user = auth if "username" in auth else ""
+                tls_cert = "" if user else auth
+                text = text.replace(
+                    "[trust]", f'{user}\n[mqtt.tls]\nca_file = "{tmp_path}/ca.crt"\n{tls_cert}\n[trust]'
+                )
+                cfg.write_text(text)
+                proc = start_agent(cfg, tmp_path / f"agent{n}.log")
+                bus.proc = proc
+                try:
+                    _online(bus)
+                    bus.publish(topics.cmd(DEVICE), _ping(key, f"tls{n}"), retain=False)
+                    bus.wait_for(is_event("pong", correlation_id=f"tls{n}"), timeout=20)
+                    assert "connecting to mqtts://" in (tmp_path / f"agent{n}.log").read_text()
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=20) == 0
+                    with bus.cond:
+                        bus.messages.clear()
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(timeout=10)
+        finally:
+            bus.close()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from test_agent_integration import tiny_models  # the TF-built tiny models (session fixture, cached)
 
 from agent import cli
 from agent.bench import benchmark_variant, latency_stats, run_child
@@ -556,3 +557,76 @@ def test_command_redelivery_runs_once(tmp_path: Path) -> None:
     for _ in range(2):
         agent_obj.handle(Inbound(Topics().cmd("pi"), ping))
     assert [e["kind"] for e in fake.events()] == ["pong"]
+
+
+# --------------------------------------------------------------------------------------- local applications
+
+
+def test_active_model_reloads_a_real_interpreter_and_counts_inferences(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    from agent.active import ActiveModel, read_counters
+
+    models = tiny_models
+    store = Store(tmp_path)
+    store.ensure()
+    a = _put_blob(store, (models / "float32.tflite").read_bytes())
+    b = _put_blob(store, (models / "float16.tflite").read_bytes())
+    store.activate("digits", a)
+    app = ActiveModel(tmp_path, "digits", flush_interval_s=0)
+    interp = app.interpreter()
+    x = np.ones((1, 8), dtype=np.float32)
+
+    def infer() -> np.ndarray:
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)
+        interp.invoke()
+        app.count()
+        return np.asarray(interp.get_tensor(interp.get_output_details()[0]["index"]))
+
+    first = infer()
+    assert not app.changed()
+    store.activate("digits", b)  # the agent swaps the link under the running application
+    assert app.changed()
+    interp = app.interpreter()
+    assert app.path().name == f"{b}.tflite"
+    second = infer()
+    assert np.allclose(first, second, atol=1e-2)  # float16 variant of the same model
+    assert read_counters(tmp_path) == 2
+    ActiveModel(tmp_path, "other", flush_interval_s=0).count(5)
+    assert read_counters(tmp_path) == 7
+
+
+# --------------------------------------------------------------------------------------- systemd unit
+
+
+def test_systemd_unit_has_the_required_keys() -> None:
+    import configparser
+
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "edgefleet-agent.service"
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(unit.read_text())
+    svc, u = parser["Service"], parser["Unit"]
+    required = {
+        "Type": "notify",
+        "Restart": "on-failure",
+        "User": "edgefleet",
+        "StateDirectory": "edgefleet",
+        "ConfigurationDirectory": "edgefleet",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+    }
+    for k, v in required.items():
+        assert svc.get(k) == v, f"[Service] {k}={svc.get(k)!r}, expected {v!r}"
+    for k in ("WatchdogSec", "MemoryMax", "RestrictAddressFamilies", "SystemCallFilter", "DeviceAllow"):
+        assert svc.get(k), f"[Service] {k} missing"
+    assert "@system-service" in unit.read_text()
+    assert u.get("StartLimitIntervalSec") and u.get("StartLimitBurst")
+    sysusers = unit.with_name("edgefleet.sysusers.conf").read_text()
+    assert "u edgefleet" in sysusers
+
+
+__all__ = ["tiny_models"]

@@ -14,10 +14,11 @@ import pytest
 
 from agent.wire import Manifest, TensorSpec
 from compressor import cli
-from compressor.convert import DEFAULT_VARIANTS, RECIPES, QuantizeStep, Recipe, resolve_recipes
+from compressor.convert import DEFAULT_VARIANTS, RECIPES, resolve_recipes
 from compressor.data import load_dataset, load_digits, load_npz, upsample
 from compressor.errors import BundleWriteError, ConversionError, DataError
 from compressor.evaluate import dequantize_output, quantize_input
+from compressor.recipe import QuantizeStep, Recipe, RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -135,18 +136,22 @@ def test_pickled_npz_and_missing_files_are_data_errors(tmp_path: Path) -> None:
 
 
 def test_recipes_registry_and_resolution() -> None:
-    assert DEFAULT_VARIANTS == ("float32", "float16", "dynint8", "int8")
+    assert DEFAULT_VARIANTS[:4] == ("float32", "float16", "dynint8", "int8")
     assert [r.id for r in resolve_recipes(None)] == list(DEFAULT_VARIANTS)
     assert [r.id for r in resolve_recipes(["int8"])] == ["float32", "int8"]  # baseline always first
     assert [r.id for r in resolve_recipes(["int8", "float32", "int8"])] == ["float32", "int8"]
-    with pytest.raises(ConversionError, match="int4"):
+    with pytest.raises(RecipeError, match="int4"):
         resolve_recipes(["int4"])
     assert RECIPES["int8"].quantization == "int8" and RECIPES["int8"].techniques == ["quantize"]
-    assert RECIPES["float32"].techniques == []
+    assert RECIPES["float32"].techniques == [] and RECIPES["float32"].quantization == "none"
+    assert RECIPES["prune50-distill-int8"].techniques == ["prune", "distill", "quantize"]
     with pytest.raises(ValueError, match=r"identifier|pattern"):
-        Recipe(id="Bad Id", steps=[QuantizeStep(mode="none")])
+        Recipe(id="Bad Id", steps=[QuantizeStep(mode="float32")])
     with pytest.raises(ValueError, match="quantize"):
-        Recipe(id="twice", steps=[QuantizeStep(mode="none"), QuantizeStep(mode="int8")])
+        Recipe(
+            id="twice",
+            steps=[QuantizeStep(mode="float32"), QuantizeStep(mode="int8", representative_samples=10)],
+        )
 
 
 def test_int8_quantize_and_dequantize() -> None:
@@ -192,6 +197,15 @@ def test_cli_errors_exit_2_with_one_message(tmp_path: Path, capsys: pytest.Captu
     assert "does not exist" in err and err.count("\n") == 1
     assert _run_cli(["compress", "--demo", "--variants", "float32,int4", "--out", str(tmp_path / "b")]) == 2
     assert "unknown variant" in capsys.readouterr().err
+    bad_recipe = tmp_path / "r.toml"
+    bad_recipe.write_text(
+        '[[variants]]\nid = "float32"\nsteps = [{ kind = "quantize", mode = "float32", x = 1 }]\n'
+    )
+    assert _run_cli(["compress", "--demo", "--recipe", str(bad_recipe), "--out", str(tmp_path / "b")]) == 2
+    assert "variants[0] (float32).steps[0].x: unknown key" in capsys.readouterr().err
+    assert _run_cli(["compress", "--check-recipe", "--recipe", str(bad_recipe)]) == 1
+    assert _run_cli(["compress", "--check-recipe", "--recipe", "default"]) == 0
+    assert "prune50-distill-int8" in capsys.readouterr().out
     (tmp_path / "m.keras").write_bytes(b"x")
     bad = _write_npz(tmp_path / "d.npz", y_val=None)
     assert (
@@ -222,12 +236,14 @@ def test_cli_registers_on_a_host_parser() -> None:
     args = parser.parse_args(["compress", "--demo", "--out", "b", "--epochs", "2", "--variants", "int8"])
     assert args.func is cli.run and args.epochs == 2 and args.variants == "int8"
     with pytest.raises(SystemExit):
-        parser.parse_args(["compress", "--demo"])  # --out is required
+        parser.parse_args(["compress", "--demo", "--model", "m.keras", "--out", "b"])  # one source only
+    assert cli.run(parser.parse_args(["compress", "--demo"])) == 2  # --out is required to build
 
 
 # ------------------------------------------------------------------------------- real bundle (slow)
 
 EPOCHS = 3
+QUANT_VARIANTS = ("float32", "float16", "dynint8", "int8")
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +252,17 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest, An
 
     out = tmp_path_factory.mktemp("b") / "digits"
     lines: list[str] = []
-    result = build_demo(out, epochs=EPOCHS, progress=lines.append, latency_budget_s=0.1)
+    result = build_demo(
+        out,
+        epochs=EPOCHS,
+        progress=lines.append,
+        latency_budget_s=0.1,
+        recipe="demo",
+        variants=QUANT_VARIANTS,
+    )
     assert result.failures == ()
     assert any(line.startswith("train: epoch") for line in lines)
-    for vid in DEFAULT_VARIANTS:
+    for vid in QUANT_VARIANTS:
         assert f"convert {vid}" in lines and f"evaluate {vid}" in lines
     return out, result.manifest, load_digits()
 
@@ -252,7 +275,7 @@ def test_bundle_manifest_round_trips_and_files_match(bundle: tuple[Path, Manifes
     assert Manifest.from_json(text) == manifest
     assert manifest.signature is None and manifest.baseline == "float32" and manifest.model == "digits"
     assert manifest.labels == [str(i) for i in range(10)]
-    assert [v.id for v in manifest.variants] == list(DEFAULT_VARIANTS)
+    assert [v.id for v in manifest.variants] == list(QUANT_VARIANTS)
     assert manifest.version == int(manifest.created_at * 1000)
     for v in manifest.variants:
         data = (out / v.file).read_bytes()
@@ -266,6 +289,7 @@ def test_bundle_manifest_round_trips_and_files_match(bundle: tuple[Path, Manifes
         assert v.min_runtime is not None
     assert (out / "report.md").read_text().count("| `") == 4
     assert (out / "accuracy_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "accuracy_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left over
     quant = {v.id: v.quantization for v in manifest.variants}
     assert quant == {"float32": "none", "float16": "float16", "dynint8": "dynamic_int8", "int8": "int8"}
@@ -277,7 +301,7 @@ def test_bundle_accuracy_and_int8_io(bundle: tuple[Path, Manifest, Any]) -> None
     m = {v.id: v for v in manifest.variants}
     base = m["float32"].metrics
     assert base.accuracy is not None and base.accuracy > 0.85
-    assert base.eval_samples == 360 and base.params == 693_962 and base.macs == 888_192
+    assert base.eval_samples == 360 and base.params == 693_962 and base.macs == 888_192  # from the .tflite
     for v in manifest.variants:
         assert v.metrics.accuracy is not None and v.metrics.accuracy >= base.accuracy - 0.03, v.id
         assert v.metrics.agreement is not None and v.metrics.agreement >= 0.95, v.id
@@ -317,16 +341,18 @@ def test_samples_load_without_pickle_and_reproduce_accuracy(bundle: tuple[Path, 
 def test_a_failing_variant_is_reported_and_the_others_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    import compressor.convert as convert
     import compressor.pipeline as pipeline
-    from compressor.convert import convert as real_convert
     from compressor.models import build_seed_cnn
 
-    def flaky(model: Any, recipe: Recipe, data: Any, *, seed: int = 0) -> bytes:
-        if recipe.id == "dynint8":
-            raise ConversionError("simulated converter crash")
-        return real_convert(model, recipe, data, seed=seed)
+    real = convert.quantize_keras
 
-    monkeypatch.setattr(pipeline, "convert", flaky)
+    def flaky(model: Any, step: QuantizeStep, data: Any, *, seed: int = 0) -> bytes:
+        if step.mode == "dynamic_int8":
+            raise ConversionError("simulated converter crash")
+        return real(model, step, data, seed=seed)
+
+    monkeypatch.setattr(convert, "quantize_keras", flaky)
     data = load_digits()
     small = type(data)(
         **{
@@ -338,6 +364,7 @@ def test_a_failing_variant_is_reported_and_the_others_kept(
     result = pipeline.build_bundle(
         build_seed_cnn(), small, tmp_path / "b", variants=["dynint8", "float16"], latency_budget_s=0.05
     )
+    assert result.recipe == "default"
     assert [v.id for v in result.manifest.variants] == ["float32", "float16"]
     assert [(f.variant, f.stage) for f in result.failures] == [("dynint8", "convert")]
     assert "simulated converter crash" in (tmp_path / "b" / "report.md").read_text()
@@ -379,6 +406,7 @@ def test_cli_compresses_a_keras_file_with_an_npz(tmp_path: Path, capsys: pytest.
     assert manifest.variant("int8").inputs[0].shape == [1, 12, 12, 1]
     captured = capsys.readouterr()
     assert "bundle:" in captured.out and "convert int8" in captured.err
+    assert "accuracy" in captured.out.splitlines()[0]  # the summary table's header
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema"] == "edgefleet.manifest/1"
 
 

@@ -247,7 +247,7 @@ def test_accuracy_tie_on_p95_falls_to_energy(four: wire.Manifest) -> None:
     ]
     d = one(four, res)
     assert d.variant == "fp32"
-    assert "higher energy 3 mJ > 2 mJ" in d.lost["fp16"]
+    assert "higher energy 3 mJ (modelled) > 2 mJ (modelled)" in d.lost["fp16"]
     assert d.lost["int8"] == "failed: LOAD_ERROR"
     assert d.lost["pruned"] == "not benchmarked"
 
@@ -273,7 +273,7 @@ def test_energy_objective(four: wire.Manifest) -> None:
     res[3] = ok_result(var(four, "pruned"), 1.0, energy=2.5)
     d = one(four, res, Policy(default=Rule(objective="energy")))
     assert d.variant == "int8"
-    assert d.lost["pruned"] == "higher energy 2.5 mJ > 1.5 mJ (int8)"
+    assert d.lost["pruned"] == "higher energy 2.5 mJ (modelled) > 1.5 mJ (modelled) (int8)"
 
 
 def test_best_latency_result_per_variant_counts(four: wire.Manifest) -> None:
@@ -346,7 +346,7 @@ def test_accuracy_drop_uses_manifest_figure_when_present() -> None:
 def test_energy_and_memory_limits(four: wire.Manifest) -> None:
     d = one(four, standard(four), Policy(default=Rule(max_energy_mj=4.5, max_peak_rss_mb=45)))
     assert d.variant == "int8"
-    assert d.lost["fp32"] == "energy 5 mJ > max 4.5 mJ"
+    assert d.lost["fp32"] == "energy 5 mJ (modelled) > max 4.5 mJ"
     assert d.lost["fp16"] == "peak RSS 50 MiB > max 45 MiB"
 
 
@@ -375,7 +375,9 @@ def test_min_runtime(four: wire.Manifest) -> None:
     res = [ok_result(var(m, "fp32"), 10.0), ok_result(var(m, "int8"), 1.0)]
     d = one(m, res, status=make_status("pi1", runtime="2.14.0", runtime_name="tflite-runtime"))
     assert d.variant == "fp32"
-    assert d.lost["int8"] == "needs TFLite runtime >= 2.16.0, device has tflite-runtime 2.14.0 (TFLite 2.14.0)"
+    assert d.lost["int8"] == (
+        "needs TFLite runtime >= 2.16.0, device has tflite-runtime 2.14.0 (TFLite 2.14.0)"
+    )
     # ai-edge-litert numbers its releases anew; 2.x carries TFLite 2.20 kernels and runs it.
     assert one(m, res, status=make_status("pi1", runtime="2.3.0")).variant == "int8"
 

@@ -28,8 +28,9 @@ pytestmark = [
 
 _ns_counter = itertools.count()
 # mosquitto started as root drops to user "mosquitto", which cannot read files under pytest's tmp_path;
-# "user root" keeps the test broker's identity (no effect when the tests do not run as root).
-KEEP_USER = "user root\n"
+# MosquittoBroker's generated config already keeps the current user ("user <name>"), and mosquitto
+# refuses a second "user" line, so the extra config adds none.
+KEEP_USER = ""
 
 
 @pytest.fixture(scope="module")

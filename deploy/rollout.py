@@ -1,0 +1,1008 @@
+"""Staged rollouts: canary devices first, the rest only after every canary committed.
+
+::
+
+    edgefleet rollout MODEL [--canary N | --canary-percent P] [--canary-device D ...] [--policy P]
+                            [--key K] [--state-db PATH] [--wait] [--timeout S] [--resume] [--json]
+    edgefleet rollout status MODEL [--state-db PATH] [--json]
+    edgefleet rollout abort MODEL [--key K] [--state-db PATH]
+
+State machine (one row per rollout in SQLite; every transition is written, and committed, *before*
+the work it announces, so a controller killed at any point resumes into a consistent state)::
+
+    planned ──► canary_assigned ──► canary_committed ──► rolling_out ──► completed
+       │              │                    │                  │
+       └──────────────┴────────────────────┴──────────────────┴──────► halted
+
+``TRANSITIONS`` is the whole table; :meth:`RolloutStore.transition` refuses anything else.
+
+* **planned**: the policy's decisions are frozen: per device the variant, its sha256, the signed
+  assignment (carrying ``rollout=<id>``), the assignment the broker held before (to restore on halt)
+  and the timestamp of the status the device had then. Devices already running the chosen file
+  (committed) and devices for which no variant meets the policy are left out.
+* **canary_assigned**: canary assignments are published (retained, QoS1). Canaries are the first N
+  (``--canary``, default 1, or ``--canary-percent``, at least 1) of: devices named with
+  ``--canary-device``, then online devices by id, then offline ones by id. Deterministic, and an
+  offline device is never picked while an online one is available.
+* **canary_committed**: every canary's retained ``Status`` shows the assigned sha256 active and the
+  model ``committed``.
+* **rolling_out**: the other devices' assignments are published.
+* **completed**: every device settled (committed, rolled back or refused). A non-canary that rolls
+  back has already restored its previous model on its own; it is listed, the rollout is not halted.
+* **halted**: a canary rolled back (its status turned ``rolled_back`` after the assignment, or its
+  ``rolled_back`` event named the assigned sha256), or refused the assignment (``rejected`` event),
+  or the operator ran ``rollout abort``. Non-canaries are then never assigned. Every device that was
+  assigned is restored: a device still running the rollout's file gets a signed ``rollback``
+  command (the agent swaps back to ``previous.tflite``; a device that rolled back by itself needs
+  none), then the retained assignment is put back as it was: the exact bytes the broker held before
+  (still validly signed), or, if there was none, an empty retained payload that deletes it. Clearing
+  alone would not change a running device (the agent ignores an empty assignment), and leaving the
+  rollout's assignment retained would re-apply the failed variant to a device that reconnects with a
+  fresh state; hence both.
+
+Re-running ``edgefleet rollout MODEL`` continues the model's unfinished rollout (``--resume`` insists
+on one); publishing is idempotent (the stored, signed bytes are republished). Without ``--wait`` a run
+advances as far as the fleet's current state allows and returns; with ``--wait`` it follows the
+devices until ``completed`` / ``halted`` or ``--timeout`` (exit 2; the state stays, re-run to go on).
+
+The state lives in its own SQLite file (default ``$EDGEFLEET_HOME/rollouts.db``); ``--state-db`` may
+point at the collector's database (the table names do not collide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import wire
+from deploy.errors import RolloutError
+from deploy.mqtt import Bus, Watch
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+class RolloutState(StrEnum):
+    PLANNED = "planned"
+    CANARY_ASSIGNED = "canary_assigned"
+    CANARY_COMMITTED = "canary_committed"
+    ROLLING_OUT = "rolling_out"
+    COMPLETED = "completed"
+    HALTED = "halted"
+
+
+S = RolloutState
+TRANSITIONS: Mapping[RolloutState, frozenset[RolloutState]] = {
+    S.PLANNED: frozenset({S.CANARY_ASSIGNED, S.HALTED}),
+    S.CANARY_ASSIGNED: frozenset({S.CANARY_COMMITTED, S.HALTED}),
+    S.CANARY_COMMITTED: frozenset({S.ROLLING_OUT, S.HALTED}),
+    S.ROLLING_OUT: frozenset({S.COMPLETED, S.HALTED}),
+    S.COMPLETED: frozenset(),
+    S.HALTED: frozenset(),
+}
+TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+
+def check_transition(current: RolloutState, target: RolloutState) -> None:
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (final state)"
+        raise RolloutError(f"illegal rollout transition {current} -> {target} (allowed: {allowed})")
+
+
+class Role(StrEnum):
+    CANARY = "canary"
+    REST = "rest"
+
+
+class Outcome(StrEnum):
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+
+
+FAILED = frozenset({Outcome.ROLLED_BACK, Outcome.REJECTED})
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    id: str
+    model: str
+    manifest_version: int
+    policy: str
+    state: RolloutState
+    created_at: float
+    updated_at: float
+    reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutDevice:
+    rollout: str
+    device: str
+    role: Role
+    ordinal: int
+    variant: str
+    sha256: str
+    manifest_version: int
+    why: str
+    assignment: bytes  # the signed assignment, published as is (idempotent on resume)
+    previous: bytes | None  # what the broker held retained before the rollout (restored on halt)
+    baseline_status_ts: float | None  # the device's status timestamp when the rollout was planned
+    assigned_at: float | None = None
+    outcome: Outcome | None = None
+    outcome_at: float | None = None
+    detail: str | None = None
+    restored: str | None = None
+    restored_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "role": self.role.value,
+            "variant": self.variant,
+            "sha256": self.sha256,
+            "manifest_version": self.manifest_version,
+            "assigned_at": self.assigned_at,
+            "outcome": self.outcome.value if self.outcome else None,
+            "outcome_at": self.outcome_at,
+            "detail": self.detail,
+            "had_previous_assignment": self.previous is not None,
+            "restored": self.restored,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    seq: int
+    from_state: RolloutState | None
+    to_state: RolloutState
+    at: float
+    reason: str | None
+
+
+# ---------------------------------------------------------------- persistence
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    manifest_version INTEGER NOT NULL,
+    policy TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_unfinished_per_model
+    ON rollouts (model) WHERE state NOT IN ('completed', 'halted');
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout TEXT NOT NULL REFERENCES rollouts (id),
+    device TEXT NOT NULL,
+    role TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    manifest_version INTEGER NOT NULL,
+    why TEXT NOT NULL,
+    assignment BLOB NOT NULL,
+    previous BLOB,
+    baseline_status_ts REAL,
+    assigned_at REAL,
+    outcome TEXT,
+    outcome_at REAL,
+    detail TEXT,
+    restored TEXT,
+    restored_at REAL,
+    PRIMARY KEY (rollout, device)
+);
+CREATE TABLE IF NOT EXISTS rollout_transitions (
+    rollout TEXT NOT NULL REFERENCES rollouts (id),
+    seq INTEGER NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (rollout, seq)
+);
+"""
+
+_DEVICE_COLUMNS = (
+    "rollout, device, role, ordinal, variant, sha256, manifest_version, why, assignment, previous, "
+    "baseline_status_ts, assigned_at, outcome, outcome_at, detail, restored, restored_at"
+)
+
+
+def default_state_db() -> Path:
+    from deploy.keys import default_key_dir
+
+    return default_key_dir() / "rollouts.db"
+
+
+class RolloutStore:
+    """Rollout state in SQLite (WAL; every method commits before it returns)."""
+
+    def __init__(self, path: Path | str, timeout_s: float = 10.0) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout_s)
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")  # a transition must survive a power cut
+            self._conn.executescript(_SCHEMA)
+            self._conn.commit()
+        except (OSError, sqlite3.Error) as err:
+            raise RolloutError(f"cannot open the rollout database {self.path}: {err}") from err
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RolloutStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._conn:  # commits, or rolls back on an exception
+                yield self._conn
+        except sqlite3.IntegrityError as err:
+            raise RolloutError(f"rollout database refused the change: {err}") from err
+        except sqlite3.Error as err:
+            raise RolloutError(f"rollout database error ({self.path}): {err}") from err
+
+    # writing
+
+    def create(self, rollout: Rollout, devices: Sequence[RolloutDevice]) -> None:
+        if rollout.state is not S.PLANNED:
+            raise RolloutError("a rollout is created in state planned")
+        unfinished = self.unfinished(rollout.model)
+        if unfinished is not None:
+            raise RolloutError(
+                f"rollout {unfinished.id} of {rollout.model} is still {unfinished.state}: resume or abort it"
+            )
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rollout.id,
+                    rollout.model,
+                    rollout.manifest_version,
+                    rollout.policy,
+                    rollout.state.value,
+                    rollout.created_at,
+                    rollout.updated_at,
+                    rollout.reason,
+                ),
+            )
+            c.executemany(
+                f"INSERT INTO rollout_devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 17)})",  # noqa: S608
+                [
+                    (
+                        d.rollout,
+                        d.device,
+                        d.role.value,
+                        d.ordinal,
+                        d.variant,
+                        d.sha256,
+                        d.manifest_version,
+                        d.why,
+                        d.assignment,
+                        d.previous,
+                        d.baseline_status_ts,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
+                    for d in devices
+                ],
+            )
+            c.execute(
+                "INSERT INTO rollout_transitions VALUES (?, 0, NULL, ?, ?, ?)",
+                (rollout.id, rollout.state.value, rollout.created_at, rollout.reason),
+            )
+
+    def transition(self, rollout: Rollout, target: RolloutState, reason: str, at: float) -> Rollout:
+        """Move ``rollout`` to ``target`` (checked against the table and against the stored state)."""
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM rollouts WHERE id = ?", (rollout.id,)).fetchone()
+            if row is None:
+                raise RolloutError(f"no rollout {rollout.id}")
+            current = RolloutState(row[0])
+            if current is not rollout.state:
+                raise RolloutError(
+                    f"rollout {rollout.id} is {current} in the database, not {rollout.state}: "
+                    "another controller is running it"
+                )
+            check_transition(current, target)
+            seq = c.execute(
+                "SELECT coalesce(max(seq), -1) + 1 FROM rollout_transitions WHERE rollout = ?", (rollout.id,)
+            ).fetchone()[0]
+            c.execute(
+                "UPDATE rollouts SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
+                (target.value, at, reason, rollout.id),
+            )
+            c.execute(
+                "INSERT INTO rollout_transitions VALUES (?, ?, ?, ?, ?, ?)",
+                (rollout.id, seq, current.value, target.value, at, reason),
+            )
+        return replace(rollout, state=target, updated_at=at, reason=reason)
+
+    def mark_assigned(self, rollout: str, device: str, at: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rollout_devices SET assigned_at = ? WHERE rollout = ? AND device = ? "
+                "AND assigned_at IS NULL",
+                (at, rollout, device),
+            )
+
+    def set_outcome(self, rollout: str, device: str, outcome: Outcome, detail: str | None, at: float) -> bool:
+        """Record the first outcome of a device (later evidence does not overwrite it)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE rollout_devices SET outcome = ?, outcome_at = ?, detail = ? "
+                "WHERE rollout = ? AND device = ? AND outcome IS NULL",
+                (outcome.value, at, detail, rollout, device),
+            )
+            return cur.rowcount > 0
+
+    def mark_restored(self, rollout: str, device: str, how: str, at: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rollout_devices SET restored = ?, restored_at = ? WHERE rollout = ? AND device = ?",
+                (how, at, rollout, device),
+            )
+
+    # reading
+
+    def _rollout(self, row: Sequence[Any] | None) -> Rollout | None:
+        if row is None:
+            return None
+        return Rollout(row[0], row[1], int(row[2]), row[3], RolloutState(row[4]), row[5], row[6], row[7])
+
+    def get(self, rollout_id: str) -> Rollout | None:
+        return self._rollout(
+            self._conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        )
+
+    def unfinished(self, model: str) -> Rollout | None:
+        return self._rollout(
+            self._conn.execute(
+                "SELECT * FROM rollouts WHERE model = ? AND state NOT IN ('completed', 'halted')", (model,)
+            ).fetchone()
+        )
+
+    def latest(self, model: str) -> Rollout | None:
+        return self._rollout(
+            self._conn.execute(
+                "SELECT * FROM rollouts WHERE model = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (model,),
+            ).fetchone()
+        )
+
+    def halted_unrestored(self, model: str) -> Rollout | None:
+        """The latest rollout of ``model`` if it halted before every assigned device was restored."""
+        r = self.latest(model)
+        if r is None or r.state is not S.HALTED:
+            return None
+        pending = self._conn.execute(
+            "SELECT 1 FROM rollout_devices "
+            "WHERE rollout = ? AND assigned_at IS NOT NULL AND restored IS NULL",
+            (r.id,),
+        ).fetchone()
+        return r if pending else None
+
+    def devices(self, rollout_id: str) -> list[RolloutDevice]:
+        rows = self._conn.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM rollout_devices WHERE rollout = ? ORDER BY ordinal",  # noqa: S608
+            (rollout_id,),
+        ).fetchall()
+        return [
+            RolloutDevice(
+                r[0],
+                r[1],
+                Role(r[2]),
+                int(r[3]),
+                r[4],
+                r[5],
+                int(r[6]),
+                r[7],
+                bytes(r[8]),
+                bytes(r[9]) if r[9] is not None else None,
+                r[10],
+                r[11],
+                Outcome(r[12]) if r[12] else None,
+                r[13],
+                r[14],
+                r[15],
+                r[16],
+            )
+            for r in rows
+        ]
+
+    def transitions(self, rollout_id: str) -> list[Transition]:
+        rows = self._conn.execute(
+            "SELECT seq, from_state, to_state, at, reason FROM rollout_transitions WHERE rollout = ? "
+            "ORDER BY seq",
+            (rollout_id,),
+        ).fetchall()
+        return [
+            Transition(r[0], RolloutState(r[1]) if r[1] else None, RolloutState(r[2]), r[3], r[4])
+            for r in rows
+        ]
+
+
+# ---------------------------------------------------------------- time (a seam for tests)
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+
+def canary_count(n: int, canaries: int | None = None, percent: float | None = None) -> int:
+    """How many of ``n`` devices are canaries: N, or ceil(P % of n) but at least 1; never more than n."""
+    if n == 0:
+        return 0
+    if percent is not None:
+        want = max(1, math.ceil(n * percent / 100.0 - 1e-9))
+    else:
+        want = 1 if canaries is None else canaries
+    return max(0, min(n, want))
+
+
+def order_canaries(
+    devices: Iterable[str], statuses: Mapping[str, wire.Status], preferred: Sequence[str] = ()
+) -> list[str]:
+    """Candidates in canary order: ``preferred`` (as given), then online devices by id, then the rest."""
+    pool = set(devices)
+    head = [d for d in dict.fromkeys(preferred) if d in pool]
+    tail = sorted(
+        pool - set(head),
+        key=lambda d: (not (statuses[d].online if d in statuses else False), d),
+    )
+    return head + tail
+
+
+def new_rollout_id(model: str, version: int) -> str:
+    return wire.check_id(f"{model[:40]}-v{version}-{secrets.token_hex(3)}", "rollout id")
+
+
+# ---------------------------------------------------------------- the controller
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    rollout: Rollout | None
+    skipped: dict[str, str]  # device -> why it is not part of the rollout
+
+
+class RolloutController:
+    """Plans and advances rollouts of one broker; all state goes through :class:`RolloutStore`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: RolloutStore,
+        key: Ed25519PrivateKey,
+        clock: Clock | None = None,
+        progress: Progress = _quiet,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.key = key
+        self.clock: Clock = clock or SystemClock()
+        self.progress = progress
+        self.poll_s = poll_s
+        self.statuses: dict[str, wire.Status] = {}
+        self.events: dict[str, list[wire.Event]] = {}
+
+    # planning
+
+    def plan(
+        self,
+        model: str,
+        policy: Any,
+        canaries: int | None = None,
+        canary_percent: float | None = None,
+        canary_devices: Sequence[str] = (),
+    ) -> PlanResult:
+        """Select per device, freeze the decisions, persist a ``planned`` rollout (None: nothing to do)."""
+        from deploy.assign import make_assignment, plan
+        from deploy.state import parse_state, state_filters
+
+        topics = self.bus.topics
+        raw = self.bus.collect_retained(state_filters(topics, model))
+        state = parse_state(raw, topics)
+        p = plan(state, model, policy)
+        skipped: dict[str, str] = {d: "no report for this manifest version" for d in p.devices_without_report}
+        targets = []
+        for d in p.decisions:
+            if d.variant is None or d.sha256 is None:
+                skipped[d.device] = d.why
+                continue
+            ms = state.statuses[d.device].models.get(model) if d.device in state.statuses else None
+            if ms and ms.active and ms.active.sha256 == d.sha256 and ms.state is wire.ModelState.COMMITTED:
+                skipped[d.device] = f"already runs {d.variant} (committed)"
+                continue
+            targets.append(d)
+        if not targets:
+            return PlanResult(None, skipped)
+        now = self.clock.time()
+        rollout = Rollout(
+            id=new_rollout_id(model, p.manifest.version),
+            model=model,
+            manifest_version=p.manifest.version,
+            policy=policy.name,
+            state=S.PLANNED,
+            created_at=now,
+            updated_at=now,
+            reason=f"{len(targets)} device(s) to change",
+        )
+        by_device = {d.device: d for d in targets}
+        order = order_canaries(by_device, state.statuses, canary_devices)
+        n_canary = canary_count(len(order), canaries, canary_percent)
+        devices = []
+        for i, dev in enumerate(order):
+            d = by_device[dev]
+            signed = make_assignment(d, self.key, issued_at=now, rollout=rollout.id)
+            status = state.statuses.get(dev)
+            devices.append(
+                RolloutDevice(
+                    rollout=rollout.id,
+                    device=dev,
+                    role=Role.CANARY if i < n_canary else Role.REST,
+                    ordinal=i,
+                    variant=d.variant or "",
+                    sha256=d.sha256 or "",
+                    manifest_version=d.manifest_version,
+                    why=d.why,
+                    assignment=signed.to_json(),
+                    previous=raw.get(topics.assign(dev, model)),
+                    baseline_status_ts=status.ts if status else None,
+                )
+            )
+        self.store.create(rollout, devices)
+        canary_names = ", ".join(d.device for d in devices if d.role is Role.CANARY)
+        self.progress(
+            f"rollout {rollout.id}: planned {len(devices)} device(s) of {model} v{p.manifest.version}, "
+            f"canaries: {canary_names}"
+        )
+        return PlanResult(rollout, skipped)
+
+    # observing
+
+    def observe(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """Absorb statuses and events (skipping anything that does not decode)."""
+        topics = self.bus.topics
+        for topic, payload in messages:
+            if not payload:
+                continue
+            try:
+                parsed = topics.parse(topic)
+                if parsed.kind is wire.TopicKind.STATUS and parsed.device:
+                    status = wire.decode(wire.Status, payload)
+                    old = self.statuses.get(parsed.device)
+                    if status.device == parsed.device and (old is None or status.ts >= old.ts):
+                        self.statuses[parsed.device] = status
+                elif parsed.kind is wire.TopicKind.EVENTS and parsed.device:
+                    event = wire.decode(wire.Event, payload)
+                    if event.device == parsed.device:
+                        self.events.setdefault(parsed.device, []).append(event)
+            except wire.WireError:
+                continue
+
+    def outcome_of(self, model: str, d: RolloutDevice) -> tuple[Outcome, str] | None:
+        """What the device made of its assignment, from events and its status; None: not settled yet."""
+        if d.assigned_at is None:
+            return None
+        for ev in self.events.get(d.device, []):
+            if ev.model not in (None, model) or ev.sha256 != d.sha256:
+                continue
+            if ev.kind is wire.EventKind.ROLLED_BACK:
+                return Outcome.ROLLED_BACK, f"rolled back: {ev.reason or ''} {ev.detail or ''}".strip()
+            if ev.kind is wire.EventKind.REJECTED:
+                return (
+                    Outcome.REJECTED,
+                    f"refused the assignment: {ev.reason or ''} {ev.detail or ''}".strip(),
+                )
+        status = self.statuses.get(d.device)
+        ms = status.models.get(model) if status else None
+        if status is None or ms is None:
+            return None
+        if ms.state is wire.ModelState.COMMITTED and ms.active and ms.active.sha256 == d.sha256:
+            return Outcome.COMMITTED, f"committed {d.variant}"
+        newer = d.baseline_status_ts is None or status.ts > d.baseline_status_ts
+        if ms.state is wire.ModelState.ROLLED_BACK and newer:
+            return Outcome.ROLLED_BACK, f"rolled back: {ms.detail or 'no detail'}"
+        return None
+
+    # advancing
+
+    def _move(self, r: Rollout, target: RolloutState, reason: str) -> Rollout:
+        r = self.store.transition(r, target, reason, self.clock.time())
+        self.progress(f"rollout {r.id}: {target} — {reason}")
+        return r
+
+    def _assign(self, r: Rollout, devices: Sequence[RolloutDevice]) -> bool:
+        todo = [d for d in devices if d.assigned_at is None]
+        for d in todo:
+            self.bus.publish(self.bus.topics.assign(d.device, r.model), d.assignment, retain=True)
+        if todo:
+            self.bus.flush()
+            now = self.clock.time()
+            for d in todo:
+                self.store.mark_assigned(r.id, d.device, now)
+                self.progress(f"  {d.device}: assigned {d.variant} ({d.role})")
+        return bool(todo)
+
+    def _settle(self, r: Rollout, devices: Sequence[RolloutDevice]) -> list[RolloutDevice]:
+        for d in devices:
+            if d.outcome is not None:
+                continue
+            found = self.outcome_of(r.model, d)
+            if found is not None and self.store.set_outcome(
+                r.id, d.device, found[0], found[1], self.clock.time()
+            ):
+                self.progress(f"  {d.device}: {found[1]}")
+        return [d for d in self.store.devices(r.id) if d.device in {x.device for x in devices}]
+
+    def step(self, r: Rollout) -> tuple[Rollout, bool]:
+        """One move of the state machine on what is known now; returns (rollout, whether anything changed)."""
+        devices = self.store.devices(r.id)
+        canaries = [d for d in devices if d.role is Role.CANARY]
+        rest = [d for d in devices if d.role is Role.REST]
+        if r.state is S.PLANNED:
+            return self._move(r, S.CANARY_ASSIGNED, f"assigning {len(canaries)} canary device(s)"), True
+        if r.state is S.CANARY_ASSIGNED:
+            changed = self._assign(r, canaries)
+            canaries = self._settle(r, canaries)
+            failed = [d for d in canaries if d.outcome in FAILED]
+            if failed:
+                why = "; ".join(f"canary {d.device} {d.detail}" for d in failed)
+                return self.halt(r, why), True
+            if all(d.outcome is Outcome.COMMITTED for d in canaries):
+                return self._move(
+                    r, S.CANARY_COMMITTED, f"all {len(canaries)} canary device(s) committed"
+                ), True
+            return r, changed
+        if r.state is S.CANARY_COMMITTED:
+            return self._move(r, S.ROLLING_OUT, f"assigning the other {len(rest)} device(s)"), True
+        if r.state is S.ROLLING_OUT:
+            changed = self._assign(r, rest)
+            everyone = self._settle(r, devices)
+            if all(d.outcome is not None for d in everyone):
+                bad = [d.device for d in everyone if d.outcome in FAILED]
+                ok = len(everyone) - len(bad)
+                note = f"{ok} committed" + (
+                    f", {len(bad)} rolled back or refused: {', '.join(bad)}" if bad else ""
+                )
+                return self._move(r, S.COMPLETED, note), True
+            return r, changed
+        if r.state is S.HALTED:
+            return r, self._restore(r, devices)
+        return r, False
+
+    def halt(self, r: Rollout, reason: str) -> Rollout:
+        """Persist ``halted``, then restore every device that was assigned."""
+        r = self._move(r, S.HALTED, reason)
+        self._restore(r, self.store.devices(r.id))
+        return r
+
+    def _restore(self, r: Rollout, devices: Sequence[RolloutDevice]) -> bool:
+        from deploy.command import make_command
+
+        todo = [d for d in devices if d.assigned_at is not None and d.restored is None]
+        for d in todo:
+            how = []
+            status = self.statuses.get(d.device)
+            ms = status.models.get(r.model) if status else None
+            running = (
+                ms is not None
+                and ms.active is not None
+                and ms.active.sha256 == d.sha256
+                and ms.state
+                in (wire.ModelState.COMMITTED, wire.ModelState.PROBATION, wire.ModelState.ACTIVATING)
+            )
+            if running:
+                cmd = make_command(
+                    d.device,
+                    wire.CommandAction.ROLLBACK,
+                    self.key,
+                    model=r.model,
+                    correlation_id=wire.check_id(f"rb-{secrets.token_hex(8)}"),
+                    issued_at=self.clock.time(),
+                )
+                self.bus.publish(self.bus.topics.cmd(d.device), cmd.to_json(), retain=False, qos=1)
+                how.append(f"rollback command {cmd.id}")
+            topic = self.bus.topics.assign(d.device, r.model)
+            if d.previous is not None:
+                self.bus.publish(topic, d.previous, retain=True)
+                how.append("previous assignment republished")
+            else:
+                self.bus.publish(topic, b"", retain=True)
+                how.append("assignment cleared")
+            self.bus.flush()
+            self.store.mark_restored(r.id, d.device, "; ".join(how), self.clock.time())
+            self.progress(f"  {d.device}: restored ({'; '.join(how)})")
+        return bool(todo)
+
+    def abort(self, r: Rollout, reason: str = "aborted by the operator") -> Rollout:
+        with self._watching() as watch:
+            self._absorb_quiet(watch)
+            if r.finished:
+                raise RolloutError(f"rollout {r.id} is already {r.state}")
+            return self.halt(r, reason)
+
+    @contextmanager
+    def _watching(self) -> Iterator[Watch]:
+        topics = self.bus.topics
+        with self.bus.watch([topics.all_statuses(), topics.all_events()]) as watch:
+            yield watch
+
+    def _absorb_quiet(self, watch: Watch, quiet_s: float = 0.3, max_s: float = 5.0) -> None:
+        """Take in the retained burst that follows the subscription (until ``quiet_s`` without news)."""
+        end = self.clock.monotonic() + max_s
+        while self.clock.monotonic() < end:
+            if not watch.wait(quiet_s):
+                break
+            self.observe(watch.drain())
+        self.observe(watch.drain())
+
+    def run(self, r: Rollout, wait: bool = False, timeout_s: float | None = None) -> Rollout:
+        """Advance ``r``: without ``wait`` as far as possible now, with it until final or timeout."""
+        with self._watching() as watch:
+            self._absorb_quiet(watch)
+            deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
+            while True:
+                self.observe(watch.drain())
+                r, changed = self.step(r)
+                if r.finished and not changed:
+                    return r
+                if changed:
+                    continue
+                if not wait:
+                    return r
+                left = self.poll_s if deadline is None else deadline - self.clock.monotonic()
+                if left <= 0:
+                    return r
+                watch.wait(min(left, self.poll_s))
+
+
+# ---------------------------------------------------------------- presentation
+
+
+def summary(store: RolloutStore, r: Rollout) -> dict[str, Any]:
+    devices = store.devices(r.id)
+    return {
+        "id": r.id,
+        "model": r.model,
+        "manifest_version": r.manifest_version,
+        "policy": r.policy,
+        "state": r.state.value,
+        "reason": r.reason,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+        "devices": [d.as_dict() for d in devices],
+        "transitions": [
+            {
+                "from": t.from_state.value if t.from_state else None,
+                "to": t.to_state.value,
+                "at": t.at,
+                "reason": t.reason,
+            }
+            for t in store.transitions(r.id)
+        ],
+    }
+
+
+def summary_text(store: RolloutStore, r: Rollout) -> str:
+    from deploy.fleet import render_table
+
+    devices = store.devices(r.id)
+    head = f"rollout {r.id}: {r.model} v{r.manifest_version}, policy {r.policy}: {r.state}"
+    if r.reason:
+        head += f" ({r.reason})"
+    rows = [
+        [
+            d.device,
+            d.role.value,
+            d.variant,
+            "yes" if d.assigned_at is not None else "no",
+            d.outcome.value if d.outcome else "-",
+            d.restored or "-",
+        ]
+        for d in devices
+    ]
+    table = render_table(["DEVICE", "ROLE", "VARIANT", "ASSIGNED", "OUTCOME", "RESTORED"], rows)
+    history = [
+        f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.at))}  {t.to_state}"
+        + (f": {t.reason}" if t.reason else "")
+        for t in store.transitions(r.id)
+    ]
+    return "\n".join([head, table, "history:", *history])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _open_store(args: argparse.Namespace) -> RolloutStore:
+    return RolloutStore(args.state_db or default_state_db())
+
+
+def _show(store: RolloutStore, r: Rollout, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary(store, r), indent=2, sort_keys=True))
+    else:
+        print(summary_text(store, r))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_status(args: argparse.Namespace, model: str) -> int:
+    with _open_store(args) as store:
+        r = store.latest(model)
+        if r is None:
+            raise RolloutError(f"no rollout of {model} in {store.path}")
+        _show(store, r, args.json)
+    return 0
+
+
+def _cmd_abort(args: argparse.Namespace, model: str) -> int:
+    from deploy.cli import _session
+    from deploy.keys import load_signing_key
+
+    key = load_signing_key(args.key)
+    with _open_store(args) as store:
+        r = store.unfinished(model)
+        if r is None:
+            raise RolloutError(f"no unfinished rollout of {model} in {store.path}")
+        with _session(args) as session:
+            r = RolloutController(session, store, key, progress=_progress).abort(r)
+        _show(store, r, args.json)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, model: str) -> int:
+    from deploy.cli import _session
+    from deploy.keys import load_signing_key
+    from deploy.select import load_policy
+
+    key = load_signing_key(args.key)
+    policy = load_policy(args.policy)  # before connecting: a broken policy fails fast
+    started = time.monotonic()
+    with _open_store(args) as store, _session(args) as session:
+        ctl = RolloutController(session, store, key, progress=_progress, poll_s=args.poll)
+        r = store.unfinished(model) or store.halted_unrestored(model)
+        if r is not None:
+            _progress(f"resuming rollout {r.id} ({r.state})")
+        elif args.resume:
+            raise RolloutError(f"no unfinished rollout of {model} to resume in {store.path}")
+        else:
+            result = ctl.plan(
+                model,
+                policy,
+                canaries=args.canary,
+                canary_percent=args.canary_percent,
+                canary_devices=args.canary_device or (),
+            )
+            for device, why in sorted(result.skipped.items()):
+                _progress(f"  {device}: not in the rollout: {why}")
+            if result.rollout is None:
+                print(f"nothing to roll out for {model}: no device needs a change")
+                return 0
+            r = result.rollout
+        r = ctl.run(r, wait=args.wait, timeout_s=args.rollout_timeout)
+        _show(store, r, args.json)
+    elapsed = time.monotonic() - started
+    if r.state is S.HALTED:
+        _progress(f"rollout {r.id} halted after {elapsed:.1f} s: {r.reason}")
+        return 2
+    if r.state is not S.COMPLETED and args.wait:
+        _progress(
+            f"rollout {r.id} still {r.state} after {elapsed:.1f} s; "
+            f"run `edgefleet rollout {model}` to continue"
+        )
+        return 2
+    if r.state is S.COMPLETED:
+        _progress(f"rollout {r.id} completed in {elapsed:.1f} s")
+    return 0
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    words: list[str] = args.words
+    if len(words) == 2 and words[0] in ("status", "abort"):
+        model = wire.check_id(words[1], "model")
+        return _cmd_status(args, model) if words[0] == "status" else _cmd_abort(args, model)
+    if len(words) != 1:
+        print("edgefleet rollout: expected MODEL, `status MODEL` or `abort MODEL`", file=sys.stderr)
+        return 1
+    if args.canary is not None and args.canary_percent is not None:
+        print("edgefleet rollout: give --canary or --canary-percent, not both", file=sys.stderr)
+        return 1
+    return _cmd_run(args, wire.check_id(words[0], "model"))
+
+
+def _positive_percent(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage in (0, 100]")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add ``rollout`` to the ``edgefleet`` command line."""
+    p = subparsers.add_parser(
+        "rollout",
+        parents=list(parents),
+        help="staged rollout of a model: canaries first, the rest after they committed",
+        description="edgefleet rollout MODEL | rollout status MODEL | rollout abort MODEL",
+    )
+    p.add_argument("words", nargs="+", metavar="MODEL | status MODEL | abort MODEL")
+    p.add_argument("--canary", type=_non_negative, help="number of canary devices (default: 1)")
+    p.add_argument("--canary-percent", type=_positive_percent, help="canaries as a percentage (at least 1)")
+    p.add_argument("--canary-device", action="append", help="prefer this device as a canary (repeatable)")
+    p.add_argument("--policy", type=Path, help="policy TOML (default: highest accuracy, no limits)")
+    p.add_argument("--key", type=Path, help="signing key (PEM; default: the fleet key)")
+    p.add_argument("--state-db", type=Path, help="rollout database (default: $EDGEFLEET_HOME/rollouts.db)")
+    p.add_argument("--wait", action="store_true", help="follow the rollout until completed or halted")
+    p.add_argument(
+        "--timeout",
+        dest="rollout_timeout",
+        type=float,
+        metavar="S",
+        help="with --wait, give up waiting after S seconds (exit 2; the rollout stays resumable); "
+        "the broker's connect / ack timeout is --connect-timeout here",
+    )
+    p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--resume", action="store_true", help="continue the model's unfinished rollout (error if none)"
+    )
+    p.add_argument("--json", action="store_true", help="print the rollout as JSON")
+    p.set_defaults(func=_cmd_rollout)
