@@ -609,18 +609,17 @@ class Agent:
         assert rec.active is not None
         manifest = self.manifests.get(model) or self._stored_manifest(model)
         sample = None
-        host_accuracy = None
+        variant = None
         if manifest is not None:
             with contextlib.suppress(KeyError):
-                v = manifest.variant(rec.active.variant)
-                host_accuracy = v.metrics.accuracy
+                v = variant = manifest.variant(rec.active.variant)
                 if v.sample is not None and self.store.has_blob(v.sample.sha256, "npz"):
                     sample = self.store.blob_path(v.sample.sha256, "npz")
         h = self.config.health
         problem = check_health(
             self.store.active_link(model),
             sample,
-            host_accuracy,
+            variant,
             h,
             memory_limit_mb=self.config.bench.memory_limit_mb,
             stop=self.stop,

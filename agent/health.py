@@ -17,14 +17,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.bench import health_check, run_child
+from agent.bench import accuracy_mismatch, health_check, run_child
 from agent.config import HealthConfig
+from agent.wire import Variant
 
 
 def check_health(
     model_path: Path,
     sample_path: Path | None,
-    host_accuracy: float | None,
+    variant: Variant | None,
     cfg: HealthConfig,
     *,
     memory_limit_mb: int,
@@ -40,7 +41,7 @@ def check_health(
         stop=stop,
         tick=tick,
     )
-    if problem is not None or sample_path is None or host_accuracy is None:
+    if problem is not None or sample_path is None or variant is None or variant.reference_accuracy is None:
         return problem
     request = {
         "mode": "bench",
@@ -57,13 +58,8 @@ def check_health(
     outcome = run_child(request, cfg.timeout_s, stop, tick)
     if outcome.error is not None:
         return f"{outcome.error.value}: {outcome.detail}"
-    accuracy = outcome.data.get("accuracy")
-    if accuracy is None:
-        return None  # the sample has no labels: finite outputs are all we can check
-    floor = host_accuracy - cfg.accuracy_tolerance
-    if float(accuracy) < floor:
-        return (
-            f"ACCURACY_MISMATCH: accuracy {float(accuracy):.4f} on {outcome.data.get('eval_samples')} "
-            f"sample rows is below host accuracy {host_accuracy:.4f} - tolerance {cfg.accuracy_tolerance:g}"
-        )
-    return None
+    # No labels in the sample: finite outputs are all we can check.
+    mismatch = accuracy_mismatch(
+        outcome.data.get("accuracy"), outcome.data.get("eval_samples"), variant, cfg.accuracy_tolerance
+    )
+    return None if mismatch is None else f"ACCURACY_MISMATCH: {mismatch}"

@@ -360,6 +360,12 @@ class HostMetrics(WireModel):
     accuracy_drop: float | None = Field(default=None, description="float32 accuracy minus this one")
     agreement: float | None = Field(default=None, ge=0, le=1, description="top-1 agreement with float32")
     eval_samples: int | None = Field(default=None, ge=0)
+    sample_accuracy: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="accuracy of this file on its evaluation sample (every row); a device must reproduce it",
+    )
     size_bytes: int = Field(ge=1)
     gzip_bytes: int | None = Field(default=None, ge=1)
     params: int | None = Field(default=None, ge=0)
@@ -382,6 +388,13 @@ class Variant(BlobRef):
         default=None, description="labelled evaluation sample (.npz with x, y) in this variant's input dtype"
     )
     notes: list[str] = Field(default_factory=list)
+
+    @property
+    def reference_accuracy(self) -> float | None:
+        """The host figure a device's accuracy on the sample is compared with: the same rows when known."""
+        if self.metrics.sample_accuracy is not None:
+            return self.metrics.sample_accuracy
+        return self.metrics.accuracy
 
 
 # --------------------------------------------------------------------------------------------------------

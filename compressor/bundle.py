@@ -59,6 +59,7 @@ class BuiltVariant:
     macs: int | None
     min_runtime: str | None
     sample: bytes
+    sample_accuracy: float | None = None  # this file's accuracy on exactly the rows of ``sample``
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -72,6 +73,12 @@ class BuiltVariant:
 
 def sample_file_name(variant_id: str) -> str:
     return f"{variant_id}.sample.npz"
+
+
+def sample_accuracy(y: np.ndarray, evaluation: Evaluation, count: int = SAMPLE_SIZE) -> float:
+    """Accuracy on the rows :func:`sample_npz` ships (the first ``count`` held-out samples)."""
+    n = min(count, len(y), len(evaluation.predictions))
+    return float(np.mean(evaluation.predictions[:n] == np.asarray(y[:n]).astype(np.int64)))
 
 
 def sample_npz(x: np.ndarray, y: np.ndarray, evaluation: Evaluation, count: int = SAMPLE_SIZE) -> bytes:
@@ -89,6 +96,7 @@ def make_variant(bv: BuiltVariant) -> Variant:
         accuracy_drop=bv.accuracy_drop,
         agreement=bv.agreement,
         eval_samples=ev.eval_samples,
+        sample_accuracy=bv.sample_accuracy,
         size_bytes=ev.size_bytes,
         gzip_bytes=ev.gzip_bytes,
         params=bv.params,

@@ -35,6 +35,7 @@ from compressor.bundle import (
     check_out,
     make_manifest,
     render_report,
+    sample_accuracy,
     sample_file_name,
     sample_npz,
     write_bundle,
@@ -384,6 +385,7 @@ def _measure(
         macs=stats.macs,
         min_runtime=runtime,
         sample=sample_npz(data.x_test, data.y_test, ev, count=sample_size),
+        sample_accuracy=sample_accuracy(data.y_test, ev, count=sample_size),
         notes=[*notes, *check_notes, *compat_notes],
     )
 

@@ -255,8 +255,38 @@ def test_health_check_compares_sample_accuracy_with_the_host(tiny_models: Path, 
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, x=x, y=(y + 1) % 3)  # every label shifted: a model that "works" but is wrong
     cfg = HealthConfig(inferences=4, accuracy_tolerance=0.05)
-    assert check_health(model, tiny_models / "sample.npz", 0.9, cfg, memory_limit_mb=1024) is None
-    problem = check_health(model, wrong, 0.9, cfg, memory_limit_mb=1024)
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(model))
+    it.allocate_tensors()
+    predicted = []
+    for row in x:
+        it.set_tensor(it.get_input_details()[0]["index"], row[None].astype(np.float32))
+        it.invoke()
+        predicted.append(int(np.argmax(it.get_tensor(it.get_output_details()[0]["index"]))))
+    host = float(np.mean(np.array(predicted) == y))  # what the compressor records as sample_accuracy
+
+    def variant(sample_accuracy: float) -> Variant:
+        data = model.read_bytes()
+        spec = TensorSpec(name="x", shape=[1, *x.shape[1:]], dtype="float32")
+        return Variant(
+            id="a",
+            file="a.tflite",
+            quantization="none",
+            inputs=[spec],
+            outputs=[spec],
+            metrics=HostMetrics(accuracy=0.5, sample_accuracy=sample_accuracy, size_bytes=len(data)),
+            **blob_fields(data),
+        )
+
+    assert check_health(model, tiny_models / "sample.npz", variant(host), cfg, memory_limit_mb=1024) is None
+    problem = check_health(model, wrong, variant(host), cfg, memory_limit_mb=1024)
+    assert problem is not None and problem.startswith("ACCURACY_MISMATCH")
+    assert "on the same sample" in problem
+    # the device reproducing a different figure than the host recorded is refused too
+    problem = check_health(
+        model, tiny_models / "sample.npz", variant(abs(host - 0.5)), cfg, memory_limit_mb=1024
+    )
     assert problem is not None and problem.startswith("ACCURACY_MISMATCH")
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(os.urandom(2048))
