@@ -71,6 +71,11 @@ case "$mode" in
       fi
       .venv-tfl214/bin/python -m pip install -q 'tflite-runtime==2.14.0' 'numpy<2' 2> >(grep -v '^WARNING: Location' >&2)
     fi
+    # On x86_64 the suite also proves the agent on arm64 under qemu-user (docs/arm64.md); the sysroot and
+    # wheels are cached under ~/.cache/edgefleet/arm64. Opt out with EDGEFLEET_ARM64_SMOKE=0.
+    if [ "$(uname -m)" = x86_64 ]; then
+      export EDGEFLEET_ARM64_SMOKE="${EDGEFLEET_ARM64_SMOKE:-1}"
+    fi
     say "ruff"
     ruff check .
     ruff format --check .
