@@ -400,17 +400,9 @@ class MqttSession:
             self._collector = collected
             self._last_message = time.monotonic()
         try:
-            result, mid = self._client.subscribe([(f, 1) for f in filters])
-            if result != paho.MQTT_ERR_SUCCESS or mid is None:
-                raise BrokerError(f"cannot subscribe on {self.address}: {paho.error_string(result)}")
             deadline = time.monotonic() + timeout_s
+            self._subscribe_and_wait(filters, timeout_s)
             with self._cond:
-                while mid not in self._subacked:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise BrokerError(f"broker {self.address} did not acknowledge a subscription in time")
-                    self._cond.wait(left)
-                self._subacked.discard(mid)
                 self._last_message = time.monotonic()
                 while True:
                     now = time.monotonic()
