@@ -316,11 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     _register_compress(sub)
 
     # Subcommands that live in their own modules (imports as light as the rest of deploy).
-    from deploy import brokerconf, collect, command, provision, rollout, views
+    from deploy import brokerconf, collect, command, provision, rollout_cli, views
     from deploy import demo as demo_command
 
     collect.register(sub, parents=[broker])
-    rollout.register(sub, parents=[_broker_parent("--connect-timeout")])
+    rollout_cli.register(sub, parents=[_broker_parent("--connect-timeout")])
     command.register(sub, parents=[broker])
     views.register(sub, parents=[broker])
     brokerconf.register(sub)
