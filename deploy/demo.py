@@ -1,10 +1,11 @@
 """``edgefleet demo``: the whole loop on one machine, started and stopped by one command.
 
-Stages: broker (a private mosquitto on a free loopback port) → signing key → compress (the seed CNN on
-scikit-learn's digits, in a child process so TensorFlow never loads here) → publish → two agents as
-separate processes (separate stores, 1 and 2 benchmark threads, device classes ``accurate`` and
-``fast``) → wait for their reports → select → assign → wait until both report the assigned variant
-active → result. Everything it started is stopped on the way out, also on Ctrl-C.
+Stages: broker (a private mosquitto on a free loopback port; without mosquitto, amqtt in a child
+process, see deploy.embedded_broker) → signing key → compress (the seed CNN on scikit-learn's digits,
+in a child process so TensorFlow never loads here) → publish → two agents as separate processes
+(separate stores, 1 and 2 benchmark threads, device classes ``accurate`` and ``fast``) → wait for
+their reports → select → assign → wait until both report the assigned variant active → result.
+Everything it started is stopped on the way out, also on Ctrl-C.
 
 The integration test runs this same code with a smaller budget, so the demo and the test cannot drift.
 """
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
 from deploy.assign import assign
-from deploy.broker import MosquittoBroker
+from deploy.embedded_broker import BROKER_CHOICES, AmqttBroker, BrokerChoice, start_broker
 from deploy.errors import DeployError
 from deploy.keys import init_keys, load_signing_key
 from deploy.mqtt import BrokerOptions, MqttSession
@@ -80,6 +81,7 @@ class DemoSettings:
     timeout_s: float = 240.0
     devices: tuple[DemoDevice, ...] = DEMO_DEVICES
     extra_env: dict[str, str] = field(default_factory=dict)
+    broker: BrokerChoice = "auto"  # mosquitto if installed, else the embedded amqtt fallback
 
 
 @dataclass(slots=True)
@@ -117,10 +119,18 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
     bundle_dir = workdir / "bundle"
 
     with contextlib.ExitStack() as stack:
-        progress(f"[1/7] broker: starting a private mosquitto (files in {workdir})")
-        broker = stack.enter_context(MosquittoBroker(state_dir=workdir / "broker"))
-        options = BrokerOptions(host=broker.host, port=broker.port)
-        progress(f"      mosquitto pid {broker.pid} on {broker.host}:{broker.port}")
+        progress(f"[1/7] broker: starting a private broker ({settings.broker}; files in {workdir})")
+        broker = start_broker(settings.broker, state_dir=workdir / "broker")
+        stack.callback(broker.stop)
+        amqtt = isinstance(broker, AmqttBroker)
+        name = "amqtt" if amqtt else "mosquitto"
+        options = BrokerOptions(host=broker.host, port=broker.port, protocol="v311" if amqtt else "v5")
+        window = AmqttBroker.publish_window if amqtt else 32
+        progress(f"      {name} pid {broker.pid} on {broker.host}:{broker.port} (MQTT {options.protocol})")
+        if amqtt:
+            why = "mosquitto not found; " if settings.broker == "auto" else ""
+            limits = "; ".join(AmqttBroker.limitations)
+            progress(f"      {why}embedded amqtt fallback, for a one-machine demo only: {limits}")
 
         progress("[2/7] keys: creating the fleet signing key")
         pair = init_keys(workdir / "keys", force=True)
@@ -130,7 +140,7 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
         _compress(bundle_dir, settings, workdir / "compress.log", deadline, progress)
 
         progress("[4/7] publish: signing and publishing the bundle")
-        with MqttSession(options) as session:
+        with MqttSession(options, window=window) as session:
             published = publish_bundle(bundle_dir, key, session, progress=lambda m: progress(f"      {m}"))
         manifest = published.manifest
 
@@ -138,7 +148,7 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
         agents = stack.enter_context(
             _agents(settings, workdir, options, pair.public_text, manifest.model, progress)
         )
-        with MqttSession(options) as watch:
+        with MqttSession(options, window=window) as watch:
             reports = _wait_for_reports(watch, manifest, settings.devices, agents, deadline, progress)
             statuses = _statuses(watch)
 
@@ -156,7 +166,7 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
         bundle=bundle_dir,
         model=manifest.model,
         manifest_version=manifest.version,
-        broker=f"mosquitto {broker.host}:{broker.port} (stopped)",
+        broker=f"{name} {broker.host}:{broker.port} (stopped)",
         devices=devices,
         seconds=time.monotonic() - start,
     )
@@ -238,6 +248,7 @@ class = {q(device.device_class)}
 [mqtt]
 host = {q(options.host)}
 port = {options.port}
+protocol = {q(options.protocol)}
 namespace = {q(options.namespace)}
 reconnect_min_s = 0.2
 reconnect_max_s = 2.0
@@ -495,6 +506,12 @@ def register(sub: Any) -> None:
         "--epochs", type=int, default=DemoSettings.epochs, help="training epochs (default: %(default)s)"
     )
     p.add_argument("--timeout", type=float, default=DemoSettings.timeout_s, help="overall limit, seconds")
+    p.add_argument(
+        "--broker",
+        choices=BROKER_CHOICES,
+        default=DemoSettings.broker,
+        help="auto: mosquitto if installed, else the embedded amqtt fallback (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -502,7 +519,9 @@ def _cmd_demo(args: Any) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    settings = DemoSettings(workdir=args.workdir, epochs=args.epochs, timeout_s=args.timeout)
+    settings = DemoSettings(
+        workdir=args.workdir, epochs=args.epochs, timeout_s=args.timeout, broker=args.broker
+    )
     try:
         result = run_demo(settings, progress)
     except KeyboardInterrupt:

@@ -12,8 +12,10 @@ One :class:`MqttSession` wraps one paho client running its network loop in a bac
   ("no matching subscribers") is a success.
 * ``flush()`` waits for every outstanding acknowledgement and raises the first refusal.
 * ``collect_retained()`` subscribes to a few filters and gathers what the broker holds retained, until
-  no new message arrived for ``quiet_s``. Never use it with a wildcard over hundreds of chunks:
-  mosquitto silently drops retained messages past its queue limit; subscribe per topic instead.
+  no new message arrived for ``quiet_s``. Only topics matching those filters are kept (amqtt, the
+  demo's fallback broker, may deliver retained messages matching other clients' subscriptions).
+  Never use it with a wildcard over hundreds of chunks: mosquitto silently drops retained messages
+  past its queue limit; subscribe per topic instead.
 * ``watch()`` keeps a live subscription (re-issued in every ``on_connect``) and queues what matches
   its filters, for commands that wait for an answer (events) or follow a rollout (statuses). A
   watch is bounded (``max_queued``); past that the oldest messages are dropped and counted.
@@ -180,6 +182,7 @@ class MqttSession:
         self._connected = False
         self._disconnect_reason: str | None = None
         self._collector: dict[str, bytes] | None = None
+        self._collect_filters: list[str] = []
         self._last_message = 0.0
         self._subacked: set[int] = set()
         self._watches: list[Watch] = []
@@ -319,7 +322,10 @@ class MqttSession:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            if self._collector is not None:
+            if self._collector is not None and any(
+                paho.topic_matches_sub(f, msg.topic) for f in self._collect_filters
+            ):
+                # only topics we asked for: amqtt can deliver other clients' retained messages
                 self._collector[msg.topic] = bytes(msg.payload)
                 self._last_message = time.monotonic()
                 self._cond.notify_all()
@@ -398,6 +404,7 @@ class MqttSession:
             if self._collector is not None:
                 raise RuntimeError("collect_retained is not re-entrant")
             self._collector = collected
+            self._collect_filters = filters
             self._last_message = time.monotonic()
         try:
             deadline = time.monotonic() + timeout_s
@@ -413,6 +420,7 @@ class MqttSession:
         finally:
             with self._cond:
                 self._collector = None
+                self._collect_filters = []
                 watched = {f for w in self._watches for f in w.filters}
             gone = [f for f in filters if f not in watched]  # a live watch keeps its subscription
             if gone:
