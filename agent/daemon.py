@@ -12,7 +12,9 @@ with a reason code and the loop goes on; only bad broker credentials stop it (Co
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import platform
@@ -43,7 +45,6 @@ from agent.errors import (
 from agent.faults import crash_point
 from agent.fetch import Fetcher, FetchNote
 from agent.health import check_health
-from agent.homeassistant import DeviceInfo, discovery_messages
 from agent.mqtt import BrokerClient, Inbound, PahoBroker
 from agent.notify import Notifier
 from agent.runtime import detect_runtime
@@ -159,6 +160,7 @@ class Agent:
             self.notifier.ready(f"device {self.device}")
             next_telemetry = time.monotonic() + min(5.0, self.config.telemetry.interval_s)
             self.fetcher.pump()
+            release_startup_memory()
             while not self.stop.is_set():
                 self.notifier.watchdog()
                 try:
@@ -829,6 +831,8 @@ class Agent:
         """Retained Home Assistant discovery configs (opt-in); republished on connect and when they change."""
         if not self.config.telemetry.home_assistant:
             return
+        from agent.homeassistant import DeviceInfo, discovery_messages  # opt-in: not loaded otherwise
+
         models = {*self.book.models, *self.config.models.follow}
         active = {m: rec.active.variant for m, rec in self.book.models.items() if rec.active is not None}
         info = DeviceInfo(
@@ -859,6 +863,16 @@ class Agent:
             inferences=read_counters(self.store.root),
         )
         self.client.publish(self.topics.telemetry(self.device), tel.to_json(), qos=0, retain=False)
+
+
+def release_startup_memory() -> None:
+    """After start-up: collect, freeze what survived (the periodic GC then skips it) and hand freed heap
+    back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Start-up garbage — TOML, schema building,
+    import-time temporaries — otherwise stays in the idle daemon's RSS."""
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):  # the process's own symbols: glibc's when present
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def default_store_ok(config: AgentConfig) -> str | None:
