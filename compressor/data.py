@@ -36,6 +36,7 @@ class Dataset:
     labels: tuple[str, ...]
     test_is_val: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    label_width: int | None = None  # K when the .npz held one-hot (N, K) labels: must match the model
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -127,9 +128,15 @@ def load_npz(path: Path) -> Dataset:
     """Load ``x_train, y_train, x_val, y_val`` (+ optional ``x_test, y_test``, ``labels``) from a .npz.
 
     ``x`` arrays: (N, H, W) or (N, H, W, C), numeric; they are converted to float32 as they are (no
-    rescaling). ``y`` arrays: (N,) integer class indices, or (N, K) one-hot. Pickled (object) arrays
-    are refused.
+    rescaling). ``y`` arrays: (N,) integer class indices, or (N, K) one-hot — exactly one 1 per row and
+    zeros elsewhere (soft labels / probabilities are refused rather than silently argmax-ed); every
+    one-hot split must have the same K, which :mod:`compressor.validate` checks against the model's
+    outputs. Pickled (object) arrays are refused. The model-independent checks of
+    :func:`compressor.validate.check_dataset` (at least 10 samples per split, 2 classes in train,
+    finite values) run here too.
     """
+    from compressor.validate import check_dataset
+
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     try:
@@ -149,9 +156,12 @@ def load_npz(path: Path) -> Dataset:
     splits = ("train", "val", "test") if has_test else ("train", "val")
     xs: dict[str, np.ndarray] = {}
     ys: dict[str, np.ndarray] = {}
+    widths: dict[str, int] = {}
     for split in splits:
         xs[split] = _images(arrays[f"x_{split}"], f"x_{split}")
         ys[split] = _labels(arrays[f"y_{split}"], f"y_{split}")
+        if arrays[f"y_{split}"].ndim == 2:
+            widths[f"y_{split}"] = int(arrays[f"y_{split}"].shape[1])
         if len(xs[split]) != len(ys[split]):
             raise DataError(f"x_{split} has {len(xs[split])} samples but y_{split} has {len(ys[split])}")
         if len(xs[split]) == 0:
@@ -159,7 +169,11 @@ def load_npz(path: Path) -> Dataset:
     shapes = {xs[s].shape[1:] for s in splits}
     if len(shapes) != 1:
         raise DataError(f"splits disagree on the sample shape: {sorted(shapes)}")
-    num_classes = int(max(int(ys[s].max()) for s in splits)) + 1
+    if len(set(widths.values())) > 1:
+        got = ", ".join(f"{k} {w}" for k, w in widths.items())
+        raise DataError(f"one-hot label arrays disagree on the number of classes: {got} columns")
+    label_width = next(iter(widths.values()), None)
+    num_classes = max(int(max(int(ys[s].max()) for s in splits)) + 1, label_width or 0)
     if "labels" in arrays:
         labels = tuple(str(v) for v in np.asarray(arrays["labels"]).reshape(-1))
         if len(labels) < num_classes:
@@ -167,7 +181,7 @@ def load_npz(path: Path) -> Dataset:
     else:
         labels = tuple(str(i) for i in range(num_classes))
     test = "test" if has_test else "val"
-    return Dataset(
+    dataset = Dataset(
         name=path.stem,
         x_train=xs["train"],
         y_train=ys["train"],
@@ -178,7 +192,9 @@ def load_npz(path: Path) -> Dataset:
         labels=labels,
         test_is_val=not has_test,
         notes=() if has_test else ("no x_test/y_test in the .npz: the validation split is the test split",),
+        label_width=label_width,
     )
+    return check_dataset(dataset)
 
 
 def _images(arr: np.ndarray, key: str) -> np.ndarray:
@@ -196,6 +212,15 @@ def _images(arr: np.ndarray, key: str) -> np.ndarray:
 
 def _labels(arr: np.ndarray, key: str) -> np.ndarray:
     if arr.ndim == 2:
+        if arr.dtype.kind not in "fiub":
+            raise DataError(f"{key} must be numeric one-hot rows, got dtype {arr.dtype}")
+        ones = arr == 1
+        if not (np.all(ones | (arr == 0)) and np.all(ones.sum(axis=1) == 1)):
+            bad = int(np.argwhere(~(np.all(ones | (arr == 0), axis=1) & (ones.sum(axis=1) == 1)))[0][0])
+            raise DataError(
+                f"{key} is 2-D {arr.shape} but not one-hot: row {bad} is {arr[bad].tolist()[:12]}; give "
+                "(N,) class indices or rows with exactly one 1 and zeros elsewhere"
+            )
         arr = arr.argmax(axis=1)
     if arr.ndim != 1:
         raise DataError(f"{key} must be (N,) class indices or (N, K) one-hot, got shape {arr.shape}")

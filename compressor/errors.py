@@ -2,6 +2,8 @@
 
     CompressorError            base; the CLI prints its message on stderr and exits 2
     ├── DataError              a dataset or model file is missing, unreadable or has the wrong keys/shapes
+    │   ├── DataMismatchError  the data does not fit the model (sample shape, class indices, label count)
+    │   └── NotAClassifierError  the model does not end in a (batch, K >= 2) softmax/logit vector
     ├── ConversionError        TensorFlow could not turn the model into a .tflite for a recipe
     ├── EvaluationError        the interpreter could not load or run a converted variant
     └── BundleWriteError       the bundle directory could not be written (or would clobber other files)
@@ -9,8 +11,10 @@
 Errors are raised with ``raise ... from err`` so the TensorFlow/numpy cause stays in the traceback, and
 their messages say what to check. A failure in one variant is recorded as a :class:`VariantFailure`
 by the pipeline and does not stop the others (only the float32 baseline is mandatory); so is any other
-exception a variant raises. Recipe problems raise ``compressor.recipe.RecipeError`` (a CompressorError),
-structured pruning's ``compressor.prune.UnsupportedLayerError`` likewise.
+exception a variant raises. Input problems (DataError and its subclasses) are found by
+``compressor.validate`` before any training starts. Recipe problems raise
+``compressor.recipe.RecipeError`` (a CompressorError), structured pruning's
+``compressor.prune.UnsupportedLayerError`` likewise.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ class CompressorError(Exception):
 
 class DataError(CompressorError):
     """Input data (a .npz, a built-in dataset name) or an input model file cannot be used."""
+
+
+class DataMismatchError(DataError):
+    """The data does not fit the model: sample shape, class indices or label count (compressor.validate)."""
+
+
+class NotAClassifierError(DataError):
+    """The model is not a single-input classifier ending in K >= 2 class scores (compressor.validate)."""
 
 
 class ConversionError(CompressorError):

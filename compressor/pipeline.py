@@ -2,7 +2,9 @@
 
 ``build_demo`` trains the seed CNN on the built-in digits set; ``build_bundle`` takes any single-input
 classifier (a Keras model object, a ``.keras`` path, or a float ``.tflite`` path with no Keras source)
-and a :class:`Dataset`.
+and a :class:`Dataset`. Before anything trains, :func:`compressor.validate.validate` checks the data
+alone and against the model (sample shape, class indices in ``[0, K)``, a (batch, K >= 2) softmax or
+logit output, at least 10 samples per split, finite values): bad input is a DataError in seconds.
 
 Keras input: for each recipe variant the model transforms run in order, then the quantize step
 converts. Transformed Keras models are cached by step prefix, so variants that start with the same
@@ -52,6 +54,7 @@ from compressor.errors import (
 from compressor.evaluate import Evaluation, agreement, evaluate_tflite
 from compressor.graph import graph_stats
 from compressor.recipe import INT8_MODES, UNSTRUCTURED_KINDS, Recipe, RecipeFile, load_recipe
+from compressor.validate import validate
 
 Progress = Callable[[str], None]
 RecipeSpec = RecipeFile | str | Path | None
@@ -134,6 +137,7 @@ def build_demo(
     data = load_digits(seed=seed)
     report(f"data: digits train {len(data.y_train)} val {len(data.y_val)} test {len(data.y_test)}")
     model = build_seed_cnn(data.input_shape, data.num_classes, seed=seed)
+    data, _ = validate(model, data)
     report(f"train: seed CNN, {epochs} epochs, seed {seed}")
     train(model, data, epochs=epochs, seed=seed, progress=report, deterministic=deterministic)
     result = build_bundle(
@@ -182,15 +186,22 @@ def build_bundle(
     recipes = rf.select(None if variants is None else list(variants))
     report(f"recipe: {rf.name} ({len(recipes)} variants: {', '.join(r.id for r in recipes)})")
     builder: _Builder
+    # Every input check runs here, before any transform trains anything (compressor.validate).
     if is_tflite:
         builder = _TfliteBuilder(Path(model), report)
+        data, sig = validate(builder.data, data)
     else:
         if isinstance(model, str | Path):
             from compressor.models import load_keras_model
 
             report(f"load: {model}")
             model = load_keras_model(Path(model))
+        data, sig = validate(model, data)
         builder = _KerasBuilder(model, data, seed, report, deterministic)
+    report(
+        f"check: data fits the model (input {data.input_shape}, {sig.num_classes} classes, "
+        f"{sig.output}; train {len(data.y_train)} val {len(data.y_val)} test {len(data.y_test)})"
+    )
 
     built: list[BuiltVariant] = []
     failures: list[VariantFailure] = []

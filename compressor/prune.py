@@ -388,6 +388,7 @@ def _importance(
     x, y = x[:TAYLOR_SAMPLES], y[:TAYLOR_SAMPLES]
     model = graph.model
     probe = k.Model(model.inputs, [graph.by_name[n].output for n in names] + [model.outputs[0]])
+    logits = _outputs_logits(model)
     totals = {n: np.zeros(graph.by_name[n].output.shape[-1]) for n in names}
     for start in range(0, len(x), TAYLOR_BATCH):
         xb = t.convert_to_tensor(x[start : start + TAYLOR_BATCH])
@@ -395,7 +396,7 @@ def _importance(
         with t.GradientTape() as tape:
             outs = probe(xb, training=False)
             acts, pred = outs[:-1], outs[-1]
-            loss = t.reduce_sum(k.losses.sparse_categorical_crossentropy(yb, pred))
+            loss = t.reduce_sum(k.losses.sparse_categorical_crossentropy(yb, pred, from_logits=logits))
         grads = tape.gradient(loss, acts)
         for n, a, g in zip(names, acts, grads, strict=True):
             totals[n] += taylor_scores(np.asarray(a), np.asarray(g)) * len(xb)
@@ -569,6 +570,24 @@ def _val_arrays(data: TrainData) -> tuple[np.ndarray, np.ndarray] | None:
     return (data.x_val, data.y_val) if isinstance(data, Dataset) else None
 
 
+def _outputs_logits(model: Any) -> bool:
+    """True when the model ends in Dense(K) with no activation (logits), see compressor.validate."""
+    from compressor.errors import DataError
+    from compressor.validate import keras_signature
+
+    try:
+        return keras_signature(model).output == "logits"
+    except DataError:
+        return False
+
+
+def classifier_loss(model: Any) -> Any:
+    """Sparse categorical cross-entropy on the model's output: probabilities, or logits for Dense(K)."""
+    if _outputs_logits(model):
+        return keras().losses.SparseCategoricalCrossentropy(from_logits=True)
+    return "sparse_categorical_crossentropy"
+
+
 def fine_tune(
     model: Any,
     data: TrainData,
@@ -581,14 +600,15 @@ def fine_tune(
     callbacks: Sequence[Any] = (),
 ) -> dict[str, list[float]]:
     """Compile ``model`` with Adam(``learning_rate``) and the loss it was compiled with (default sparse
-    categorical cross-entropy on softmax outputs), seed everything, fit for ``epochs``; return history.
+    categorical cross-entropy, ``from_logits`` for a Dense(K) logit output), seed everything, fit for
+    ``epochs``; return history.
 
     ``data`` is a :class:`~compressor.data.Dataset` (its validation split is reported) or ``(x, y)``.
     """
     k = keras()
     k.utils.set_random_seed(seed)
     if loss is None:
-        loss = getattr(model, "loss", None) or "sparse_categorical_crossentropy"
+        loss = getattr(model, "loss", None) or classifier_loss(model)
     model.compile(optimizer=k.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
     x, y = _train_arrays(data)
     history = model.fit(
