@@ -213,9 +213,63 @@ class Agent:
                     reason=ReasonCode.INTERNAL,
                     detail="restart during activation",
                 )
+            elif self._rollback_was_interrupted(model):
+                self._finish_interrupted_rollback(model)
             elif rec.state is ModelState.PROBATION and rec.active is not None:
                 log.info("model %s: restarting probation of %s after a restart", model, rec.active.variant)
                 self.begin_probation(model)
+
+    def _rollback_was_interrupted(self, model: str) -> bool:
+        """The state names an active variant, but the link already points elsewhere (back at previous).
+
+        ``rollback`` swaps the link first and records ROLLED_BACK after; a kill between the two leaves
+        PROBATION or COMMITTED on disk with the old model running.
+        """
+        rec = self.book.get(model)
+        if rec.state not in (ModelState.PROBATION, ModelState.COMMITTED) or rec.active is None:
+            return False
+        return self.store.link_sha(self.store.active_link(model)) != rec.active.sha256
+
+    def _finish_interrupted_rollback(self, model: str) -> None:
+        rec = self.book.get(model)
+        failed = rec.active
+        assert failed is not None
+        running = self.store.link_sha(self.store.active_link(model))
+        if self.store.link_sha(self.store.previous_link(model)) == running:
+            self.store.previous_link(model).unlink()  # restore_previous was cut before dropping it
+        active: ActiveVariant | None = None
+        if running is None:
+            self.store.deactivate(model)
+        else:
+            prev = rec.previous
+            active = (
+                prev if prev is not None and prev.sha256 == running else self.store.read_active_info(model)
+            )
+            if active is None or active.sha256 != running:
+                active = ActiveVariant(
+                    variant="previous",
+                    sha256=running,
+                    manifest_version=rec.manifest_version or 1,
+                    activated_at=now(),
+                )
+            self.store.write_active_info(model, active)
+        self.book.move(
+            model,
+            ModelState.ROLLED_BACK,
+            detail="agent restarted during a rollback; completed",
+            active=active,
+            previous=None,
+            rejected_assignment=[failed.variant, failed.sha256, failed.manifest_version],
+        )
+        log.warning("model %s: finished a rollback of %s that a restart interrupted", model, failed.variant)
+        self.event(
+            EventKind.ROLLED_BACK,
+            model,
+            failed.variant,
+            failed.sha256,
+            ReasonCode.INTERNAL,
+            detail="restart during rollback; completed",
+        )
 
     # ================================================================== messages
 

@@ -43,8 +43,9 @@ from agent.daemon import Agent
 from agent.health import check_health
 from agent.mqtt import Inbound
 from agent.state import StateBook
-from agent.store import Store
+from agent.store import Store, atomic_symlink
 from agent.wire import (
+    ActiveVariant,
     Assignment,
     BlobRef,
     Command,
@@ -245,6 +246,46 @@ def test_restart_during_a_first_activation_leaves_no_model_active(tmp_path: Path
     agent_obj.recover()
     assert not store.active_link(MODEL).is_symlink()
     assert agent_obj.book.get(MODEL).state is S.ROLLED_BACK and agent_obj.book.get(MODEL).active is None
+    assert fake.events()[-1]["kind"] == "rolled_back"
+
+
+@pytest.mark.parametrize("cut", ["after_restore", "inside_restore"])
+def test_restart_during_a_rollback_finishes_it(tmp_path: Path, cut: str) -> None:
+    """rollback() swaps the link back, then records ROLLED_BACK: a kill in between must not leave the
+    state naming the failed variant while the old one runs (and a later probation 'commit' it)."""
+    store = Store(tmp_path / "store")
+    store.ensure()
+    refs = {}
+    for name, fill in (("old", b"o"), ("new", b"n")):
+        data = fill * 1500
+        refs[name] = BlobRef.of(data, CHUNK * 8)
+        store.write_chunk(refs[name], 0, data)
+        store.assemble(refs[name])
+    old = ActiveVariant(variant="old", sha256=refs["old"].sha256, manifest_version=1, activated_at=1.0)
+    new = ActiveVariant(variant="new", sha256=refs["new"].sha256, manifest_version=2, activated_at=2.0)
+    book = StateBook(store)
+    for s in (S.FETCHING, S.VERIFYING, S.BENCHMARKING, S.REPORTED, S.ACTIVATING):
+        book.move(MODEL, s)
+    store.activate(MODEL, old.sha256)
+    book.move(MODEL, S.PROBATION, active=old)
+    book.move(MODEL, S.COMMITTED)
+    book.move(MODEL, S.ACTIVATING, extra={"target": new.model_dump()})
+    store.activate(MODEL, new.sha256)
+    book.move(MODEL, S.PROBATION, active=new, previous=old, manifest_version=2)
+    if cut == "after_restore":
+        store.restore_previous(MODEL)  # link back at old, previous dropped; then the power went
+    else:
+        atomic_symlink(f"../../blobs/{old.sha256}.tflite", store.active_link(MODEL))  # previous still there
+    agent_obj, fake = make_agent(tmp_path, [Ed25519PrivateKey.generate()])
+    agent_obj.recover()
+    rec = agent_obj.book.get(MODEL)
+    assert rec.state is S.ROLLED_BACK
+    assert rec.active is not None and rec.active.sha256 == old.sha256 == store.link_sha(
+        store.active_link(MODEL)
+    )
+    assert not store.previous_link(MODEL).is_symlink()
+    assert store.read_active_info(MODEL) == rec.active
+    assert rec.rejected_assignment == ["new", new.sha256, 2]  # the retained assignment is not re-applied
     assert fake.events()[-1]["kind"] == "rolled_back"
 
 
