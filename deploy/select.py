@@ -53,7 +53,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -183,12 +183,71 @@ class Decision(_Strict):
         return self.variant is not None and self.variant != self.current
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class _Cand:
+    """A variant's figures while deciding: an unvalidated :class:`Candidate` (the winner's becomes one)."""
+
+    variant: str
+    accuracy: float | None
+    accuracy_drop: float | None
+    agreement: float | None
+    size_bytes: int
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    energy_mj: float | None = None
+    energy_measured: bool | None = None
+    energy_method: str | None = None
+    peak_rss_mb: float | None = None
+    threads: int | None = None
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            variant=self.variant,
+            accuracy=self.accuracy,
+            accuracy_drop=self.accuracy_drop,
+            agreement=self.agreement,
+            size_bytes=self.size_bytes,
+            p50_ms=self.p50_ms,
+            p95_ms=self.p95_ms,
+            p99_ms=self.p99_ms,
+            energy_mj=self.energy_mj,
+            energy_measured=self.energy_measured,
+            energy_method=self.energy_method,
+            peak_rss_mb=self.peak_rss_mb,
+            threads=self.threads,
+        )
+
+
+@dataclass(slots=True)
 class _Eval:
     variant: wire.Variant
-    cand: Candidate
+    cand: _Cand
     result: wire.BenchResult | None
     failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """What a variant's evaluation takes from the manifest alone (computed once per ``select``)."""
+
+    variant: wire.Variant
+    accuracy: float | None
+    accuracy_drop: float | None
+    agreement: float | None
+
+
+def _prepare(manifest: wire.Manifest) -> list[_Base]:
+    base = manifest.variant(manifest.baseline)
+    out = []
+    for v in manifest.variants:
+        acc = v.metrics.accuracy
+        drop = v.metrics.accuracy_drop
+        if drop is None and acc is not None and base.metrics.accuracy is not None:
+            drop = base.metrics.accuracy - acc
+        agreement = 1.0 if v.id == manifest.baseline else v.metrics.agreement
+        out.append(_Base(v, acc, drop, agreement))
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -207,65 +266,86 @@ def _pts(x: float) -> str:
 
 
 def _best_result(results: list[wire.BenchResult]) -> wire.BenchResult | None:
-    ok = [r for r in results if r.ok and r.latency_ms is not None]
-    if not ok:
-        return None
-    return min(
-        ok, key=lambda r: (r.latency_ms.p50, r.latency_ms.p95, r.threads) if r.latency_ms else (0, 0, 0)
-    )
+    """The successful result with the lowest (p50, p95, threads); the first of equals."""
+    best: wire.BenchResult | None = None
+    best_key: tuple[float, float, int] | None = None
+    for r in results:
+        lat = r.latency_ms
+        if r.ok and lat is not None:
+            key = (lat.p50, lat.p95, r.threads)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+    return best
 
 
 def _evaluate(
-    v: wire.Variant,
-    manifest: wire.Manifest,
-    report: wire.Report,
+    b: _Base,
+    results: list[wire.BenchResult],
     status: wire.Status | None,
     rule: Rule,
+    supports: dict[tuple[str, str, str], str | None],
 ) -> _Eval:
-    base = manifest.variant(manifest.baseline)
-    acc = v.metrics.accuracy
-    drop = v.metrics.accuracy_drop
-    if drop is None and acc is not None and base.metrics.accuracy is not None:
-        drop = base.metrics.accuracy - acc
-    agreement = 1.0 if v.id == manifest.baseline else v.metrics.agreement
-    cand = Candidate(variant=v.id, accuracy=acc, accuracy_drop=drop, agreement=agreement, size_bytes=v.size)
-
-    mine = [r for r in report.results if r.variant == v.id]
-    if not mine:
-        return _Eval(v, cand, None, "not benchmarked")
-    same = [r for r in mine if r.sha256 == v.sha256]
+    """``results``: the report's results for ``b.variant.id`` (in report order)."""
+    v = b.variant
+    if not results:
+        return _Eval(
+            v, _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size), None, "not benchmarked"
+        )
+    sha = v.sha256
+    same = [r for r in results if r.sha256 == sha]
     if not same:
-        return _Eval(v, cand, None, f"benchmarked another file (sha {mine[0].sha256[:12]})")
-    best = _best_result(same)
+        cand = _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size)
+        return _Eval(v, cand, None, f"benchmarked another file (sha {results[0].sha256[:12]})")
+    best = same[0] if len(same) == 1 and same[0].ok and same[0].latency_ms is not None else _best_result(same)
     if best is None or best.latency_ms is None:
         codes = sorted({r.error.value for r in same if r.error is not None}) or ["unknown"]
+        cand = _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size)
         return _Eval(v, cand, None, f"failed: {', '.join(codes)}")
     lat = best.latency_ms
-    cand = cand.model_copy(
-        update={
-            "p50_ms": lat.p50,
-            "p95_ms": lat.p95,
-            "p99_ms": lat.p99,
-            "energy_mj": best.energy.mj_per_inference if best.energy else None,
-            "energy_measured": best.energy.measured if best.energy else None,
-            "energy_method": best.energy.method.value if best.energy else None,
-            "peak_rss_mb": best.peak_rss_bytes / _MIB if best.peak_rss_bytes is not None else None,
-            "threads": best.threads,
-        }
+    energy = best.energy
+    rss = best.peak_rss_bytes
+    cand = _Cand(
+        v.id,
+        b.accuracy,
+        b.accuracy_drop,
+        b.agreement,
+        v.size,
+        lat.p50,
+        lat.p95,
+        lat.p99,
+        energy.mj_per_inference if energy is not None else None,
+        energy.measured if energy is not None else None,
+        energy.method.value if energy is not None else None,
+        rss / _MIB if rss is not None else None,
+        best.threads,
     )
-    return _Eval(v, cand, best, _violation(v, cand, best, status, rule))
+    return _Eval(v, cand, best, _violation(v, cand, best, status, rule, supports))
 
 
 def _violation(
-    v: wire.Variant, c: Candidate, r: wire.BenchResult, status: wire.Status | None, rule: Rule
+    v: wire.Variant,
+    c: _Cand,
+    r: wire.BenchResult,
+    status: wire.Status | None,
+    rule: Rule,
+    supports: dict[tuple[str, str, str], str | None],
 ) -> str | None:
-    """The first hard constraint ``c`` breaks, as a sentence, or None."""
+    """The first hard constraint ``c`` breaks, as a sentence, or None.
+
+    ``supports`` caches the runtime check by (runtime name, version, min_runtime): None or the failure.
+    """
     runtime = r.runtime or (status.runtime if status else None)
-    if runtime is not None and not wire.runtime_supports(runtime, v.min_runtime):
-        return (
-            f"needs TFLite runtime >= {v.min_runtime}, device has {runtime.name} {runtime.version} "
-            f"(TFLite {wire.tflite_version(runtime)})"
-        )
+    if runtime is not None and v.min_runtime is not None:
+        key = (runtime.name, runtime.version, v.min_runtime)
+        if key not in supports:
+            supports[key] = (
+                None
+                if wire.runtime_supports(runtime, v.min_runtime)
+                else f"needs TFLite runtime >= {v.min_runtime}, device has {runtime.name} "
+                f"{runtime.version} (TFLite {wire.tflite_version(runtime)})"
+            )
+        if supports[key] is not None:
+            return supports[key]
     if rule.reject_throttled and r.throttled:
         return "CPU throttled during the benchmark"
     if rule.max_p95_ms is not None and c.p95_ms is not None and c.p95_ms > rule.max_p95_ms:
@@ -298,7 +378,7 @@ def _violation(
 _INF = math.inf
 
 
-def _rank_key(c: Candidate, objective: Objective) -> tuple[float | str, ...]:
+def _rank_key(c: _Cand, objective: Objective) -> tuple[float | str, ...]:
     acc = -(c.accuracy if c.accuracy is not None else -_INF)
     p50 = c.p50_ms if c.p50_ms is not None else _INF
     p95 = c.p95_ms if c.p95_ms is not None else _INF
@@ -313,34 +393,47 @@ def _rank_key(c: Candidate, objective: Objective) -> tuple[float | str, ...]:
     return (*head, float(c.size_bytes), c.variant)
 
 
-def _lost_to(loser: Candidate, winner: Candidate, objective: Objective) -> str:
-    """Why ``loser`` ranked below ``winner`` under ``objective`` (the first differing criterion)."""
+def _show_acc(c: _Cand) -> str:
+    return "n/a" if c.accuracy is None else f"{c.accuracy:.4g}"
 
-    def acc(c: Candidate) -> str:
-        return "n/a" if c.accuracy is None else f"{c.accuracy:.4g}"
 
-    def ms(x: float | None) -> str:
-        return "n/a" if x is None else f"{_fmt(x)} ms"
+def _show_ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{_fmt(x)} ms"
 
-    def agree(c: Candidate) -> str:
-        return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
 
-    criteria = {
-        "accuracy": ("lower accuracy", acc),
-        "agreement": ("lower agreement with float32", agree),
-        "p50": ("higher p50", lambda c: ms(c.p50_ms)),
-        "p95": ("higher p95", lambda c: ms(c.p95_ms)),
-        "energy": ("higher energy", lambda c: _mj(c.energy_mj, c.energy_measured)),
-    }
-    order = {
-        "accuracy": ["accuracy", "agreement", "p95", "energy"],
-        "latency": ["p50", "p95", "accuracy"],
-        "energy": ["energy", "p50", "accuracy"],
-    }[objective]
-    lk, wk = _rank_key(loser, objective), _rank_key(winner, objective)
+def _show_agree(c: _Cand) -> str:
+    return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
+
+
+_CRITERIA: dict[str, tuple[str, Callable[[_Cand], str]]] = {
+    "accuracy": ("lower accuracy", _show_acc),
+    "agreement": ("lower agreement with float32", _show_agree),
+    "p50": ("higher p50", lambda c: _show_ms(c.p50_ms)),
+    "p95": ("higher p95", lambda c: _show_ms(c.p95_ms)),
+    "energy": ("higher energy", lambda c: _mj(c.energy_mj, c.energy_measured)),
+}
+_ORDER: dict[str, list[str]] = {
+    "accuracy": ["accuracy", "agreement", "p95", "energy"],
+    "latency": ["p50", "p95", "accuracy"],
+    "energy": ["energy", "p50", "accuracy"],
+}
+
+
+def _lost_to(
+    loser: _Cand,
+    winner: _Cand,
+    objective: Objective,
+    lk: tuple[float | str, ...],
+    wk: tuple[float | str, ...],
+) -> str:
+    """Why ``loser`` ranked below ``winner`` under ``objective`` (the first differing criterion).
+
+    ``lk``, ``wk``: their :func:`_rank_key` under ``objective``.
+    """
+    order = _ORDER[objective]
     for i, name in enumerate(order):
         if lk[i] != wk[i]:
-            label, show = criteria[name]
+            label, show = _CRITERIA[name]
             sep = "<" if name in ("accuracy", "agreement") else ">"
             prefix = "" if i == 0 else "tie on " + ", ".join(order[:i]) + "; "
             return f"{prefix}{label} {show(loser)} {sep} {show(winner)} ({winner.variant})"
@@ -353,15 +446,34 @@ def decide(
     manifest: wire.Manifest, report: wire.Report, status: wire.Status | None, policy: Policy
 ) -> Decision:
     """The decision for one device (its report must be for this manifest's model and version)."""
+    return _decide(manifest, _prepare(manifest), report, status, policy, {}, {})
+
+
+def _decide(
+    manifest: wire.Manifest,
+    bases: list[_Base],
+    report: wire.Report,
+    status: wire.Status | None,
+    policy: Policy,
+    rules: dict[str | None, Rule],
+    supports: dict[tuple[str, str, str], str | None],
+) -> Decision:
+    """:func:`decide` with per-``select`` caches (the manifest's part, rules by class, runtime checks)."""
     device_class = status.device_class if status else None
-    rule = policy.rule_for(device_class)
+    rule = rules.get(device_class)
+    if rule is None:
+        rule = rules[device_class] = policy.rule_for(device_class)
     model_status = status.models.get(manifest.model) if status else None
     current = model_status.active.variant if model_status and model_status.active else None
-    evals = [_evaluate(v, manifest, report, status, rule) for v in manifest.variants]
+    by_variant: dict[str, list[wire.BenchResult]] = {}
+    for r in report.results:
+        by_variant.setdefault(r.variant, []).append(r)
+    evals = [_evaluate(b, by_variant.get(b.variant.id, []), status, rule, supports) for b in bases]
     lost = {e.variant.id: e.failure for e in evals if e.failure is not None}
-    eligible = sorted(
-        (e for e in evals if e.failure is None), key=lambda e: _rank_key(e.cand, rule.objective)
+    keyed = sorted(
+        ((_rank_key(e.cand, rule.objective), e) for e in evals if e.failure is None), key=lambda ke: ke[0]
     )
+    eligible = [e for _, e in keyed]
     where = f"class {device_class}" if device_class in policy.classes else "default rule"
     common: dict[str, Any] = {
         "device": report.device,
@@ -380,8 +492,9 @@ def decide(
             lost=lost,
         )
     winner = eligible[0]
-    for e in eligible[1:]:
-        lost[e.variant.id] = _lost_to(e.cand, winner.cand, rule.objective)
+    wk = keyed[0][0]
+    for lk, e in keyed[1:]:
+        lost[e.variant.id] = _lost_to(e.cand, winner.cand, rule.objective, lk, wk)
     w = winner.cand
     figures = []
     if w.accuracy is not None:
@@ -404,7 +517,7 @@ def decide(
         sha256=winner.variant.sha256,
         why=why,
         lost={k: lost[k] for k in (v.id for v in manifest.variants) if k in lost},
-        chosen=w,
+        chosen=w.candidate(),
     )
 
 
@@ -415,10 +528,13 @@ def select(
     policy: Policy,
 ) -> list[Decision]:
     """One decision per device whose report is for ``manifest.model`` at ``manifest.version``, by device."""
+    bases = _prepare(manifest)
+    rules: dict[str | None, Rule] = {}
+    supports: dict[tuple[str, str, str], str | None] = {}
     out = []
     for device in sorted(reports):
         report = reports[device]
         if report.model != manifest.model or report.manifest_version != manifest.version:
             continue
-        out.append(decide(manifest, report, statuses.get(device), policy))
+        out.append(_decide(manifest, bases, report, statuses.get(device), policy, rules, supports))
     return out

@@ -116,6 +116,7 @@ CREATE TABLE IF NOT EXISTS malformed (
 );
 """
 
+WAL_AUTOCHECKPOINT_PAGES = 16384  # 64 MiB of 4 KiB pages
 MALFORMED_KEEP = 1000  # rows of the malformed table kept (the newest)
 
 
@@ -154,6 +155,12 @@ def digest(message: wire.Message) -> str:
     return hashlib.sha256(message.to_json()).hexdigest()
 
 
+def _canonical(message: wire.Message) -> tuple[str, str]:
+    """(canonical JSON text, :func:`digest`) from one serialisation (the costliest step of an ingest)."""
+    raw = message.to_json()
+    return raw.decode(), hashlib.sha256(raw).hexdigest()
+
+
 def connect(path: Path | str, readonly: bool = False, timeout_s: float = 10.0) -> sqlite3.Connection:
     """Open the database (WAL, synchronous=NORMAL, busy timeout) and create or check the schema."""
     try:
@@ -167,6 +174,12 @@ def connect(path: Path | str, readonly: bool = False, timeout_s: float = 10.0) -
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoint (the fsync of WAL mode with synchronous=NORMAL) at 64 MiB of WAL, not SQLite's
+            # 4 MiB: at ~11 KiB per report that was one fsync per ~400 reports, 0.1 ms a report. The
+            # collector checkpoints every second besides (FleetStore.checkpoint), which bounds what a
+            # power cut can take back by time as well (before: whatever the last 4 MiB had not flushed).
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_AUTOCHECKPOINT_PAGES * 4096}")
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
@@ -254,11 +267,11 @@ class FleetStore:
     def ingest_report(self, report: wire.Report, received_at: float | None = None) -> bool:
         """Keep the newest report per device+model, and every distinct report in the history."""
         now = time.time() if received_at is None else received_at
-        text = report.to_json().decode()
+        text, key = _canonical(report)
         self._conn.execute(
             "INSERT OR IGNORE INTO report_history (digest, device, model, manifest_version, ts, payload, "
             "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (digest(report), report.device, report.model, report.manifest_version, report.ts, text, now),
+            (key, report.device, report.model, report.manifest_version, report.ts, text, now),
         )
         cur = self._conn.execute(
             "INSERT INTO reports (device, model, manifest_version, ts, payload, received_at) "
@@ -273,11 +286,12 @@ class FleetStore:
     def ingest_event(self, event: wire.Event, received_at: float | None = None) -> bool:
         """Append the event unless the same payload is already stored; True if a row was added."""
         now = time.time() if received_at is None else received_at
+        text, key = _canonical(event)
         cur = self._conn.execute(
             "INSERT OR IGNORE INTO events (digest, device, ts, kind, model, variant, sha256, reason, detail, "
             "correlation_id, payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                digest(event),
+                key,
                 event.device,
                 event.ts,
                 event.kind.value,
@@ -287,7 +301,7 @@ class FleetStore:
                 event.reason.value if event.reason else None,
                 event.detail,
                 event.correlation_id,
-                event.to_json().decode(),
+                text,
                 now,
             ),
         )
@@ -339,6 +353,10 @@ class FleetStore:
 
     def commit(self) -> None:
         self._conn.commit()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and fsync it (PASSIVE: never waits for readers)."""
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ---------------------------------------------------------------- reading
 
