@@ -12,9 +12,11 @@ The daemon talks to :class:`BrokerClient` only; tests may pass a fake. :class:`P
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -61,6 +63,14 @@ class BrokerClient(Protocol):
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None: ...
 
 
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Disable Nagle on the client socket: small QoS1 acks and (un)subscribes otherwise wait on
+    delayed ACKs (~40 ms each), which throttles the sliding chunk window (the broker side has
+    ``set_tcp_nodelay``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class PahoBroker:
     """paho-mqtt 2.x client configured from ``AgentConfig.mqtt``."""
 
@@ -84,6 +94,7 @@ class PahoBroker:
                 clean_session=False,
             )
         c = self._client
+        c.on_socket_open = _no_delay
         password = config.mqtt_password()
         if m.username is not None:
             c.username_pw_set(m.username, password)
@@ -148,7 +159,10 @@ class PahoBroker:
             self.publish(final[0], final[1], qos=1, retain=True, timeout=timeout)
         self._stopping = True
         self._client.disconnect()
-        self._client.loop_stop()
+        # paho 2.2's loop_stop() reads its thread attribute twice; the network thread may clear it in
+        # between once disconnect() lands, which raises AttributeError although the loop has stopped.
+        with contextlib.suppress(AttributeError):
+            self._client.loop_stop()
         self._connected.clear()
 
     # ------------------------------------------------------------------ operations

@@ -56,7 +56,7 @@ from pydantic import ValidationError
 
 from agent import wire
 from deploy.errors import BrokerError, DeployError
-from deploy.mqtt import BrokerOptions
+from deploy.mqtt import BrokerOptions, no_delay
 from deploy.store import FleetStore, StoreError
 
 log = logging.getLogger("edgefleet.collect")
@@ -166,6 +166,7 @@ class Collector:
             clean_session=None if v5 else False,
             manual_ack=True,
         )
+        client.on_socket_open = no_delay
         client.connect_timeout = opts.connect_timeout_s
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect

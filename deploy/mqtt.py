@@ -29,6 +29,8 @@ Callbacks never block: they only record results under a lock and notify a condit
 from __future__ import annotations
 
 import collections
+import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -164,6 +166,12 @@ class Bus(_Interface):
     def watch(self, filters: Iterable[str], timeout_s: float = 10.0) -> Watch: ...
 
 
+def no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho ``on_socket_open``: disable Nagle, so QoS1 acks in a window never wait on delayed ACKs."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttSession:
     """A connected paho client with a bounded publish window. Use as a context manager."""
 
@@ -195,6 +203,7 @@ class MqttSession:
             protocol=paho.MQTTv5 if options.protocol == "v5" else paho.MQTTv311,
         )
         self._client.max_inflight_messages_set(window)
+        self._client.on_socket_open = no_delay
         self._client.connect_timeout = options.connect_timeout_s
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
