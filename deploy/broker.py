@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from deploy.errors import BrokerError
 
@@ -58,7 +59,58 @@ def free_port(host: str = _LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-class MosquittoBroker:
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """Stop a child we started, by PID: SIGTERM, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout_s)
+
+
+class BrokerProcess:
+    """What every broker we spawn shares: stop by PID, crash on demand, context manager.
+
+    Subclasses set ``process``, ``state_dir`` and ``_own_dir`` and implement ``start``.
+    """
+
+    process: subprocess.Popen[bytes] | None
+    state_dir: Path
+    _own_dir: bool
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None:
+            terminate(proc, timeout_s)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (for fault-injection tests); the state dir is kept."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class MosquittoBroker(BrokerProcess):
     """A mosquitto process of our own. Use as a context manager or call start()/stop().
 
     ``extra_config`` is appended to the generated config (ACLs, password files, TLS listeners...).
@@ -148,36 +200,6 @@ class MosquittoBroker:
             time.sleep(0.02)
         self.stop()
         raise BrokerError(f"mosquitto did not open {self.host}:{self.port} within {timeout_s:.0f} s")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
-        if self._own_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (for fault-injection tests); the state dir is kept."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=5)
-
-    def __enter__(self) -> MosquittoBroker:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _port_open(host: str, port: int) -> bool:

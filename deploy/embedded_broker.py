@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +33,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
+from deploy.broker import BrokerProcess, MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError
 
 _LOOPBACK = "127.0.0.1"
@@ -92,7 +89,7 @@ def amqtt_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-class AmqttBroker:
+class AmqttBroker(BrokerProcess):
     """An amqtt broker in a child process of our own; same interface as :class:`MosquittoBroker`."""
 
     name = "amqtt"
@@ -176,34 +173,6 @@ class AmqttBroker:
                 return _READY.encode() in fh.read()
         except FileNotFoundError:
             return False
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-        if self._own_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (for fault-injection tests); the state dir is kept."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=5)
-
-    def __enter__(self) -> AmqttBroker:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def choose_broker(
