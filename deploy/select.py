@@ -254,11 +254,11 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def _mj(x: float | None, measured: bool | None) -> str:
+def _mj(x: float | None, measured: bool | None, per: str = "") -> str:
     """An energy figure; one that is not known to be measured says "(modelled)"."""
     if x is None:
         return "n/a"
-    return f"{_fmt(x)} mJ" + ("" if measured else " (modelled)")
+    return f"{_fmt(x)} mJ" + (f"/{per}" if per else "") + ("" if measured else " (modelled)")
 
 
 def _pts(x: float) -> str:
@@ -502,7 +502,7 @@ def _decide(
     if w.p50_ms is not None and w.p95_ms is not None:
         figures.append(f"p50 {_fmt(w.p50_ms)} ms, p95 {_fmt(w.p95_ms)} ms")
     if w.energy_mj is not None:
-        figures.append(f"{_mj(w.energy_mj, w.energy_measured)}/inference")
+        figures.append(f"{_mj(w.energy_mj, w.energy_measured, per='inference')}")
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
     best_of = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy": "lowest energy"}

@@ -96,7 +96,7 @@ def test_decision_says_modelled_unless_measured(m: wire.Manifest) -> None:
     policy = Policy(name="lab")
     a = decide(m, state.reports[("pi-a", "digits")], state.statuses["pi-a"], policy)
     assert a.chosen is not None and a.chosen.energy_measured is False
-    assert "2 mJ (modelled)/inference" in a.why
+    assert "2 mJ/inference (modelled)" in a.why
     b = decide(m, state.reports[("pi-b", "digits")], state.statuses["pi-b"], policy)
     assert b.chosen is not None and b.chosen.energy_measured is True
     assert "4 mJ/inference" in b.why and "modelled" not in b.why
