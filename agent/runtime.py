@@ -8,6 +8,7 @@ daemon only asks :func:`detect_runtime` (package metadata, no import) for its st
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 from typing import TYPE_CHECKING, Any
@@ -83,11 +84,13 @@ def load_interpreter() -> tuple[Any, str, str]:
     else:
         return TfliteRuntimeInterpreter, "tflite-runtime", _version("tflite-runtime")
     try:
-        import tensorflow as tf  # host only: never installed on a device
+        # Host-only last resort (a development machine with TensorFlow and no LiteRT). Looked up by name,
+        # not imported statically: nothing in agent/ depends on TensorFlow, and a device never has it.
+        tf_lite = importlib.import_module("tensorflow.lite")
     except Exception as err:  # noqa: BLE001
         problems.append(_problem("tensorflow", err))
     else:
-        return tf.lite.Interpreter, "tensorflow", _version("tensorflow")
+        return tf_lite.Interpreter, "tensorflow", _version("tensorflow")
     raise RuntimeMissing(
         "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
         "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)
