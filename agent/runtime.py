@@ -86,11 +86,12 @@ def load_interpreter() -> tuple[Any, str, str]:
     try:
         # Host-only last resort (a development machine with TensorFlow and no LiteRT). Looked up by name,
         # not imported statically: nothing in agent/ depends on TensorFlow, and a device never has it.
-        tf_lite = importlib.import_module("tensorflow.lite")
+        tf = importlib.import_module("tensorflow")
+        interpreter = tf.lite.Interpreter  # the public API alias, not the tensorflow.lite source package
     except Exception as err:  # noqa: BLE001
         problems.append(_problem("tensorflow", err))
     else:
-        return tf_lite.Interpreter, "tensorflow", _version("tensorflow")
+        return interpreter, "tensorflow", _version("tensorflow")
     raise RuntimeMissing(
         "no TFLite runtime could be imported; install `ai-edge-litert` (x86_64/aarch64) or "
         "`tflite-runtime==2.14.0` with numpy<2 (armv7l). Tried: " + "; ".join(problems)

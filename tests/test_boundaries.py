@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,26 @@ def test_agent_help_loads_no_tensorflow() -> None:
 def test_host_cli_modules_do_not_load_tensorflow_at_import(module: str) -> None:
     loaded = loaded_after(f"import {module}")
     assert not loaded & set(HEAVY), f"importing {module} loaded TensorFlow/Keras"
+
+
+@pytest.mark.slow
+def test_runtime_falls_back_to_tensorflow_lite_on_a_host_without_litert() -> None:
+    code = (
+        "import sys\n"
+        "for m in ('ai_edge_litert', 'ai_edge_litert.interpreter', 'tflite_runtime',"
+        " 'tflite_runtime.interpreter'):\n"
+        "    sys.modules[m] = None  # as if not installed\n"
+        "from agent.runtime import load_runtime\n"
+        "cls, info = load_runtime()\n"
+        "print(info.name, cls.__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.stdout.split() == ["tensorflow", "Interpreter"]
