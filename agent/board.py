@@ -93,7 +93,7 @@ class PowerProfile:
 
     @property
     def name(self) -> str:
-        """Alias of ``key`` (the name the old ``agent.sysinfo`` profile used)."""
+        """Alias of ``key``."""
         return self.key
 
     def power_at(self, utilisation: float) -> float:

@@ -339,17 +339,15 @@ def test_wait_until_cool_with_a_real_event_returns_promptly() -> None:
         timer.join()
 
 
-def test_profile_key_for_model_strings_and_the_sysinfo_facade(tmp_path: Path) -> None:
-    from agent import sysinfo
-    from agent.board import profile_key_for
+def test_profile_key_for_model_strings_and_board_detection(tmp_path: Path) -> None:
+    from agent.board import power_profile, profile_key_for
 
     assert profile_key_for("Raspberry Pi 5 Model B Rev 1.0") == "pi5"
     assert profile_key_for("Raspberry Pi Zero 2 W Rev 1.0") == "zero2w"
     assert profile_key_for("Some PC", "x86_64") == "generic-x86"
     assert profile_key_for("Some PC") == "generic"
-    # the facade answers from the one implementation in agent.board / agent.thermal
-    assert sysinfo.power_profile("Raspberry Pi 4 Model B").idle_w == PROFILES["pi4b"].idle_w
+    assert power_profile(profile_key_for("Raspberry Pi 4 Model B")).idle_w == PROFILES["pi4b"].idle_w
     model = tmp_path / "proc/device-tree/model"
     model.parent.mkdir(parents=True)
     model.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
-    assert sysinfo.board_name(tmp_path) == "Raspberry Pi 5 Model B Rev 1.0"
+    assert detect_board(tmp_path).model_string == "Raspberry Pi 5 Model B Rev 1.0"

@@ -19,14 +19,16 @@ from test_agent_integration import tiny_models  # the TF-built tiny models (sess
 
 from agent import cli
 from agent.bench import benchmark_variant, latency_stats, run_child
+from agent.board import power_profile, profile_key_for
 from agent.config import BenchConfig, parse_config
+from agent.energy import modelled_energy
 from agent.errors import ConfigError, DiskFullError, IllegalTransition, IntegrityError
 from agent.fetch import Fetcher
 from agent.mqtt import Inbound
 from agent.notify import Notifier
 from agent.state import TRANSITIONS, StateBook, check_transition
 from agent.store import Store, verify_chunk
-from agent.sysinfo import cpu_temperature, modelled_energy, power_profile
+from agent.thermal import zone_temperature
 from agent.wire import (
     ActiveVariant,
     BenchError,
@@ -302,13 +304,12 @@ def test_latency_stats_match_numpy() -> None:
 
 
 def test_energy_is_modelled_never_measured() -> None:
-    e = modelled_energy(
-        cpu_util=1.0, cores=4, seconds_per_inference=0.01, board="Raspberry Pi 5 Model B Rev 1.0"
-    )
+    pi5 = power_profile(profile_key_for("Raspberry Pi 5 Model B Rev 1.0"))
+    e = modelled_energy(pi5, 1.0, 4, 1, 0.01)
     assert e.method is EnergyMethod.MODEL and e.measured is False
     assert e.avg_power_w == pytest.approx(2.8 + (9.7 - 2.8) * 0.25)
     assert e.mj_per_inference == pytest.approx(e.avg_power_w * 10)
-    assert power_profile("Some PC").name == "generic"
+    assert power_profile(profile_key_for("Some PC")).name == "generic"
 
 
 def test_cpu_temperature_from_recorded_tree(tmp_path: Path) -> None:
@@ -317,8 +318,8 @@ def test_cpu_temperature_from_recorded_tree(tmp_path: Path) -> None:
         zone.mkdir()
         (zone / "type").write_text(kind + "\n")
         (zone / "temp").write_text(milli + "\n")
-    assert cpu_temperature(tmp_path) == pytest.approx(51.54)
-    assert cpu_temperature(tmp_path / "missing") is None
+    assert zone_temperature(tmp_path) == pytest.approx(51.54)
+    assert zone_temperature(tmp_path / "missing") is None
 
 
 def _variant(data: bytes) -> Variant:
