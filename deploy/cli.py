@@ -181,7 +181,7 @@ def _print_plan(plan: Any, as_json: bool) -> None:
     from deploy.fleet import decisions_table
 
     if as_json:
-        print(json.dumps([d.model_dump(mode="json") for d in plan.decisions], indent=2, sort_keys=True))
+        print(json.dumps([d.to_json() for d in plan.decisions], indent=2, sort_keys=True))
         return
     m = plan.manifest
     print(f"model {m.model} v{m.version}: {len(m.variants)} variant(s), baseline {m.baseline}")

@@ -54,9 +54,9 @@ import difflib
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,6 +65,7 @@ from deploy.errors import PolicyError
 
 Objective = Literal["accuracy", "latency", "energy"]
 _MIB = 1024 * 1024
+_INF = math.inf
 
 
 class _Strict(BaseModel):
@@ -142,89 +143,55 @@ def load_policy(path: Path | str | None) -> Policy:
 
 # --------------------------------------------------------------------------------------------------------
 # Decisions
+#
+# Plain frozen dataclasses, not pydantic models: a decision is computed here from validated inputs, never
+# parsed, and a fleet of 10,000 devices makes 10,000 of them per selection (validation was a fifth of it).
 
 
-class Candidate(_Strict):
-    """The figures a decision was based on, for one variant."""
+class Candidate(NamedTuple):
+    """The figures a decision was based on, for one variant (a named tuple: built once per eligible
+    variant per device, it is six times cheaper than a frozen dataclass)."""
 
     variant: str
     accuracy: float | None = None
     accuracy_drop: float | None = None
-    agreement: float | None = Field(default=None, description="host top-1 agreement with float32")
+    agreement: float | None = None  # host top-1 agreement with float32
+    size_bytes: int = 0
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
     energy_mj: float | None = None
-    energy_measured: bool | None = Field(
-        default=None, description="false: the energy figure comes from a utilisation model, not a sensor"
-    )
+    energy_measured: bool | None = None  # false: from a utilisation model, not a sensor
     energy_method: str | None = None
     peak_rss_mb: float | None = None
     threads: int | None = None
-    size_bytes: int = 0
 
 
-class Decision(_Strict):
+@dataclass(frozen=True, slots=True)
+class Decision:
     device: str
     model: str
     manifest_version: int
-    device_class: str | None = None
     policy: str
     objective: Objective
-    current: str | None = Field(default=None, description="variant active on the device now")
-    variant: str | None = Field(default=None, description="chosen variant; None keeps the current one")
-    sha256: str | None = None
     why: str
-    lost: dict[str, str] = Field(default_factory=dict, description="variant id -> why it was not chosen")
+    device_class: str | None = None
+    current: str | None = None  # variant active on the device now
+    variant: str | None = None  # chosen variant; None keeps the current one
+    sha256: str | None = None
+    lost: dict[str, str] = field(default_factory=dict)  # variant id -> why it was not chosen
     chosen: Candidate | None = None
 
     @property
     def changes(self) -> bool:
         return self.variant is not None and self.variant != self.current
 
-
-@dataclass(slots=True)
-class _Cand:
-    """A variant's figures while deciding: an unvalidated :class:`Candidate` (the winner's becomes one)."""
-
-    variant: str
-    accuracy: float | None
-    accuracy_drop: float | None
-    agreement: float | None
-    size_bytes: int
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    energy_mj: float | None = None
-    energy_measured: bool | None = None
-    energy_method: str | None = None
-    peak_rss_mb: float | None = None
-    threads: int | None = None
-
-    def candidate(self) -> Candidate:
-        return Candidate(
-            variant=self.variant,
-            accuracy=self.accuracy,
-            accuracy_drop=self.accuracy_drop,
-            agreement=self.agreement,
-            size_bytes=self.size_bytes,
-            p50_ms=self.p50_ms,
-            p95_ms=self.p95_ms,
-            p99_ms=self.p99_ms,
-            energy_mj=self.energy_mj,
-            energy_measured=self.energy_measured,
-            energy_method=self.energy_method,
-            peak_rss_mb=self.peak_rss_mb,
-            threads=self.threads,
-        )
-
-
-@dataclass(slots=True)
-class _Eval:
-    variant: wire.Variant
-    cand: _Cand
-    result: wire.BenchResult | None
-    failure: str | None
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (``json.dumps`` takes it as is)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["lost"] = dict(self.lost)
+        out["chosen"] = self.chosen._asdict() if self.chosen is not None else None
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +199,17 @@ class _Base:
     """What a variant's evaluation takes from the manifest alone (computed once per ``select``)."""
 
     variant: wire.Variant
+    id: str
+    sha256: str
+    size: int
+    min_runtime: str | None
     accuracy: float | None
     accuracy_drop: float | None
     agreement: float | None
+    # Rank-key places (smaller ranks first), rounded so that float noise in how a ratio was computed
+    # does not break a tie; unknown accuracy ranks last, unknown agreement is not penalised.
+    accuracy_place: float
+    agreement_place: float
 
 
 def _prepare(manifest: wire.Manifest) -> list[_Base]:
@@ -246,7 +221,11 @@ def _prepare(manifest: wire.Manifest) -> list[_Base]:
         if drop is None and acc is not None and base.metrics.accuracy is not None:
             drop = base.metrics.accuracy - acc
         agreement = 1.0 if v.id == manifest.baseline else v.metrics.agreement
-        out.append(_Base(v, acc, drop, agreement))
+        acc_place = round(-acc, 9) if acc is not None else _INF
+        agree_place = round(-agreement, 9) if agreement is not None else -1.0
+        out.append(
+            _Base(v, v.id, v.sha256, v.size, v.min_runtime, acc, drop, agreement, acc_place, agree_place)
+        )
     return out
 
 
@@ -265,135 +244,133 @@ def _pts(x: float) -> str:
     return f"{x * 100:.1f}".rstrip("0").rstrip(".")
 
 
-def _best_result(results: list[wire.BenchResult]) -> wire.BenchResult | None:
-    """The successful result with the lowest (p50, p95, threads); the first of equals."""
+def _best_result(results: list[wire.BenchResult], sha256: str) -> wire.BenchResult | None:
+    """Among the successful results for file ``sha256``: the lowest (p50, p95, threads); first of equals."""
     best: wire.BenchResult | None = None
     best_key: tuple[float, float, int] | None = None
     for r in results:
         lat = r.latency_ms
-        if r.ok and lat is not None:
+        if r.ok and lat is not None and r.sha256 == sha256:
             key = (lat.p50, lat.p95, r.threads)
             if best_key is None or key < best_key:
                 best, best_key = r, key
     return best
 
 
-def _evaluate(
-    b: _Base,
-    results: list[wire.BenchResult],
-    status: wire.Status | None,
-    rule: Rule,
-    supports: dict[tuple[str, str, str], str | None],
-) -> _Eval:
-    """``results``: the report's results for ``b.variant.id`` (in report order)."""
-    v = b.variant
-    if not results:
-        return _Eval(
-            v, _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size), None, "not benchmarked"
-        )
-    sha = v.sha256
-    same = [r for r in results if r.sha256 == sha]
+def _unusable(b: _Base, results: list[wire.BenchResult]) -> str:
+    """Why no result in ``results`` (the report's, for ``b``) counts."""
+    same = [r for r in results if r.sha256 == b.sha256]
     if not same:
-        cand = _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size)
-        return _Eval(v, cand, None, f"benchmarked another file (sha {results[0].sha256[:12]})")
-    best = same[0] if len(same) == 1 and same[0].ok and same[0].latency_ms is not None else _best_result(same)
-    if best is None or best.latency_ms is None:
-        codes = sorted({r.error.value for r in same if r.error is not None}) or ["unknown"]
-        cand = _Cand(v.id, b.accuracy, b.accuracy_drop, b.agreement, v.size)
-        return _Eval(v, cand, None, f"failed: {', '.join(codes)}")
-    lat = best.latency_ms
-    energy = best.energy
-    rss = best.peak_rss_bytes
-    cand = _Cand(
-        v.id,
+        return f"benchmarked another file (sha {results[0].sha256[:12]})"
+    codes = sorted({r.error.value for r in same if r.error is not None}) or ["unknown"]
+    return f"failed: {', '.join(codes)}"
+
+
+def _candidate(b: _Base, r: wire.BenchResult) -> Candidate:
+    lat = r.latency_ms
+    assert lat is not None  # a successful result has latency figures (wire validator)
+    energy = r.energy
+    rss = r.peak_rss_bytes
+    if energy is None:
+        mj = measured = method = None
+    else:
+        mj, measured, method = energy.mj_per_inference, energy.measured, energy.method.value
+    return Candidate(
+        b.id,
         b.accuracy,
         b.accuracy_drop,
         b.agreement,
-        v.size,
+        b.size,
         lat.p50,
         lat.p95,
         lat.p99,
-        energy.mj_per_inference if energy is not None else None,
-        energy.measured if energy is not None else None,
-        energy.method.value if energy is not None else None,
+        mj,
+        measured,
+        method,
         rss / _MIB if rss is not None else None,
-        best.threads,
+        r.threads,
     )
-    return _Eval(v, cand, best, _violation(v, cand, best, status, rule, supports))
 
 
-def _violation(
-    v: wire.Variant,
-    c: _Cand,
-    r: wire.BenchResult,
-    status: wire.Status | None,
-    rule: Rule,
-    supports: dict[tuple[str, str, str], str | None],
-) -> str | None:
-    """The first hard constraint ``c`` breaks, as a sentence, or None.
+Supports = dict[tuple[str, str, str], str | None]
 
-    ``supports`` caches the runtime check by (runtime name, version, min_runtime): None or the failure.
-    """
-    runtime = r.runtime or (status.runtime if status else None)
-    if runtime is not None and v.min_runtime is not None:
-        key = (runtime.name, runtime.version, v.min_runtime)
-        if key not in supports:
-            supports[key] = (
-                None
-                if wire.runtime_supports(runtime, v.min_runtime)
-                else f"needs TFLite runtime >= {v.min_runtime}, device has {runtime.name} "
-                f"{runtime.version} (TFLite {wire.tflite_version(runtime)})"
-            )
-        if supports[key] is not None:
-            return supports[key]
+
+def _runtime_refusal(runtime: wire.RuntimeInfo, min_runtime: str, cache: Supports) -> str | None:
+    """Why ``runtime`` cannot run a file needing ``min_runtime`` (None: it can), cached per select."""
+    key = (runtime.name, runtime.version, min_runtime)
+    if key not in cache:
+        cache[key] = (
+            None
+            if wire.runtime_supports(runtime, min_runtime)
+            else f"needs TFLite runtime >= {min_runtime}, device has {runtime.name} "
+            f"{runtime.version} (TFLite {wire.tflite_version(runtime)})"
+        )
+    return cache[key]
+
+
+# A variant's hard constraints, in the order the module docstring gives (the first broken one is shown).
+# Each returns None quickly when the constraint holds; sentences are made only for failures.
+
+
+def _run_violation(r: wire.BenchResult, lat: wire.LatencyStats, rule: Rule) -> str | None:
+    """Throttling and the latency limits, from the device's result."""
     if rule.reject_throttled and r.throttled:
         return "CPU throttled during the benchmark"
-    if rule.max_p95_ms is not None and c.p95_ms is not None and c.p95_ms > rule.max_p95_ms:
-        return f"p95 {_fmt(c.p95_ms)} ms > max {_fmt(rule.max_p95_ms)} ms"
-    if rule.max_p99_ms is not None and c.p99_ms is not None and c.p99_ms > rule.max_p99_ms:
-        return f"p99 {_fmt(c.p99_ms)} ms > max {_fmt(rule.max_p99_ms)} ms"
-    if rule.max_accuracy_drop is not None:
-        if c.accuracy_drop is None:
-            return "no host accuracy to compare with the baseline"
-        if c.accuracy_drop > rule.max_accuracy_drop + 1e-12:
-            return f"accuracy drop {_pts(c.accuracy_drop)} pts > max {_pts(rule.max_accuracy_drop)}"
-    if rule.min_accuracy is not None:
-        if c.accuracy is None:
-            return "no host accuracy"
-        if c.accuracy < rule.min_accuracy - 1e-12:
-            return f"accuracy {c.accuracy:.4g} < min {rule.min_accuracy:.4g}"
-    if rule.max_energy_mj is not None:
-        if c.energy_mj is None:
-            return "no energy figure"
-        if c.energy_mj > rule.max_energy_mj:
-            return f"energy {_mj(c.energy_mj, c.energy_measured)} > max {_fmt(rule.max_energy_mj)} mJ"
-    if rule.max_peak_rss_mb is not None:
-        if c.peak_rss_mb is None:
-            return "no peak memory figure"
-        if c.peak_rss_mb > rule.max_peak_rss_mb:
-            return f"peak RSS {_fmt(c.peak_rss_mb)} MiB > max {_fmt(rule.max_peak_rss_mb)} MiB"
+    if rule.max_p95_ms is not None and lat.p95 > rule.max_p95_ms:
+        return f"p95 {_fmt(lat.p95)} ms > max {_fmt(rule.max_p95_ms)} ms"
+    if rule.max_p99_ms is not None and lat.p99 > rule.max_p99_ms:
+        return f"p99 {_fmt(lat.p99)} ms > max {_fmt(rule.max_p99_ms)} ms"
     return None
 
 
-_INF = math.inf
+def _accuracy_violation(b: _Base, rule: Rule) -> str | None:
+    """The accuracy limits: the manifest alone decides them (computed once per rule and variant)."""
+    if rule.max_accuracy_drop is not None:
+        if b.accuracy_drop is None:
+            return "no host accuracy to compare with the baseline"
+        if b.accuracy_drop > rule.max_accuracy_drop + 1e-12:
+            return f"accuracy drop {_pts(b.accuracy_drop)} pts > max {_pts(rule.max_accuracy_drop)}"
+    if rule.min_accuracy is not None:
+        if b.accuracy is None:
+            return "no host accuracy"
+        if b.accuracy < rule.min_accuracy - 1e-12:
+            return f"accuracy {b.accuracy:.4g} < min {rule.min_accuracy:.4g}"
+    return None
 
 
-def _rank_key(c: _Cand, objective: Objective) -> tuple[float | str, ...]:
-    acc = -(c.accuracy if c.accuracy is not None else -_INF)
-    p50 = c.p50_ms if c.p50_ms is not None else _INF
-    p95 = c.p95_ms if c.p95_ms is not None else _INF
+def _resource_violation(r: wire.BenchResult, rule: Rule) -> str | None:
+    """Energy per inference and peak memory, from the device's result."""
+    if rule.max_energy_mj is not None:
+        if r.energy is None:
+            return "no energy figure"
+        if r.energy.mj_per_inference > rule.max_energy_mj:
+            shown = _mj(r.energy.mj_per_inference, r.energy.measured)
+            return f"energy {shown} > max {_fmt(rule.max_energy_mj)} mJ"
+    if rule.max_peak_rss_mb is not None:
+        if r.peak_rss_bytes is None:
+            return "no peak memory figure"
+        if r.peak_rss_bytes / _MIB > rule.max_peak_rss_mb:
+            return f"peak RSS {_fmt(r.peak_rss_bytes / _MIB)} MiB > max {_fmt(rule.max_peak_rss_mb)} MiB"
+    return None
+
+
+RankKey = tuple[float, ...]
+
+
+def _rank_key(b: _Base, c: Candidate, objective: Objective) -> RankKey:
+    """Smaller ranks first: the objective's places (see the module docstring), then the file size.
+
+    Exact ties after that go to the variant id (see :meth:`_Selector.decide`).
+    """
     energy = c.energy_mj if c.energy_mj is not None else _INF
-    agree = -(c.agreement if c.agreement is not None else 1.0)  # unknown agreement is not penalised
     if objective == "accuracy":
-        head: tuple[float, ...] = (round(acc, 9), round(agree, 9), round(p95, 9), round(energy, 9))
-    elif objective == "latency":
-        head = (round(p50, 9), round(p95, 9), round(acc, 9))
-    else:
-        head = (round(energy, 9), round(p50, 9), round(acc, 9))
-    return (*head, float(c.size_bytes), c.variant)
+        return (b.accuracy_place, b.agreement_place, c.p95_ms or 0.0, energy, c.size_bytes)
+    if objective == "latency":
+        return (c.p50_ms or 0.0, c.p95_ms or 0.0, b.accuracy_place, c.size_bytes)
+    return (energy, c.p50_ms or 0.0, b.accuracy_place, c.size_bytes)
 
 
-def _show_acc(c: _Cand) -> str:
+def _show_acc(c: Candidate) -> str:
     return "n/a" if c.accuracy is None else f"{c.accuracy:.4g}"
 
 
@@ -401,11 +378,11 @@ def _show_ms(x: float | None) -> str:
     return "n/a" if x is None else f"{_fmt(x)} ms"
 
 
-def _show_agree(c: _Cand) -> str:
+def _show_agree(c: Candidate) -> str:
     return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
 
 
-_CRITERIA: dict[str, tuple[str, Callable[[_Cand], str]]] = {
+_CRITERIA: dict[str, tuple[str, Callable[[Candidate], str]]] = {
     "accuracy": ("lower accuracy", _show_acc),
     "agreement": ("lower agreement with float32", _show_agree),
     "p50": ("higher p50", lambda c: _show_ms(c.p50_ms)),
@@ -417,108 +394,176 @@ _ORDER: dict[str, list[str]] = {
     "latency": ["p50", "p95", "accuracy"],
     "energy": ["energy", "p50", "accuracy"],
 }
+# Per objective and first differing criterion: (label, how to show a figure, comparison sign, prefix).
+_REASONS: dict[str, list[tuple[str, Callable[[Candidate], str], str, str]]] = {
+    objective: [
+        (
+            _CRITERIA[name][0],
+            _CRITERIA[name][1],
+            "<" if name in ("accuracy", "agreement") else ">",
+            "" if i == 0 else "tie on " + ", ".join(order[:i]) + "; ",
+        )
+        for i, name in enumerate(order)
+    ]
+    for objective, order in _ORDER.items()
+}
 
 
-def _lost_to(
-    loser: _Cand,
-    winner: _Cand,
-    objective: Objective,
-    lk: tuple[float | str, ...],
-    wk: tuple[float | str, ...],
-) -> str:
+def _lost_to(loser: Candidate, winner: Candidate, objective: Objective, lk: RankKey, wk: RankKey) -> str:
     """Why ``loser`` ranked below ``winner`` under ``objective`` (the first differing criterion).
 
     ``lk``, ``wk``: their :func:`_rank_key` under ``objective``.
     """
-    order = _ORDER[objective]
-    for i, name in enumerate(order):
+    reasons = _REASONS[objective]
+    for i, (label, show, sep, prefix) in enumerate(reasons):
         if lk[i] != wk[i]:
-            label, show = _CRITERIA[name]
-            sep = "<" if name in ("accuracy", "agreement") else ">"
-            prefix = "" if i == 0 else "tie on " + ", ".join(order[:i]) + "; "
             return f"{prefix}{label} {show(loser)} {sep} {show(winner)} ({winner.variant})"
-    if lk[len(order)] != wk[len(order)]:
+    if lk[len(reasons)] != wk[len(reasons)]:
         return f"tie; larger file {loser.size_bytes} B > {winner.size_bytes} B ({winner.variant})"
     return f"tie with {winner.variant}; chosen by id order"
 
 
-def decide(
-    manifest: wire.Manifest, report: wire.Report, status: wire.Status | None, policy: Policy
-) -> Decision:
-    """The decision for one device (its report must be for this manifest's model and version)."""
-    return _decide(manifest, _prepare(manifest), report, status, policy, {}, {})
+_BEST_OF = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy": "lowest energy"}
 
 
-def _decide(
-    manifest: wire.Manifest,
-    bases: list[_Base],
-    report: wire.Report,
-    status: wire.Status | None,
-    policy: Policy,
-    rules: dict[str | None, Rule],
-    supports: dict[tuple[str, str, str], str | None],
-) -> Decision:
-    """:func:`decide` with per-``select`` caches (the manifest's part, rules by class, runtime checks)."""
-    device_class = status.device_class if status else None
-    rule = rules.get(device_class)
-    if rule is None:
-        rule = rules[device_class] = policy.rule_for(device_class)
-    model_status = status.models.get(manifest.model) if status else None
-    current = model_status.active.variant if model_status and model_status.active else None
-    by_variant: dict[str, list[wire.BenchResult]] = {}
-    for r in report.results:
-        by_variant.setdefault(r.variant, []).append(r)
-    evals = [_evaluate(b, by_variant.get(b.variant.id, []), status, rule, supports) for b in bases]
-    lost = {e.variant.id: e.failure for e in evals if e.failure is not None}
-    keyed = sorted(
-        ((_rank_key(e.cand, rule.objective), e) for e in evals if e.failure is None), key=lambda ke: ke[0]
-    )
-    eligible = [e for _, e in keyed]
-    where = f"class {device_class}" if device_class in policy.classes else "default rule"
-    common: dict[str, Any] = {
-        "device": report.device,
-        "model": manifest.model,
-        "manifest_version": manifest.version,
-        "device_class": device_class,
-        "policy": policy.name,
-        "objective": rule.objective,
-        "current": current,
-    }
-    if not eligible:
-        keep = f"keeping the current variant {current}" if current else "keeping the current model"
-        return Decision(
-            **common,
-            why=f"no variant meets policy {policy.name!r} ({where}): {keep}",
-            lost=lost,
-        )
-    winner = eligible[0]
-    wk = keyed[0][0]
-    for lk, e in keyed[1:]:
-        lost[e.variant.id] = _lost_to(e.cand, winner.cand, rule.objective, lk, wk)
-    w = winner.cand
+def _why_chosen(w: Candidate, objective: Objective, n_ok: int, policy: str, where: str) -> str:
     figures = []
     if w.accuracy is not None:
         figures.append(f"accuracy {w.accuracy:.4g}")
     if w.p50_ms is not None and w.p95_ms is not None:
         figures.append(f"p50 {_fmt(w.p50_ms)} ms, p95 {_fmt(w.p95_ms)} ms")
     if w.energy_mj is not None:
-        figures.append(f"{_mj(w.energy_mj, w.energy_measured, per='inference')}")
+        figures.append(_mj(w.energy_mj, w.energy_measured, per="inference"))
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
-    best_of = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy": "lowest energy"}
-    n_ok = len(eligible)
-    why = (
-        f"{best_of[rule.objective]} of {n_ok} variant(s) meeting policy {policy.name!r} ({where}): "
-        + "; ".join(figures)
+    return f"{_BEST_OF[objective]} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(
+        figures
     )
-    return Decision(
-        **common,
-        variant=w.variant,
-        sha256=winner.variant.sha256,
-        why=why,
-        lost={k: lost[k] for k in (v.id for v in manifest.variants) if k in lost},
-        chosen=w.candidate(),
-    )
+
+
+def decide(
+    manifest: wire.Manifest, report: wire.Report, status: wire.Status | None, policy: Policy
+) -> Decision:
+    """The decision for one device (its report must be for this manifest's model and version)."""
+    return _Selector(manifest, policy).decide(report, status)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A policy rule with its accuracy verdict per variant id (None: the variant passes)."""
+
+    rule: Rule
+    accuracy: dict[str, str | None]
+
+    def violation(self, b: _Base, r: wire.BenchResult, lat: wire.LatencyStats) -> str | None:
+        """The first hard figure constraint variant ``b``'s result ``r`` breaks, as a sentence, or None."""
+        rule = self.rule
+        return _run_violation(r, lat, rule) or self.accuracy[b.id] or _resource_violation(r, rule)
+
+
+class _Selector:
+    """One manifest and policy; caches what every device's decision shares (bases, rules, runtime checks).
+
+    Per device, most variants pass or fail on a few comparisons: sentences (why a variant failed or lost)
+    and :class:`Candidate` objects are made only where a decision shows them.
+    """
+
+    def __init__(self, manifest: wire.Manifest, policy: Policy) -> None:
+        self.manifest = manifest
+        self.policy = policy
+        self.bases = _prepare(manifest)
+        self.rules: dict[str | None, _Rule] = {}
+        self.supports: Supports = {}
+
+    def rule_for(self, device_class: str | None) -> _Rule:
+        rule = self.rules.get(device_class)
+        if rule is None:
+            policy_rule = self.policy.rule_for(device_class)
+            accuracy = {b.id: _accuracy_violation(b, policy_rule) for b in self.bases}
+            rule = self.rules[device_class] = _Rule(policy_rule, accuracy)
+        return rule
+
+    def decide(self, report: wire.Report, status: wire.Status | None) -> Decision:
+        manifest, policy = self.manifest, self.policy
+        device_class = status.device_class if status else None
+        checks = self.rule_for(device_class)
+        rule = checks.rule
+        objective = rule.objective
+        model_status = status.models.get(manifest.model) if status else None
+        active = model_status.active if model_status else None
+        current = active.variant if active else None
+        status_runtime = status.runtime if status else None
+
+        by_variant = {r.variant: r for r in report.results}
+        several: dict[str, list[wire.BenchResult]] = {}
+        if len(by_variant) != len(report.results):  # several results for a variant (a thread sweep)
+            for r in report.results:
+                several.setdefault(r.variant, []).append(r)
+
+        lost: dict[str, str] = {}
+        eligible: list[tuple[RankKey, str, Candidate, _Base]] = []
+        for b in self.bases:
+            vid = b.id
+            best = by_variant.get(vid)
+            if best is None:
+                lost[vid] = "not benchmarked"
+                continue
+            if vid in several:
+                best = _best_result(several[vid], b.sha256)
+            elif not best.ok or best.sha256 != b.sha256:
+                best = None
+            if best is None:
+                lost[vid] = _unusable(b, several.get(vid) or [by_variant[vid]])
+                continue
+            lat = best.latency_ms
+            assert lat is not None  # a successful result has latency figures (wire validator)
+            runtime = best.runtime or status_runtime
+            if runtime is not None and b.min_runtime is not None:
+                refusal = _runtime_refusal(runtime, b.min_runtime, self.supports)
+                if refusal is not None:
+                    lost[vid] = refusal
+                    continue
+            failure = checks.violation(b, best, lat)
+            if failure is not None:
+                lost[vid] = failure
+                continue
+            cand = _candidate(b, best)
+            eligible.append((_rank_key(b, cand, objective), vid, cand, b))
+
+        where = f"class {device_class}" if device_class in policy.classes else "default rule"
+        if not eligible:
+            keep = f"keeping the current variant {current}" if current else "keeping the current model"
+            return Decision(
+                report.device,
+                manifest.model,
+                manifest.version,
+                policy.name,
+                objective,
+                f"no variant meets policy {policy.name!r} ({where}): {keep}",
+                device_class,
+                current,
+                lost=lost,
+            )
+        eligible.sort(key=lambda e: e[:2])  # the variant id settles exact ties
+        wk, _, w, wb = eligible[0]
+        for lk, vid, cand, _b in eligible[1:]:
+            lost[vid] = _lost_to(cand, w, objective, lk, wk)
+        if len(lost) > 1:
+            lost = {b.id: lost[b.id] for b in self.bases if b.id in lost}  # manifest order
+        return Decision(
+            report.device,
+            manifest.model,
+            manifest.version,
+            policy.name,
+            objective,
+            _why_chosen(w, objective, len(eligible), policy.name, where),
+            device_class,
+            current,
+            w.variant,
+            wb.sha256,
+            lost,
+            w,
+        )
 
 
 def select(
@@ -528,13 +573,11 @@ def select(
     policy: Policy,
 ) -> list[Decision]:
     """One decision per device whose report is for ``manifest.model`` at ``manifest.version``, by device."""
-    bases = _prepare(manifest)
-    rules: dict[str | None, Rule] = {}
-    supports: dict[tuple[str, str, str], str | None] = {}
+    selector = _Selector(manifest, policy)
     out = []
     for device in sorted(reports):
         report = reports[device]
         if report.model != manifest.model or report.manifest_version != manifest.version:
             continue
-        out.append(_decide(manifest, bases, report, statuses.get(device), policy, rules, supports))
+        out.append(selector.decide(report, statuses.get(device)))
     return out

@@ -21,7 +21,7 @@ from deploy.errors import BundleError, PolicyError, SigningKeyError, StateError
 from deploy.fleet import decisions_table, fleet_rows, fleet_table
 from deploy.keys import init_keys, load_signing_key, trusted_keys
 from deploy.publish import load_bundle, referenced_blobs
-from deploy.select import Policy, Rule, load_policy, select
+from deploy.select import Policy, Rule, decide, load_policy, select
 from deploy.state import parse_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,6 +467,54 @@ def test_select_is_pure(four: wire.Manifest) -> None:
     b = select(four, reports, {}, Policy())
     assert a == b
     assert json.dumps({k: r.model_dump(mode="json") for k, r in reports.items()}) == before
+
+
+def test_the_first_broken_constraint_in_policy_order_is_named(four: wire.Manifest) -> None:
+    """Run figures (latency) come before the manifest's accuracy, which comes before energy and memory."""
+    res = [ok_result(var(four, v), 10.0, energy=9.0, rss_mb=90) for v in ("fp32", "pruned")]
+    res.append(ok_result(var(four, "int8"), 1.0, energy=9.0, rss_mb=90))
+    strict = Rule(max_p95_ms=5, max_accuracy_drop=0.03, max_energy_mj=1, max_peak_rss_mb=10)
+    d = one(four, res, Policy(default=strict))
+    assert d.lost["fp32"] == "p95 12 ms > max 5 ms"
+    assert d.lost["pruned"] == "p95 12 ms > max 5 ms"
+    assert d.lost["int8"] == "energy 9 mJ (modelled) > max 1 mJ"
+    d = one(four, res, Policy(default=strict.model_copy(update={"max_p95_ms": None})))
+    assert d.lost["pruned"] == "accuracy drop 4 pts > max 3"
+    assert d.lost["fp32"] == "energy 9 mJ (modelled) > max 1 mJ"
+    d = one(four, res, Policy(default=strict.model_copy(update={"max_p95_ms": None, "max_energy_mj": None})))
+    assert d.lost["fp32"] == "peak RSS 90 MiB > max 10 MiB"
+    assert d.variant is None
+
+
+def test_exact_tie_goes_to_the_variant_id() -> None:
+    m = make_manifest(
+        [make_variant("b-fp32", b"a" * 400, 0.97), make_variant("a-fp32", b"b" * 400, 0.97)],
+        baseline="b-fp32",
+    )
+    res = [ok_result(var(m, "b-fp32"), 5.0), ok_result(var(m, "a-fp32"), 5.0)]
+    d = one(m, res)
+    assert d.variant == "a-fp32"
+    assert d.lost == {"b-fp32": "tie with a-fp32; chosen by id order"}
+
+
+def test_decision_is_immutable_and_json_ready(four: wire.Manifest) -> None:
+    d = one(four, standard(four), status=make_status("pi1", "fast"))
+    with pytest.raises(AttributeError):
+        d.variant = "int8"  # type: ignore[misc]
+    doc = json.loads(json.dumps(d.to_json()))
+    assert doc["device"] == "pi1" and doc["variant"] == "fp16" and doc["device_class"] == "fast"
+    assert doc["chosen"]["variant"] == "fp16" and doc["chosen"]["p50_ms"] == 8.0
+    assert doc["chosen"]["energy_measured"] is False
+    assert list(doc["lost"]) == ["fp32", "int8", "pruned"]  # manifest order
+    kept = one(four, standard(four), Policy(default=Rule(max_p95_ms=0.1))).to_json()
+    assert kept["chosen"] is None and kept["variant"] is None
+
+
+def test_decide_and_select_agree(four: wire.Manifest) -> None:
+    policy = Policy(default=Rule(objective="latency", max_accuracy_drop=0.03))
+    report = make_report("pi1", four, standard(four))
+    status = make_status("pi1", "fast")
+    assert decide(four, report, status, policy) == select(four, {"pi1": report}, {"pi1": status}, policy)[0]
 
 
 # --------------------------------------------------------------------------------------------------------
