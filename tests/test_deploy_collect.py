@@ -206,6 +206,37 @@ def test_shared_subscription_splits_events_without_loss(broker: MosquittoBroker,
 
 
 @pytest.mark.integration
+def test_shared_collectors_can_write_one_database(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """Two collectors behind one shared subscription, one SQLite file: WAL serialises their commits."""
+    t = wire.Topics()
+    db = tmp_path / "fleet.db"
+    n = 600
+    with (
+        Running(broker, db, name="a", share="collectors") as a,
+        Running(broker, db, name="b", share="collectors") as b,
+        device_session(broker) as dev,
+    ):
+        for i in range(n):
+            device = f"pi-{i % 6}"
+            if i % 2:
+                dev.publish(t.events(device), event(device, float(i)).to_json())
+            else:
+                dev.publish(t.report(device, "digits"), report(device, "digits", float(i)).to_json())
+        dev.flush()
+        wait_for(lambda: a.collector.stats.received + b.collector.stats.received >= n, timeout_s=20)
+        time.sleep(0.3)
+        assert a.collector.stats.received > n // 10 and b.collector.stats.received > n // 10
+        assert a.collector.stats.store_errors == b.collector.stats.store_errors == 0
+    with FleetStore(db) as store:
+        counts = store.counts()
+        assert counts["events"] == n // 2
+        assert counts["report_history"] == n // 2
+        assert {d: r.ts for d, r in store.latest_reports("digits").items()} == {
+            f"pi-{k}": float(n - 6 + k) for k in range(0, 6, 2)
+        }
+
+
+@pytest.mark.integration
 def test_ingest_rate(broker: MosquittoBroker, tmp_path: Path) -> None:
     """Not a benchmark gate: a floor that catches a per-message commit or a blocking callback."""
     t = wire.Topics()
