@@ -9,7 +9,8 @@ Prints one JSON object on stdout (progress on stderr):
   report received to the last one committed (target >= 2,000/s); lost = published - rows in
   ``report_history`` (must be 0).
 * ``select``: :func:`deploy.select.select` over ``--select-devices`` devices x 8 variants, with a policy
-  that has constraints and a class override, manifest, reports and statuses built in memory (target < 1 s);
+  with constraints and class overrides (one judging on-device accuracy), manifest, reports and statuses
+  built in memory (target < 1 s);
   three calls, after a full garbage collection counted with the build.
 
     python benches/fleet.py [--devices 2000] [--reports 5] [--select-devices 10000]
@@ -142,7 +143,7 @@ POLICY = {
     "default": {"objective": "accuracy", "max_accuracy_drop": 0.05, "max_p95_ms": 25.0},
     "classes": {
         "fast": {"objective": "latency", "max_p95_ms": 20.0},
-        "small": {"objective": "energy", "max_peak_rss_mb": 55},
+        "small": {"objective": "energy", "max_peak_rss_mb": 55, "accuracy_source": "device"},
     },
 }
 

@@ -10,8 +10,10 @@ Policy (TOML, every key optional)::
 
     [default]                      # applies to every device
     objective = "accuracy"         # "accuracy" | "latency" | "energy"
-    max_accuracy_drop = 0.05       # vs the float32 baseline's host accuracy (fraction: 0.05 = 5 points)
-    min_accuracy = 0.90            # host accuracy, fraction
+    accuracy_source = "host"       # "host" | "device": which accuracy the two limits below and the
+                                   # accuracy objective use (see "Accuracy" below)
+    max_accuracy_drop = 0.05       # vs the float32 baseline (fraction: 0.05 = 5 points)
+    min_accuracy = 0.90            # fraction
     max_p95_ms = 50                # device latency percentiles, milliseconds
     max_p99_ms = 80
     max_energy_mj = 5.0            # energy per inference, millijoules (a variant with no figure fails it)
@@ -41,8 +43,19 @@ How a decision is made, per device:
    Remaining ties go to the smaller file, then the variant id (decisions are deterministic).
 5. Nothing left: the decision keeps the current variant (``variant=None``) and says why.
 
-Accuracy is the host's (measured on the .tflite file on held-out data); a device whose runtime gives
-wrong outputs reports ``ACCURACY_MISMATCH`` and the variant fails in step 2.
+Accuracy, by ``accuracy_source``:
+
+* ``host`` (default): the compressor's figure, measured on the .tflite file on held-out data; the drop
+  is against the baseline's host figure. The same for every device, so judged once per variant.
+* ``device``: the device's own, measured on the bundle's evaluation sample by its runtime
+  (``BenchResult.accuracy``); the drop is against the same device's figure for the float32 baseline
+  on the same rows, or, when the baseline has no successful result there, against the host's figure for
+  the baseline on those rows (``sample_accuracy``). A variant without an on-device figure fails a limit
+  on it. Sentences then say "on-device accuracy". The sample is small (its size is in the manifest's
+  ``eval_samples``): use it to catch a runtime that computes differently, not for fine ranking.
+
+Either way, a device whose outputs differ from the host's beyond tolerance reports
+``ACCURACY_MISMATCH`` and the variant fails in step 2.
 
 Energy figures in decisions carry the method's honesty: a figure from the utilisation model
 (``energy.measured`` false) is printed as ``1.2 mJ (modelled)``, never as a plain measurement.
@@ -64,6 +77,7 @@ from agent import wire
 from deploy.errors import PolicyError
 
 Objective = Literal["accuracy", "latency", "energy"]
+AccuracySource = Literal["host", "device"]
 _MIB = 1024 * 1024
 _INF = math.inf
 
@@ -76,6 +90,10 @@ class Rule(_Strict):
     """Hard constraints and an objective (see the module docstring)."""
 
     objective: Objective = "accuracy"
+    accuracy_source: AccuracySource = Field(
+        default="host",
+        description="host: the compressor's, on held-out data; device: each device's own, on the sample",
+    )
     max_p95_ms: float | None = Field(default=None, gt=0, description="p95 latency on the device, ms")
     max_p99_ms: float | None = Field(default=None, gt=0, description="p99 latency on the device, ms")
     max_accuracy_drop: float | None = Field(
@@ -153,8 +171,8 @@ class Candidate(NamedTuple):
     variant per device, it is six times cheaper than a frozen dataclass)."""
 
     variant: str
-    accuracy: float | None = None
-    accuracy_drop: float | None = None
+    accuracy: float | None = None  # the figure the policy judged: see accuracy_source
+    accuracy_drop: float | None = None  # against the float32 baseline, same source
     agreement: float | None = None  # host top-1 agreement with float32
     size_bytes: int = 0
     p50_ms: float | None = None
@@ -165,6 +183,7 @@ class Candidate(NamedTuple):
     energy_method: str | None = None
     peak_rss_mb: float | None = None
     threads: int | None = None
+    accuracy_source: AccuracySource = "host"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +225,7 @@ class _Base:
     accuracy: float | None
     accuracy_drop: float | None
     agreement: float | None
-    # Rank-key places (smaller ranks first), rounded so that float noise in how a ratio was computed
-    # does not break a tie; unknown accuracy ranks last, unknown agreement is not penalised.
+    # Rank-key places (see _accuracy_place); unknown agreement is not penalised.
     accuracy_place: float
     agreement_place: float
 
@@ -221,7 +239,7 @@ def _prepare(manifest: wire.Manifest) -> list[_Base]:
         if drop is None and acc is not None and base.metrics.accuracy is not None:
             drop = base.metrics.accuracy - acc
         agreement = 1.0 if v.id == manifest.baseline else v.metrics.agreement
-        acc_place = round(-acc, 9) if acc is not None else _INF
+        acc_place = _accuracy_place(acc)
         agree_place = round(-agreement, 9) if agreement is not None else -1.0
         out.append(
             _Base(v, v.id, v.sha256, v.size, v.min_runtime, acc, drop, agreement, acc_place, agree_place)
@@ -266,7 +284,9 @@ def _unusable(b: _Base, results: list[wire.BenchResult]) -> str:
     return f"failed: {', '.join(codes)}"
 
 
-def _candidate(b: _Base, r: wire.BenchResult) -> Candidate:
+def _candidate(
+    b: _Base, r: wire.BenchResult, accuracy: float | None, drop: float | None, source: AccuracySource
+) -> Candidate:
     lat = r.latency_ms
     assert lat is not None  # a successful result has latency figures (wire validator)
     energy = r.energy
@@ -277,8 +297,8 @@ def _candidate(b: _Base, r: wire.BenchResult) -> Candidate:
         mj, measured, method = energy.mj_per_inference, energy.measured, energy.method.value
     return Candidate(
         b.id,
-        b.accuracy,
-        b.accuracy_drop,
+        accuracy,
+        drop,
         b.agreement,
         b.size,
         lat.p50,
@@ -289,6 +309,7 @@ def _candidate(b: _Base, r: wire.BenchResult) -> Candidate:
         method,
         rss / _MIB if rss is not None else None,
         r.threads,
+        source,
     )
 
 
@@ -323,18 +344,21 @@ def _run_violation(r: wire.BenchResult, lat: wire.LatencyStats, rule: Rule) -> s
     return None
 
 
-def _accuracy_violation(b: _Base, rule: Rule) -> str | None:
-    """The accuracy limits: the manifest alone decides them (computed once per rule and variant)."""
+def _accuracy_violation(
+    accuracy: float | None, drop: float | None, rule: Rule, source: AccuracySource
+) -> str | None:
+    """The accuracy limits, on the figures of ``source`` (host ones are judged once per rule and variant)."""
+    what, figure = ("accuracy", "host accuracy") if source == "host" else ("on-device accuracy",) * 2
     if rule.max_accuracy_drop is not None:
-        if b.accuracy_drop is None:
-            return "no host accuracy to compare with the baseline"
-        if b.accuracy_drop > rule.max_accuracy_drop + 1e-12:
-            return f"accuracy drop {_pts(b.accuracy_drop)} pts > max {_pts(rule.max_accuracy_drop)}"
+        if drop is None:
+            return f"no {figure} to compare with the baseline"
+        if drop > rule.max_accuracy_drop + 1e-12:
+            return f"{what} drop {_pts(drop)} pts > max {_pts(rule.max_accuracy_drop)}"
     if rule.min_accuracy is not None:
-        if b.accuracy is None:
-            return "no host accuracy"
-        if b.accuracy < rule.min_accuracy - 1e-12:
-            return f"accuracy {b.accuracy:.4g} < min {rule.min_accuracy:.4g}"
+        if accuracy is None:
+            return f"no {figure}"
+        if accuracy < rule.min_accuracy - 1e-12:
+            return f"{what} {accuracy:.4g} < min {rule.min_accuracy:.4g}"
     return None
 
 
@@ -357,17 +381,23 @@ def _resource_violation(r: wire.BenchResult, rule: Rule) -> str | None:
 RankKey = tuple[float, ...]
 
 
-def _rank_key(b: _Base, c: Candidate, objective: Objective) -> RankKey:
+def _accuracy_place(accuracy: float | None) -> float:
+    """Rank-key place of an accuracy (smaller ranks first), rounded so that float noise in how a ratio
+    was computed does not break a tie; unknown accuracy ranks last."""
+    return round(-accuracy, 9) if accuracy is not None else _INF
+
+
+def _rank_key(accuracy_place: float, b: _Base, c: Candidate, objective: Objective) -> RankKey:
     """Smaller ranks first: the objective's places (see the module docstring), then the file size.
 
     Exact ties after that go to the variant id (see :meth:`_Selector.decide`).
     """
     energy = c.energy_mj if c.energy_mj is not None else _INF
     if objective == "accuracy":
-        return (b.accuracy_place, b.agreement_place, c.p95_ms or 0.0, energy, c.size_bytes)
+        return (accuracy_place, b.agreement_place, c.p95_ms or 0.0, energy, c.size_bytes)
     if objective == "latency":
-        return (c.p50_ms or 0.0, c.p95_ms or 0.0, b.accuracy_place, c.size_bytes)
-    return (energy, c.p50_ms or 0.0, b.accuracy_place, c.size_bytes)
+        return (c.p50_ms or 0.0, c.p95_ms or 0.0, accuracy_place, c.size_bytes)
+    return (energy, c.p50_ms or 0.0, accuracy_place, c.size_bytes)
 
 
 def _show_acc(c: Candidate) -> str:
@@ -384,6 +414,7 @@ def _show_agree(c: Candidate) -> str:
 
 _CRITERIA: dict[str, tuple[str, Callable[[Candidate], str]]] = {
     "accuracy": ("lower accuracy", _show_acc),
+    "on-device accuracy": ("lower on-device accuracy", _show_acc),
     "agreement": ("lower agreement with float32", _show_agree),
     "p50": ("higher p50", lambda c: _show_ms(c.p50_ms)),
     "p95": ("higher p95", lambda c: _show_ms(c.p95_ms)),
@@ -394,18 +425,27 @@ _ORDER: dict[str, list[str]] = {
     "latency": ["p50", "p95", "accuracy"],
     "energy": ["energy", "p50", "accuracy"],
 }
-# Per objective and first differing criterion: (label, how to show a figure, comparison sign, prefix).
-_REASONS: dict[str, list[tuple[str, Callable[[Candidate], str], str, str]]] = {
-    objective: [
+
+
+def _reasons(order: list[str]) -> list[tuple[str, Callable[[Candidate], str], str, str]]:
+    """Per criterion of ``order``: (label, how to show a figure, comparison sign, prefix)."""
+    return [
         (
             _CRITERIA[name][0],
             _CRITERIA[name][1],
-            "<" if name in ("accuracy", "agreement") else ">",
+            "<" if name in ("accuracy", "on-device accuracy", "agreement") else ">",
             "" if i == 0 else "tie on " + ", ".join(order[:i]) + "; ",
         )
         for i, name in enumerate(order)
     ]
+
+
+_REASONS: dict[tuple[str, str], list[tuple[str, Callable[[Candidate], str], str, str]]] = {
+    (objective, source): _reasons(
+        [("on-device accuracy" if n == "accuracy" and source == "device" else n) for n in order]
+    )
     for objective, order in _ORDER.items()
+    for source in ("host", "device")
 }
 
 
@@ -414,7 +454,7 @@ def _lost_to(loser: Candidate, winner: Candidate, objective: Objective, lk: Rank
 
     ``lk``, ``wk``: their :func:`_rank_key` under ``objective``.
     """
-    reasons = _REASONS[objective]
+    reasons = _REASONS[objective, winner.accuracy_source]
     for i, (label, show, sep, prefix) in enumerate(reasons):
         if lk[i] != wk[i]:
             return f"{prefix}{label} {show(loser)} {sep} {show(winner)} ({winner.variant})"
@@ -427,18 +467,18 @@ _BEST_OF = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy
 
 
 def _why_chosen(w: Candidate, objective: Objective, n_ok: int, policy: str, where: str) -> str:
+    on_device = "on-device " if w.accuracy_source == "device" else ""
+    best = _BEST_OF[objective].replace("accuracy", f"{on_device}accuracy")
     figures = []
     if w.accuracy is not None:
-        figures.append(f"accuracy {w.accuracy:.4g}")
+        figures.append(f"{on_device}accuracy {w.accuracy:.4g}")
     if w.p50_ms is not None and w.p95_ms is not None:
         figures.append(f"p50 {_fmt(w.p50_ms)} ms, p95 {_fmt(w.p95_ms)} ms")
     if w.energy_mj is not None:
         figures.append(_mj(w.energy_mj, w.energy_measured, per="inference"))
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
-    return f"{_BEST_OF[objective]} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(
-        figures
-    )
+    return f"{best} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(figures)
 
 
 def decide(
@@ -450,15 +490,10 @@ def decide(
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    """A policy rule with its accuracy verdict per variant id (None: the variant passes)."""
+    """A policy rule with its verdict on each variant's host accuracy (by id; None: the variant passes)."""
 
     rule: Rule
-    accuracy: dict[str, str | None]
-
-    def violation(self, b: _Base, r: wire.BenchResult, lat: wire.LatencyStats) -> str | None:
-        """The first hard figure constraint variant ``b``'s result ``r`` breaks, as a sentence, or None."""
-        rule = self.rule
-        return _run_violation(r, lat, rule) or self.accuracy[b.id] or _resource_violation(r, rule)
+    host_accuracy: dict[str, str | None]
 
 
 class _Selector:
@@ -472,6 +507,7 @@ class _Selector:
         self.manifest = manifest
         self.policy = policy
         self.bases = _prepare(manifest)
+        self.baseline = next(b for b in self.bases if b.id == manifest.baseline)
         self.rules: dict[str | None, _Rule] = {}
         self.supports: Supports = {}
 
@@ -479,9 +515,23 @@ class _Selector:
         rule = self.rules.get(device_class)
         if rule is None:
             policy_rule = self.policy.rule_for(device_class)
-            accuracy = {b.id: _accuracy_violation(b, policy_rule) for b in self.bases}
-            rule = self.rules[device_class] = _Rule(policy_rule, accuracy)
+            host = {
+                b.id: _accuracy_violation(b.accuracy, b.accuracy_drop, policy_rule, "host")
+                for b in self.bases
+            }
+            rule = self.rules[device_class] = _Rule(policy_rule, host)
         return rule
+
+    def device_baseline_accuracy(
+        self, by_variant: dict[str, wire.BenchResult], several: dict[str, list[wire.BenchResult]]
+    ) -> float | None:
+        """The float32 baseline's on-device accuracy in this report, else the host's on the same rows."""
+        b = self.baseline
+        results = several.get(b.id) or ([by_variant[b.id]] if b.id in by_variant else [])
+        best = _best_result(results, b.sha256)
+        if best is not None and best.accuracy is not None:
+            return best.accuracy
+        return b.variant.reference_accuracy
 
     def decide(self, report: wire.Report, status: wire.Status | None) -> Decision:
         manifest, policy = self.manifest, self.policy
@@ -500,6 +550,8 @@ class _Selector:
             for r in report.results:
                 several.setdefault(r.variant, []).append(r)
 
+        source = rule.accuracy_source
+        baseline_accuracy = self.device_baseline_accuracy(by_variant, several) if source == "device" else None
         lost: dict[str, str] = {}
         eligible: list[tuple[RankKey, str, Candidate, _Base]] = []
         for b in self.bases:
@@ -523,12 +575,23 @@ class _Selector:
                 if refusal is not None:
                     lost[vid] = refusal
                     continue
-            failure = checks.violation(b, best, lat)
+            if source == "host":
+                accuracy, drop, place = b.accuracy, b.accuracy_drop, b.accuracy_place
+                accuracy_failure = checks.host_accuracy[vid]
+            else:
+                accuracy, place = best.accuracy, _accuracy_place(best.accuracy)
+                drop = (
+                    baseline_accuracy - accuracy
+                    if baseline_accuracy is not None and accuracy is not None
+                    else None
+                )
+                accuracy_failure = _accuracy_violation(accuracy, drop, rule, source)
+            failure = _run_violation(best, lat, rule) or accuracy_failure or _resource_violation(best, rule)
             if failure is not None:
                 lost[vid] = failure
                 continue
-            cand = _candidate(b, best)
-            eligible.append((_rank_key(b, cand, objective), vid, cand, b))
+            cand = _candidate(b, best, accuracy, drop, source)
+            eligible.append((_rank_key(place, b, cand, objective), vid, cand, b))
 
         where = f"class {device_class}" if device_class in policy.classes else "default rule"
         if not eligible:

@@ -101,6 +101,7 @@ def ok_result(
     rss_mb: float | None = None,
     threads: int = 1,
     throttled: bool | None = None,
+    accuracy: float | None = None,
 ) -> wire.BenchResult:
     p95 = p50 * 1.2 if p95 is None else p95
     p99 = p95 * 1.1 if p99 is None else p99
@@ -117,6 +118,7 @@ def ok_result(
         else None,
         peak_rss_bytes=int(rss_mb * 1024 * 1024) if rss_mb is not None else None,
         throttled=throttled,
+        accuracy=accuracy,
         ts=100.0,
     )
 
@@ -508,6 +510,71 @@ def test_decision_is_immutable_and_json_ready(four: wire.Manifest) -> None:
     assert list(doc["lost"]) == ["fp32", "int8", "pruned"]  # manifest order
     kept = one(four, standard(four), Policy(default=Rule(max_p95_ms=0.1))).to_json()
     assert kept["chosen"] is None and kept["variant"] is None
+
+
+def on_device(m: wire.Manifest, accuracies: dict[str, float | None]) -> list[wire.BenchResult]:
+    """Results for ``m``'s variants with these on-device accuracies (p50 1, 2, 3... ms in that order)."""
+    return [ok_result(var(m, v), 1.0 + i, accuracy=a) for i, (v, a) in enumerate(accuracies.items())]
+
+
+def test_on_device_accuracy_drop_is_against_the_devices_own_baseline(four: wire.Manifest) -> None:
+    # Host accuracies: fp32 0.97, fp16 0.97, int8 0.95, pruned 0.93. On this device's sample the int8
+    # file scores the same as float32 and pruned collapses.
+    res = on_device(four, {"fp32": 0.90, "fp16": 0.90, "int8": 0.90, "pruned": 0.70})
+    rule = Rule(objective="latency", max_accuracy_drop=0.03)
+    host = one(four, res, Policy(default=rule))
+    assert host.lost["pruned"] == "accuracy drop 4 pts > max 3"
+    assert host.variant == "fp32"  # int8 drops 2 points on the host: allowed, but fp32 is fastest here
+
+    device = one(four, res, Policy(default=rule.model_copy(update={"accuracy_source": "device"})))
+    assert device.variant == "fp32"
+    assert device.lost["pruned"] == "on-device accuracy drop 20 pts > max 3"
+    assert device.chosen.accuracy == 0.90 and device.chosen.accuracy_drop == 0.0
+    assert device.chosen.accuracy_source == "device"
+    assert device.to_json()["chosen"]["accuracy_source"] == "device"
+
+
+def test_on_device_accuracy_objective_and_sentences(four: wire.Manifest) -> None:
+    res = on_device(four, {"fp32": 0.90, "fp16": 0.92, "int8": 0.95, "pruned": None})
+    d = one(four, res, Policy(default=Rule(accuracy_source="device")))
+    assert d.variant == "int8"  # the host would pick fp16 (0.97)
+    assert d.why.startswith("highest on-device accuracy of 4 variant(s)")
+    assert "on-device accuracy 0.95" in d.why
+    assert d.lost["fp16"] == "lower on-device accuracy 0.92 < 0.95 (int8)"
+    assert d.lost["pruned"] == "lower on-device accuracy n/a < 0.95 (int8)"  # no figure ranks last
+    limited = Policy(default=Rule(accuracy_source="device", min_accuracy=0.91, max_accuracy_drop=0.5))
+    d = one(four, res, limited)
+    assert d.lost["fp32"] == "on-device accuracy 0.9 < min 0.91"
+    assert d.lost["pruned"] == "no on-device accuracy to compare with the baseline"
+
+
+def test_on_device_drop_falls_back_to_the_hosts_baseline_on_the_same_rows() -> None:
+    m = make_manifest(
+        [
+            wire.Variant(
+                **{
+                    **make_variant("fp32", b"a" * 400, 0.97).model_dump(by_alias=True),
+                    "metrics": wire.HostMetrics(accuracy=0.97, sample_accuracy=0.94, size_bytes=400),
+                }
+            ),
+            make_variant("int8", b"c" * 100, 0.96, "int8"),
+        ]
+    )
+    res = [failed_result(var(m, "fp32"), wire.BenchError.OOM), ok_result(var(m, "int8"), 1.0, accuracy=0.9)]
+    d = one(m, res, Policy(default=Rule(accuracy_source="device", max_accuracy_drop=0.03)))
+    assert d.variant is None
+    assert d.lost["int8"] == "on-device accuracy drop 4 pts > max 3"  # 0.94 (host, sample rows) - 0.90
+
+
+def test_accuracy_source_is_a_validated_policy_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[default]\naccuracy_source = "device"\n[classes.lab]\naccuracy_source = "host"\n')
+    policy = load_policy(path)
+    assert policy.rule_for(None).accuracy_source == "device"
+    assert policy.rule_for("lab").accuracy_source == "host"
+    path.write_text('[default]\naccuracy_source = "sensor"\n')
+    with pytest.raises(PolicyError, match="accuracy_source"):
+        load_policy(path)
 
 
 def test_decide_and_select_agree(four: wire.Manifest) -> None:
