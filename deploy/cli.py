@@ -142,14 +142,29 @@ def _cmd_keys_show(args: argparse.Namespace) -> int:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     from deploy.keys import load_signing_key
+    from deploy.progress import ByteProgress
     from deploy.publish import load_bundle, publish_bundle
 
     bundle = load_bundle(args.bundle)  # before connecting: a broken bundle fails fast
     key = load_signing_key(args.key)
+    bar = ByteProgress("publishing", bundle.total_bytes, sys.stderr)  # drawn on a terminal only
+
+    def say(message: str) -> None:
+        bar.clear()
+        _progress(message)
+
     with _session(args) as session:
-        result = publish_bundle(
-            bundle, key, session, progress=_progress, allow_downgrade=args.allow_downgrade
-        )
+        try:
+            result = publish_bundle(
+                bundle,
+                key,
+                session,
+                progress=say,
+                allow_downgrade=args.allow_downgrade,
+                on_bytes=bar.update,
+            )
+        finally:
+            bar.clear()
     print(
         json.dumps(
             {

@@ -193,8 +193,13 @@ def publish_bundle(
     session: MqttSession,
     progress: Progress = _quiet,
     allow_downgrade: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> PublishResult:
-    """Verify, sign and publish ``bundle`` over ``session`` (see the module docstring for the order)."""
+    """Verify, sign and publish ``bundle`` over ``session`` (see the module docstring for the order).
+
+    ``on_bytes``: called after each chunk is handed to the session's bounded in-flight window, with the
+    bytes of blobs published so far (for a progress bar).
+    """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     manifest = bundle.manifest
@@ -216,7 +221,7 @@ def publish_bundle(
         f"publishing {manifest.model} v{manifest.version}: {len(bundle.files)} blob(s), "
         f"{total / 1048576:.1f} MiB to {session.address}"
     )
-    chunks = 0
+    chunks = done = 0
     for f in bundle.files:
         t0 = time.monotonic()
         for i, chunk in enumerate(_read_chunks(f.path, f.ref.chunk_size)):
@@ -224,6 +229,9 @@ def publish_bundle(
                 raise BundleError(f"bundle file {f.path.name} changed while publishing (chunk {i})")
             session.publish(topics.blob(f.ref.sha256, i), chunk, retain=True)
             chunks += 1
+            done += len(chunk)
+            if on_bytes is not None:
+                on_bytes(done)
         session.flush()
         dt = time.monotonic() - t0
         progress(

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
+import select
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,6 +118,42 @@ def test_publish_cli_chunks_manifest_and_idempotence(
         assert result.manifest.to_json() == payload
         assert retained(s, s.topics.manifest("digits")) == payload
         assert result.cleared_blobs == 0
+
+
+def test_publish_draws_a_progress_bar_on_a_terminal(
+    broker: MosquittoBroker, ns: str, tmp_path: Path, key_path: Path
+) -> None:
+    """``edgefleet publish`` with stderr on a real pseudo-terminal: the bar is drawn and reaches 100 %."""
+    bundle = tmp_path / "bundle"
+    write_bundle(bundle, {"fp32": 3 * 1024 * 1024, "int8": 1024 * 1024}, chunk_size=64 * 1024)
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "deploy", "publish", str(bundle), "--key", str(key_path)]
+    proc = subprocess.Popen(
+        [*cmd, *broker_args(broker, ns)], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            seen += data
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    assert json.loads(out)["bytes"] == 4 * 1024 * 1024
+    text = seen.decode()
+    assert "\r\x1b[2Kpublishing [" in text
+    assert "100% 4.0/4.0 MiB" in text
+    assert "done in" in text  # the log lines still come through, the bar erased before each
 
 
 def test_new_version_clears_obsolete_chunks(broker: MosquittoBroker, ns: str, tmp_path: Path) -> None:
