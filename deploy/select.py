@@ -594,23 +594,18 @@ class _Selector:
             eligible.append((_rank_key(place, b, cand, objective), vid, cand, b))
 
         where = f"class {device_class}" if device_class in policy.classes else "default rule"
+        chosen: Candidate | None = None
+        sha256: str | None = None
         if not eligible:
             keep = f"keeping the current variant {current}" if current else "keeping the current model"
-            return Decision(
-                report.device,
-                manifest.model,
-                manifest.version,
-                policy.name,
-                objective,
-                f"no variant meets policy {policy.name!r} ({where}): {keep}",
-                device_class,
-                current,
-                lost=lost,
-            )
-        eligible.sort(key=lambda e: e[:2])  # the variant id settles exact ties
-        wk, _, w, wb = eligible[0]
-        for lk, vid, cand, _b in eligible[1:]:
-            lost[vid] = _lost_to(cand, w, objective, lk, wk)
+            why = f"no variant meets policy {policy.name!r} ({where}): {keep}"
+        else:
+            eligible.sort(key=lambda e: e[:2])  # the variant id settles exact ties
+            wk, _, chosen, wb = eligible[0]
+            sha256 = wb.sha256
+            for lk, vid, cand, _b in eligible[1:]:
+                lost[vid] = _lost_to(cand, chosen, objective, lk, wk)
+            why = _why_chosen(chosen, objective, len(eligible), policy.name, where)
         if len(lost) > 1:
             lost = {b.id: lost[b.id] for b in self.bases if b.id in lost}  # manifest order
         return Decision(
@@ -619,13 +614,13 @@ class _Selector:
             manifest.version,
             policy.name,
             objective,
-            _why_chosen(w, objective, len(eligible), policy.name, where),
+            why,
             device_class,
             current,
-            w.variant,
-            wb.sha256,
+            chosen.variant if chosen is not None else None,
+            sha256,
             lost,
-            w,
+            chosen,
         )
 
 
