@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def test_importing_the_compressor_loads_no_tensorflow() -> None:
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))))"
     )
     out = subprocess.run(
-        ["/work/venv/bin/python", "-c", code],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
