@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
-from deploy.errors import StateError
+from deploy.errors import PolicyError, StateError
 from deploy.mqtt import Bus
-from deploy.select import Decision, Policy, select
+from deploy.select import Decision, Policy, select, unreachable_rules
 from deploy.state import FleetState, collect_state
 
 Progress = Callable[[str], None]
@@ -39,6 +39,9 @@ def plan(state: FleetState, model: str, policy: Policy, devices: Iterable[str] |
     manifest = state.manifests.get(model)
     if manifest is None:
         raise StateError(f"the broker holds no manifest for model {model!r}: publish a bundle first")
+    unreachable = unreachable_rules(policy, manifest)
+    if unreachable:
+        raise PolicyError("; ".join(unreachable))
     reports = state.reports_for(model)
     wanted = set(devices) if devices is not None else None
     if wanted is not None:

@@ -69,9 +69,9 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent import wire
 from deploy.errors import PolicyError
@@ -97,9 +97,9 @@ class Rule(_Strict):
     max_p95_ms: float | None = Field(default=None, gt=0, description="p95 latency on the device, ms")
     max_p99_ms: float | None = Field(default=None, gt=0, description="p99 latency on the device, ms")
     max_accuracy_drop: float | None = Field(
-        default=None, ge=0, le=1, description="baseline host accuracy minus this variant's (fraction)"
+        default=None, ge=0, le=1, description="baseline accuracy minus this variant's (fraction)"
     )
-    min_accuracy: float | None = Field(default=None, ge=0, le=1, description="host accuracy (fraction)")
+    min_accuracy: float | None = Field(default=None, ge=0, le=1, description="accuracy (fraction)")
     max_energy_mj: float | None = Field(default=None, gt=0, description="energy per inference, mJ")
     max_peak_rss_mb: float | None = Field(default=None, gt=0, description="peak RSS of the bench child, MiB")
     reject_throttled: bool = Field(default=False, description="a throttled run does not count")
@@ -109,6 +109,28 @@ class Policy(_Strict):
     name: str = Field(default="default", min_length=1, max_length=200)
     default: Rule = Field(default_factory=Rule)
     classes: dict[wire.Identifier, Rule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _limits_can_all_matter(self) -> Self:
+        """A rule (after a class's overlay) whose p99 limit is below its p95 limit is a mistake: p99 is
+        never below p95, so the p95 limit could never decide anything (swapped values, most likely)."""
+        for where, rule in self.rules():
+            if (
+                rule.max_p95_ms is not None
+                and rule.max_p99_ms is not None
+                and rule.max_p99_ms < rule.max_p95_ms
+            ):
+                raise ValueError(
+                    f"{where}: max_p99_ms {rule.max_p99_ms:g} is below max_p95_ms {rule.max_p95_ms:g}; "
+                    "a p99 is never below its p95, so the p95 limit could never matter (swapped?)"
+                )
+        return self
+
+    def rules(self) -> list[tuple[str, Rule]]:
+        """Every rule a device can get, named as in the file: the default, then each class overlaid."""
+        return [("default", self.default)] + [
+            (f"classes.{c}", self.rule_for(c)) for c in sorted(self.classes)
+        ]
 
     def rule_for(self, device_class: str | None) -> Rule:
         override = self.classes.get(device_class) if device_class else None
@@ -138,6 +160,8 @@ def _explain(err: ValidationError, source: str) -> str:
             guess = difflib.get_close_matches(last, list(fields), n=1)
             hint = f" (did you mean {guess[0]!r}?)" if guess else ""
             lines.append(f"{source}: unknown key {loc!r}{hint}")
+        elif not loc:  # a check across keys (model validator): its message names them
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {loc}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
@@ -479,6 +503,28 @@ def _why_chosen(w: Candidate, objective: Objective, n_ok: int, policy: str, wher
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
     return f"{best} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(figures)
+
+
+def unreachable_rules(policy: Policy, manifest: wire.Manifest) -> list[str]:
+    """The rules of ``policy`` no variant of ``manifest`` can meet, whatever devices report: one line each.
+
+    Only host accuracy is known before devices report, so this catches accuracy limits (with
+    ``accuracy_source = "host"``) that every variant fails, such as a ``min_accuracy`` above the best
+    variant's accuracy: such a rule would keep every device of its class on its current model.
+    """
+    bases = _prepare(manifest)
+    problems = []
+    for where, rule in policy.rules():
+        if rule.accuracy_source != "host":
+            continue
+        verdicts = {b.id: _accuracy_violation(b.accuracy, b.accuracy_drop, rule, "host") for b in bases}
+        if all(v is not None for v in verdicts.values()):
+            why = "; ".join(f"{vid}: {v}" for vid, v in verdicts.items())
+            problems.append(
+                f"policy {policy.name!r} {where}: no variant of {manifest.model} v{manifest.version} "
+                f"meets its accuracy limits ({why})"
+            )
+    return problems
 
 
 def decide(

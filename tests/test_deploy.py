@@ -21,7 +21,7 @@ from deploy.errors import BundleError, PolicyError, SigningKeyError, StateError
 from deploy.fleet import decisions_table, fleet_rows, fleet_table
 from deploy.keys import init_keys, load_signing_key, trusted_keys
 from deploy.publish import load_bundle, referenced_blobs
-from deploy.select import Policy, Rule, decide, load_policy, select
+from deploy.select import Policy, Rule, decide, load_policy, select, unreachable_rules
 from deploy.state import parse_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -610,6 +610,11 @@ def test_policy_from_toml(tmp_path: Path) -> None:
         ("[classes.Fast]\nobjective = 'latency'\n", "classes.Fast"),
         ("defaults = 1\n", "unknown key 'defaults' (did you mean 'default'?)"),
         ("[default\n", "not valid TOML"),
+        ("[default]\nmax_p95_ms = 50\nmax_p99_ms = 20\n", "default: max_p99_ms 20 is below max_p95_ms 50"),
+        (
+            "[default]\nmax_p95_ms = 50\n[classes.fast]\nmax_p99_ms = 20\n",
+            "classes.fast: max_p99_ms 20 is below max_p95_ms 50",
+        ),
     ],
 )
 def test_policy_errors_name_the_key(tmp_path: Path, text: str, expect: str) -> None:
@@ -761,6 +766,31 @@ def test_plan_and_signed_assignment(four: wire.Manifest) -> None:
         plan(state, "nomodel", policy)
     table = decisions_table(p.decisions)
     assert "pi1" in table and "pruned" in table and "    fp32: " in table
+
+
+def test_a_rule_no_variant_can_meet_is_refused_before_planning(four: wire.Manifest) -> None:
+    """Host accuracies 0.97, 0.97, 0.95, 0.93: a class asking for 0.98 would keep its devices unchanged."""
+    policy = Policy.from_mapping(
+        {
+            "default": {"max_accuracy_drop": 0.03},
+            "classes": {
+                "picky": {"min_accuracy": 0.98},
+                "lab": {"min_accuracy": 0.98, "accuracy_source": "device"},  # unknown until devices report
+            },
+        },
+        name="lab",
+    )
+    problems = unreachable_rules(policy, four)
+    assert problems == [
+        "policy 'lab' classes.picky: no variant of digits v1 meets its accuracy limits (fp32: accuracy 0.97 "
+        "< min 0.98; fp16: accuracy 0.97 < min 0.98; int8: accuracy 0.95 < min 0.98; pruned: accuracy drop "
+        "4 pts > max 3)"
+    ]
+    assert unreachable_rules(Policy(), four) == []
+    topics = wire.Topics()
+    state = parse_state(raw_state(topics, four, Ed25519PrivateKey.generate()), topics)
+    with pytest.raises(PolicyError, match=r"classes\.picky"):
+        plan(state, "digits", policy)
 
 
 def test_fleet_rows(four: wire.Manifest) -> None:
