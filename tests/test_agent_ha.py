@@ -28,8 +28,11 @@ def _collect(broker: MosquittoBroker, topic: str, until: float) -> dict[str, tup
     lock = threading.Lock()
 
     def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        # The latest payload; retained if any delivery was: a topic retained on the broker reaches a new
+        # subscriber first as a retained copy, and the agent may publish it again (live) meanwhile.
         with lock:
-            got[msg.topic] = (bytes(msg.payload), bool(msg.retain))
+            retained = bool(msg.retain) or got.get(msg.topic, (b"", False))[1]
+            got[msg.topic] = (bytes(msg.payload), retained)
 
     c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"ha-{time.time()}")
     c.on_message = on_message
