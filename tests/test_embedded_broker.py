@@ -212,7 +212,7 @@ def test_ctrl_c_of_demo_on_amqtt_stops_broker_and_agents(tmp_path: Path) -> None
             if proc.poll() is None:
                 proc.kill()
         out = proc.stdout.read()
-    err = proc.stderr.read()
+        err = proc.stderr.read()
     assert code == 130 and out == "", f"exit {code}, stdout {out[-500:]!r}, stderr {err[-2000:]}"
     end = time.monotonic() + 15
     while any(alive(p) for p in pids) and time.monotonic() < end:
