@@ -40,6 +40,7 @@ from deploy.errors import BrokerError, DeployError
 EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_FAILED = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -353,12 +354,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (DeployError, wire.WireError) as err:
-        _err(str(err))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    except BaseException as err:
+        if _after_interrupt(err):
+            # Ctrl-C, or something that failed while the commands' cleanup ran because of it (a lock
+            # released twice when the signal landed inside a Condition.wait, a timeout while stopping):
+            # the user interrupted, and every context manager still ran its cleanup.
+            extra = ""
+            if not isinstance(err, KeyboardInterrupt):
+                extra = f" ({type(err).__name__} while stopping: {err})"
+            _err(f"interrupted{extra}")
+            return EXIT_INTERRUPTED
+        if isinstance(err, (DeployError, wire.WireError)):
+            _err(str(err))
+            return EXIT_FAILED
+        raise
+
+
+def _after_interrupt(err: BaseException | None) -> bool:
+    """True if ``err`` is a KeyboardInterrupt or was raised while handling one (its context chain)."""
+    seen = 0
+    while err is not None and seen < 20:  # chains are short; the bound guards against a cycle
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
 
 
 if __name__ == "__main__":

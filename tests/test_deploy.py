@@ -858,3 +858,32 @@ def test_deploy_modules_never_load_tensorflow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True
     )
     assert out.stdout.strip() == "", f"deploy loaded {out.stdout.strip()}"
+
+
+def test_an_error_while_stopping_after_ctrl_c_still_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal landing inside a Condition.wait can make the cleanup fail (a lock released twice): the
+    user still pressed Ctrl-C, so the exit is 130 with one line, not a traceback and exit 1."""
+    import argparse
+
+    def interrupted_then_broken(_args: argparse.Namespace) -> int:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock") from None
+
+    def broken(_args: argparse.Namespace) -> int:
+        raise RuntimeError("a bug")
+
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=interrupted_then_broken)
+    assert cli.main([]) == 130
+    assert (
+        "interrupted (RuntimeError while stopping: cannot release un-acquired lock)"
+        in capsys.readouterr().err
+    )
+    parser.set_defaults(func=broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # an error unrelated to Ctrl-C is not hidden
+        cli.main([])
