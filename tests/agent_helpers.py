@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_agent_integration import PY
 
 from agent.wire import Assignment, Command, CommandAction, sign
 
@@ -30,6 +30,9 @@ def start_agent(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subp
     full.update(env or {})
     with log.open("ab") as fh:
         return subprocess.Popen([PY, "-m", "agent", "--config", str(cfg)], stderr=fh, env=full)
+
+
+PY = sys.executable  # the interpreter the agents run under: the tests' own
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:

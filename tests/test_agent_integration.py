@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from agent_helpers import PY, kill9, terminate
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
@@ -41,6 +41,7 @@ from agent.wire import (
     Variant,
     blob_fields,
     iter_chunks,
+    sha256_hex,
     sign,
 )
 from deploy.broker import MosquittoBroker, find_mosquitto
@@ -50,7 +51,6 @@ pytestmark = [
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed"),
 ]
 
-PY = sys.executable
 DEVICE = "pi-test"
 MODEL = "digits"
 CHUNK = 1024  # small chunks so one blob needs more than the 32-subscription window
@@ -398,13 +398,10 @@ def test_agent_end_to_end(broker: MosquittoBroker, tiny_models: Path, tmp_path: 
         bus.wait_for(is_event("rejected", reason="NO_PREVIOUS", correlation_id="c2"), timeout=20)
 
         # ---- SIGTERM → offline status, exit 0
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        assert terminate(proc) == 0
         bus.wait_for(lambda t, o: t == topics.status(DEVICE) and o.get("online") is False, timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        kill9(proc)
         bus.close()
         print(log_path.read_text(errors="replace")[-6000:])
 
@@ -452,9 +449,7 @@ def test_resume_after_kill_fetches_only_missing_chunks(tiny_models: Path, tmp_pa
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=20) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+            kill9(proc)
             bus.close()
 
 
@@ -509,18 +504,11 @@ def test_mqtt_311_disk_full_and_ping(tiny_models: Path, tmp_path: Path) -> None:
             )
             bus.publish(topics.cmd(DEVICE), ping.to_json(), retain=False)
             bus.wait_for(is_event("pong", correlation_id="p1"), timeout=20)
-            assert not (tmp_path / "store" / "blobs" / f"{variants_sha(f32)}.tflite").exists()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
+            assert not (tmp_path / "store" / "blobs" / f"{sha256_hex(f32)}.tflite").exists()
+            assert terminate(proc) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+            kill9(proc)
             bus.close()
-
-
-def variants_sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- connection
@@ -570,12 +558,9 @@ def test_mqtt_311_full_loop(tiny_models: Path, tmp_path: Path) -> None:
             assert report["results"][0]["ok"]
             bus.publish(topics.assign(DEVICE, MODEL), _signed_assignment(key, v))
             bus.wait_for(is_event("committed", variant="float32"), timeout=30)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=20) == 0
+            assert terminate(proc) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+            kill9(proc)
             bus.close()
 
 
@@ -593,8 +578,7 @@ def test_offline_queue_and_reconnect_after_broker_restart(tmp_path: Path) -> Non
     bus.proc = proc
     try:
         _online(bus)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        assert terminate(proc) == 0
         bus.publish(topics.cmd(DEVICE), _ping(key, "queued1"), retain=False)  # agent offline
         proc = start_agent(cfg, log_path)
         bus.proc = proc
@@ -610,12 +594,9 @@ def test_offline_queue_and_reconnect_after_broker_restart(tmp_path: Path) -> Non
         bus.publish(topics.cmd(DEVICE), _ping(key, "after1"), retain=False)
         bus.wait_for(is_event("pong", correlation_id="after1"), timeout=20)
         assert "disconnected from the broker" in log_path.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        assert terminate(proc) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        kill9(proc)
         bus.close()
         broker.stop()
 
@@ -672,13 +653,10 @@ def test_tls_with_password_and_with_client_certificate(tmp_path: Path) -> None:
                     bus.publish(topics.cmd(DEVICE), _ping(key, f"tls{n}"), retain=False)
                     bus.wait_for(is_event("pong", correlation_id=f"tls{n}"), timeout=20)
                     assert "connecting to mqtts://" in (tmp_path / f"agent{n}.log").read_text()
-                    proc.send_signal(signal.SIGTERM)
-                    assert proc.wait(timeout=20) == 0
+                    assert terminate(proc) == 0
                     with bus.cond:
                         bus.messages.clear()
                 finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait(timeout=10)
+                    kill9(proc)
         finally:
             bus.close()
