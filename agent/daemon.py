@@ -108,6 +108,7 @@ class Agent:
         self.topics = Topics(config.mqtt.namespace)
         self.store = Store(config.store.path)
         self.store.ensure()
+        self.store.sweep_stale_temp_files()
         self.book = StateBook(self.store)
         self.book.load()
         self.trusted = config.trusted_keys()

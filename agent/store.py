@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 BlobKind = Literal["tflite", "npz"]
 _MIB = 1024 * 1024
+# Every atomic write goes through `.{name}.tmp-{pid}`; a process killed mid-write leaves one behind.
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 def fsync_dir(path: Path) -> None:
@@ -149,6 +152,28 @@ class Store:
             counters.mkdir()
             with contextlib.suppress(OSError):
                 os.chmod(counters, 0o770)  # noqa: S103 - the edgefleet group's applications write counts
+
+    def sweep_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files of processes that died between writing and renaming (kill -9, power cut).
+
+        Only a temp file whose writer is gone is removed: this process's own, and a live process's
+        (a second agent wrongly sharing the store), are left alone. Returns what was removed.
+        """
+        dirs = [self.root, self.blobs, self.partial, self.models]
+        for base in (self.partial, self.models):
+            if base.is_dir():
+                dirs += [d for d in base.iterdir() if d.is_dir() and not d.is_symlink()]
+        removed = []
+        for d in dirs:
+            for path in d.iterdir() if d.is_dir() else []:
+                match = _TEMP_NAME.match(path.name)
+                if match and not _alive(int(match.group(1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    removed.append(path)
+        if removed:
+            log.info("store: removed %d temp file(s) left by a process that died mid-write", len(removed))
+        return removed
 
     # ---------------------------------------------------------------- blobs and chunks
 
@@ -395,3 +420,16 @@ class Store:
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def _alive(pid: int) -> bool:
+    """True if a process with this PID exists (ours included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

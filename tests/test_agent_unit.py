@@ -135,6 +135,37 @@ def _put_blob(store: Store, data: bytes) -> str:
     return ref.sha256
 
 
+def test_temp_files_of_dead_writers_are_swept_at_start(tmp_path: Path) -> None:
+    """A kill -9 between a temp write and its rename leaves `.{name}.tmp-{pid}`: the next start removes
+    those whose writer is gone, and never a live process's (ours, or another's)."""
+    store = Store(tmp_path / "store")
+    store.ensure()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sha = "a" * 64
+    (store.partial / sha).mkdir()
+    (store.models / "digits").mkdir()
+    stale = [
+        store.partial / sha / f".3.tmp-{dead.pid}",
+        store.blobs / f".{sha}.tflite.tmp-{dead.pid}",
+        store.root / f".state.json.tmp-{dead.pid}",
+    ]
+    kept = [
+        store.partial / sha / f".4.tmp-{os.getpid()}",
+        store.models / "digits" / f".active.json.tmp-{os.getppid()}",
+        store.partial / sha / "3",  # a finished chunk
+        store.blobs / f"{sha}.tflite",
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    os.symlink(store.blobs / f"{sha}.tflite", store.models / "digits" / f".active.tflite.tmp-{dead.pid}")
+    stale.append(store.models / "digits" / f".active.tflite.tmp-{dead.pid}")
+    assert sorted(store.sweep_stale_temp_files()) == sorted(stale)
+    assert not any(os.path.lexists(p) for p in stale)
+    assert all(p.exists() for p in kept)
+    assert store.sweep_stale_temp_files() == []
+
+
 def test_activate_swaps_atomically_and_restores_previous(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.ensure()
