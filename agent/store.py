@@ -11,7 +11,8 @@
     counters/<model>.count         inferences applications served (agent.active), summed in telemetry
 
 Every write is a temp file in the same directory + fsync + ``os.replace`` + fsync of the directory, so a
-power cut leaves either the old or the new file, never a torn one.
+power cut leaves either the old or the new file, never a torn one. A crash between the write and the rename
+leaves the temp file (``.{name}.tmp-{pid}``); the next start sweeps those whose writer is gone.
 
 One exception, for fetch speed: chunks in ``partial/`` are written temp file + ``os.replace`` without
 fsync (two fsyncs per 256 KiB chunk were half the time of a fetch). A process crash cannot tear them
