@@ -356,6 +356,11 @@ class TensorSpec(WireModel):
 
 
 Quantization = Literal["none", "float16", "dynamic_int8", "int8", "weight_only_int8", "int16x8"]
+# Named metrics: lowercase identifiers such as accuracy, cosine, sqnr_db, max_abs, top1_agreement, miou.
+METRIC_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+MetricName = Annotated[str, StringConstraints(pattern=METRIC_PATTERN)]
+# JSON has no infinity: identical outputs have an SQNR of this many dB.
+MAX_SQNR_DB = 300.0
 
 
 class HostMetrics(WireModel):
@@ -376,6 +381,50 @@ class HostMetrics(WireModel):
     params: int | None = Field(default=None, ge=0)
     macs: int | None = Field(default=None, ge=0)
     latency_ms_p50: float | None = Field(default=None, ge=0, description="host, 1 thread")
+    named: dict[MetricName, float] = Field(
+        default_factory=dict,
+        description="named metrics of this file on held-out rows (accuracy, cosine, sqnr_db, max_abs, "
+        "top1_agreement, or a user evaluator's, e.g. miou); directions in Manifest.metrics",
+    )
+
+    def value(self, name: str) -> float | None:
+        """A named metric, falling back to the fixed fields for ``accuracy`` and ``agreement``."""
+        if name in self.named:
+            return self.named[name]
+        if name == "accuracy":
+            return self.accuracy
+        if name in ("agreement", "top1_agreement"):
+            return self.agreement
+        return None
+
+
+class MetricInfo(WireModel):
+    """What a named metric means: which way is better and where it comes from."""
+
+    direction: Literal["higher", "lower"]
+    source: Literal["labels", "fidelity", "evaluator"] = "fidelity"
+    description: str | None = Field(default=None, max_length=300)
+
+
+class OutputTolerance(WireModel):
+    """How far a device's outputs on the sample may depart from the host's outputs of the same file.
+
+    The host and the device run the same bytes, so a healthy runtime agrees almost exactly; an old
+    runtime that loads a model and computes garbage falls far outside these bounds.
+    """
+
+    min_cosine: float = Field(default=0.99, ge=-1, le=1)
+    min_sqnr_db: float | None = Field(default=20.0, description="signal-to-quantization-noise ratio, dB")
+    max_abs: float | None = Field(default=None, ge=0, description="largest absolute difference allowed")
+
+
+class OutputFidelity(WireModel):
+    """Outputs of a file compared with reference outputs (worst over every output tensor and row set)."""
+
+    rows: int = Field(ge=0)
+    cosine: float = Field(ge=-1.0001, le=1.0001)
+    sqnr_db: float = Field(description=f"capped at {MAX_SQNR_DB:g} dB for identical outputs")
+    max_abs: float = Field(ge=0)
 
 
 class Variant(BlobRef):
@@ -390,7 +439,16 @@ class Variant(BlobRef):
         default=None, pattern=r"^\d+\.\d+(\.\d+)?$", description="oldest TFLite runtime this file is safe on"
     )
     sample: BlobRef | None = Field(
-        default=None, description="labelled evaluation sample (.npz with x, y) in this variant's input dtype"
+        default=None,
+        description="evaluation sample (.npz): inputs x (one input) or x_0, x_1, ... in this variant's "
+        "input dtypes, optional labels y, and ref_0, ref_1, ...: this file's outputs on the host "
+        "(float32, dequantized), which a device must reproduce within output_tolerance",
+    )
+    output_tolerance: OutputTolerance | None = Field(
+        default=None, description="device outputs vs ref_* of the sample; absent: no output check"
+    )
+    required_custom_ops: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list, description="custom ops a runtime must be built with to load this file"
     )
     notes: list[str] = Field(default_factory=list)
 
@@ -407,13 +465,28 @@ class Variant(BlobRef):
 
 
 class Manifest(Message):
-    SCHEMA: ClassVar[str] = "edgefleet.manifest/1"
-    schema_: Literal["edgefleet.manifest/1"] = Field(default="edgefleet.manifest/1", alias="schema")
+    """Schema 2 adds the generic task, named metrics, reference outputs and custom ops; a schema-1
+    manifest (classification only) still verifies and decodes: its fields are a subset."""
+
+    SCHEMA: ClassVar[str] = "edgefleet.manifest/2"
+    schema_: Literal["edgefleet.manifest/1", "edgefleet.manifest/2"] = Field(
+        default="edgefleet.manifest/2", alias="schema"
+    )
     model: Identifier
     version: int = Field(ge=1, description="monotonic; a device refuses a version older than it holds")
     created_at: float
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "generic"] = Field(
+        default="classification",
+        description="classification: labels and accuracy; generic: any outputs, judged by their "
+        "fidelity to the float reference and by user metrics",
+    )
     labels: list[str] = Field(default_factory=list)
+    metrics: dict[MetricName, MetricInfo] = Field(
+        default_factory=dict, description="every named metric the variants carry, with its direction"
+    )
+    primary_metric: MetricName | None = Field(
+        default=None, description="the metric 'best' means when a policy names none (e.g. accuracy, cosine)"
+    )
     baseline: Identifier = Field(description="id of the float32 reference variant")
     variants: list[Variant] = Field(min_length=1)
     signature: Signature | None = None
@@ -551,6 +624,9 @@ class BenchResult(WireModel):
     energy: Energy | None = None
     accuracy: float | None = Field(default=None, ge=0, le=1, description="on the bundle's sample, on device")
     agreement: float | None = Field(default=None, ge=0, le=1)
+    fidelity: OutputFidelity | None = Field(
+        default=None, description="this device's outputs on the sample against the host's (ref_*)"
+    )
     ts: float
 
     @model_validator(mode="after")

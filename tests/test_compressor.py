@@ -408,7 +408,7 @@ def test_cli_compresses_a_keras_file_with_an_npz(tmp_path: Path, capsys: pytest.
     captured = capsys.readouterr()
     assert "bundle:" in captured.out and "convert int8" in captured.err
     assert "accuracy" in captured.out.splitlines()[0]  # the summary table's header
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema"] == "edgefleet.manifest/1"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["schema"] == "edgefleet.manifest/2"
 
 
 @pytest.mark.slow
