@@ -71,7 +71,7 @@ def is_class_vector(shape: Sequence[int]) -> bool:
 
 def top1(output: np.ndarray) -> np.ndarray:
     arr = np.asarray(output)
-    return np.argmax(arr.reshape(len(arr), -1), axis=1)
+    return np.asarray(np.argmax(arr.reshape(len(arr), -1), axis=1))
 
 
 def compare_tensor(reference: np.ndarray, output: np.ndarray) -> TensorFidelity:
@@ -142,7 +142,7 @@ def sample_arrays(
 
 
 def _indexed(sample: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
-    found = []
+    found: list[np.ndarray] = []
     while f"{prefix}_{len(found)}" in sample:
         found.append(sample[f"{prefix}_{len(found)}"])
     return found

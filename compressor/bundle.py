@@ -25,14 +25,26 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
-from agent.wire import BlobRef, HostMetrics, Manifest, Variant, blob_fields
+from agent.fidelity import sample_arrays
+from agent.wire import (
+    MAX_SQNR_DB,
+    BlobRef,
+    HostMetrics,
+    Manifest,
+    MetricInfo,
+    OutputTolerance,
+    Variant,
+    blob_fields,
+)
 from compressor.errors import BundleWriteError, VariantFailure
 from compressor.evaluate import Evaluation, quantize_input
 
 SAMPLE_SIZE = 128
+SAMPLE_MAX_BYTES = 4 * 1024 * 1024  # inputs + reference outputs of a sample; big images ship fewer rows
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 PLOT = "accuracy_vs_size.png"
@@ -53,14 +65,17 @@ class BuiltVariant:
     techniques: list[str]
     tflite: bytes
     evaluation: Evaluation
-    accuracy_drop: float
-    agreement: float
+    accuracy_drop: float | None
+    agreement: float | None
     params: int | None
     macs: int | None
     min_runtime: str | None
-    sample: bytes
+    sample: bytes | None
     sample_accuracy: float | None = None  # this file's accuracy on exactly the rows of ``sample``
     notes: list[str] = field(default_factory=list)
+    named: dict[str, float] = field(default_factory=dict)
+    required_custom_ops: list[str] = field(default_factory=list)
+    tolerance: OutputTolerance | None = None
 
     @property
     def file(self) -> str:
@@ -75,17 +90,45 @@ def sample_file_name(variant_id: str) -> str:
     return f"{variant_id}.sample.npz"
 
 
-def sample_accuracy(y: np.ndarray, evaluation: Evaluation, count: int = SAMPLE_SIZE) -> float:
-    """Accuracy on the rows :func:`sample_npz` ships (the first ``count`` held-out samples)."""
-    n = min(count, len(y), len(evaluation.predictions))
+def sample_rows(evaluation: Evaluation, count: int = SAMPLE_SIZE, max_bytes: int = SAMPLE_MAX_BYTES) -> int:
+    """How many held-out rows the sample ships: ``count``, fewer when inputs and outputs are large (at
+    least 4, so a device always has something to compare)."""
+    n = evaluation.eval_samples
+    per_row = sum(int(np.prod(s.shape[1:] or [1])) * np.dtype(s.dtype).itemsize for s in evaluation.inputs)
+    per_row += sum(int(np.prod(v.shape[1:] or (1,))) * 4 for v in evaluation.output_values)
+    fit = max(4, max_bytes // max(per_row, 1))
+    return int(min(count, n, fit))
+
+
+def sample_accuracy(y: np.ndarray | None, evaluation: Evaluation, count: int = SAMPLE_SIZE) -> float | None:
+    """Accuracy on the rows :func:`sample_npz` ships (the first rows of the held-out split)."""
+    if y is None or evaluation.predictions is None:
+        return None
+    n = sample_rows(evaluation, count)
     return float(np.mean(evaluation.predictions[:n] == np.asarray(y[:n]).astype(np.int64)))
 
 
-def sample_npz(x: np.ndarray, y: np.ndarray, evaluation: Evaluation, count: int = SAMPLE_SIZE) -> bytes:
-    """The first ``count`` held-out samples, inputs already in the variant's input dtype."""
-    xq = quantize_input(x[:count], evaluation.inputs[0])
+def sample_npz(
+    inputs: tuple[np.ndarray, ...] | np.ndarray,
+    y: np.ndarray | None,
+    evaluation: Evaluation,
+    count: int = SAMPLE_SIZE,
+) -> bytes:
+    """The first held-out rows in the file's input order and dtypes, the file's own outputs on them
+    (``ref_*``, float32, in the file's output order) and the labels when there are any."""
+    rows = (inputs,) if isinstance(inputs, np.ndarray) else inputs
+    n = sample_rows(evaluation, count)
+    order = evaluation.input_order or tuple(range(len(rows)))
+    fed = [quantize_input(rows[order[k]][:n], spec) for k, spec in enumerate(evaluation.inputs)]
+    refs: list[np.ndarray] = []
+    if evaluation.output_values:
+        out_order = evaluation.output_order or tuple(range(len(evaluation.output_values)))
+        by_file = {pos: j for j, pos in enumerate(out_order)}
+        refs = [evaluation.output_values[by_file[pos]][:n] for pos in range(len(out_order))]
+    labels = None if y is None else np.ascontiguousarray(y[:n], dtype=np.int64)
     buf = io.BytesIO()
-    np.savez(buf, x=xq, y=np.ascontiguousarray(y[:count], dtype=np.int64))
+    arrays: dict[str, Any] = sample_arrays(fed, refs, labels)
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
@@ -102,6 +145,7 @@ def make_variant(bv: BuiltVariant) -> Variant:
         params=bv.params,
         macs=bv.macs,
         latency_ms_p50=ev.latency_ms_p50,
+        named=bv.named,
     )
     return Variant(
         **blob_fields(bv.tflite),
@@ -113,19 +157,32 @@ def make_variant(bv: BuiltVariant) -> Variant:
         outputs=ev.outputs,
         metrics=metrics,
         min_runtime=bv.min_runtime,
-        sample=BlobRef.of(bv.sample),
+        sample=BlobRef.of(bv.sample) if bv.sample is not None else None,
+        output_tolerance=bv.tolerance if bv.sample is not None else None,
+        required_custom_ops=bv.required_custom_ops,
         notes=bv.notes,
     )
 
 
 def make_manifest(
-    model_id: str, created_at: float, labels: Sequence[str], variants: Sequence[BuiltVariant], baseline: str
+    model_id: str,
+    created_at: float,
+    labels: Sequence[str],
+    variants: Sequence[BuiltVariant],
+    baseline: str,
+    *,
+    task: Literal["classification", "generic"] = "classification",
+    metrics: Mapping[str, MetricInfo] | None = None,
+    primary_metric: str | None = None,
 ) -> Manifest:
     return Manifest(
         model=model_id,
         version=max(1, int(created_at * 1000)),
         created_at=created_at,
+        task=task,
         labels=list(labels),
+        metrics=dict(metrics or {}),
+        primary_metric=primary_metric,
         baseline=baseline,
         variants=[make_variant(v) for v in variants],
     )
@@ -139,19 +196,22 @@ def render_report(
     lines = [
         f"# Bundle `{manifest.model}` version {manifest.version}",
         "",
-        f"Baseline: `{manifest.baseline}`. Every figure is measured on the .tflite file itself with "
-        "ai-edge-litert on the held-out test split; latency is the host median, 1 thread. Parameters "
-        "and MACs are read from the .tflite graph (Conv2D, DepthwiseConv2D, FullyConnected). Drop is in "
-        "points against float32; agreement is top-1 agreement with float32 on the same inputs.",
+        f"Task: {manifest.task}. Baseline: `{manifest.baseline}`. Every figure is measured on the .tflite "
+        "file itself with ai-edge-litert on the held-out rows; latency is the host median, 1 thread. "
+        "Parameters and MACs are read from the .tflite graph (Conv2D, DepthwiseConv2D, FullyConnected). "
+        "Drop is in points against the baseline; agreement is top-1 agreement with it on the same inputs; "
+        "cosine and SQNR compare every output with the baseline's on the same rows (worst output); "
+        "'x smaller' is the baseline file's size over this file's.",
         "",
         *summary_table(manifest, markdown=True),
     ]
     n = manifest.variants[0].metrics.eval_samples
     lines += [
         "",
-        f"Evaluation samples: {n}. Each `<variant>.sample.npz` holds the same first "
-        f"{SAMPLE_SIZE if n is None else min(SAMPLE_SIZE, n)} test inputs in the same order, in that "
-        "variant's input dtype.",
+        f"Evaluation rows: {n}. Each `<variant>.sample.npz` holds the same first "
+        f"{SAMPLE_SIZE if n is None else min(SAMPLE_SIZE, n)} (fewer for large inputs) held-out inputs in "
+        "the same order, in that variant's input dtypes, with the variant's own outputs on them (ref_*), "
+        "which a device must reproduce within the manifest's output tolerance.",
     ]
     techniques = {t for v in manifest.variants for t in v.techniques}
     if techniques & {"magnitude_prune", "cluster"}:
@@ -171,65 +231,78 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_COLUMNS = (
-    "variant",
-    "quant",
-    "accuracy",
-    "drop",
-    "agreement",
-    "size KiB",
-    "gzip KiB",
-    "params",
-    "MACs",
-    "p50 ms",
-    "min rt",
-)
+def _columns(manifest: Manifest) -> list[tuple[str, Callable[[Variant], str], bool]]:
+    """(header, cell, left-aligned) of the summary: task metrics first, then fidelity, size, speed."""
+    base = manifest.variant(manifest.baseline).metrics.size_bytes
+    cols: list[tuple[str, Callable[[Variant], str], bool]] = [
+        ("variant", lambda v: v.id, True),
+        ("quant", lambda v: v.quantization, True),
+    ]
+    if manifest.task == "classification":
+        cols += [
+            ("accuracy", lambda v: _pct(v.metrics.accuracy), False),
+            ("drop", lambda v: _pts(v.metrics.accuracy_drop), False),
+            ("agreement", lambda v: _pct(v.metrics.agreement), False),
+        ]
+    user = [n for n, info in manifest.metrics.items() if info.source == "evaluator"]
+    for name in user:
+        cols.append((name, _metric_cell(name), False))
+    cols += [
+        ("cosine", lambda v: _fixed(v.metrics.named.get("cosine"), 5), False),
+        ("SQNR dB", lambda v: _db(v.metrics.named.get("sqnr_db")), False),
+        ("size KiB", lambda v: f"{v.metrics.size_bytes / 1024:.1f}", False),
+        ("x smaller", lambda v: f"{base / v.metrics.size_bytes:.2f}", False),
+        ("gzip KiB", lambda v: _kib(v.metrics.gzip_bytes), False),
+        ("params", lambda v: _int(v.metrics.params), False),
+        ("MACs", lambda v: _int(v.metrics.macs), False),
+        ("p50 ms", lambda v: _ms(v.metrics.latency_ms_p50), False),
+        ("min rt", lambda v: v.min_runtime or "?", True),
+    ]
+    return cols
 
 
-_LEFT = (0, 1, 10)  # text columns
+def _metric_cell(name: str) -> Callable[[Variant], str]:
+    return lambda v: _num(v.metrics.value(name))
 
 
 def summary_rows(manifest: Manifest) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for v in manifest.variants:
-        m = v.metrics
-        rows.append(
-            (
-                v.id,
-                v.quantization,
-                _pct(m.accuracy),
-                _pts(m.accuracy_drop),
-                _pct(m.agreement),
-                f"{m.size_bytes / 1024:.1f}",
-                _kib(m.gzip_bytes),
-                _int(m.params),
-                _int(m.macs),
-                _ms(m.latency_ms_p50),
-                v.min_runtime or "?",
-            )
-        )
-    return rows
+    cols = _columns(manifest)
+    return [tuple(cell(v) for _, cell, _ in cols) for v in manifest.variants]
 
 
 def summary_table(manifest: Manifest, *, markdown: bool = False) -> list[str]:
     """The variants as a Markdown table or as aligned plain text (the CLI's summary)."""
+    cols = _columns(manifest)
+    heads = [h for h, _, _ in cols]
+    left = [lft for _, _, lft in cols]
     rows = summary_rows(manifest)
     if markdown:
-        head = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
-        align = (
-            "|" + "|".join("---" if i in (0, 1, 10) else "---:" for i in range(len(SUMMARY_COLUMNS))) + "|"
-        )
+        head = "| " + " | ".join(heads) + " |"
+        align = "|" + "|".join("---" if lft else "---:" for lft in left) + "|"
         body = ["| " + " | ".join((f"`{r[0]}`", *r[1:])) + " |" for r in rows]
         return [head, align, *body]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(SUMMARY_COLUMNS)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(heads)]
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i in (0, 1, 10) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            c.ljust(w) if left[i] else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    return [fmt(SUMMARY_COLUMNS), *(fmt(r) for r in rows)]
+    return [fmt(heads), *(fmt(r) for r in rows)]
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def _fixed(v: float | None, decimals: int) -> str:
+    return "–" if v is None else f"{v:.{decimals}f}"
+
+
+def _db(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return "exact" if v >= MAX_SQNR_DB else f"{v:.1f}"
 
 
 def _pct(v: float | None) -> str:
@@ -282,14 +355,19 @@ def _plot(manifest: Manifest, path: Path, *, x: Callable[[Variant], float], xlab
 
     fig = Figure(figsize=(7.2, 4.8), dpi=110)
     ax = fig.add_subplot()
+    metric = manifest.primary_metric or "accuracy"
+    scale = 100.0 if metric == "accuracy" else 1.0
     for v in manifest.variants:
         xv = x(v)
-        acc = 100 * (v.metrics.accuracy or 0.0)
-        ax.scatter([xv], [acc], s=40)
-        ax.annotate(v.id, (xv, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        value = v.metrics.value(metric)
+        if value is None:
+            continue
+        y = scale * min(value, 120.0) if metric == "sqnr_db" else scale * value
+        ax.scatter([xv], [y], s=40)
+        ax.annotate(v.id, (xv, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"{metric} (held-out rows)")
     ax.set_title(f"{manifest.model}: {title}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

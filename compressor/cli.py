@@ -45,8 +45,46 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--data",
         default=None,
         metavar="D",
-        help="a .npz (x_train, y_train, x_val, y_val[, x_test, y_test]) "
-        "or the built-in name 'digits' (default with --demo)",
+        help="a .npz: x_train, x_val[, x_test] (x_train_0, x_train_1, ... for several inputs), optional "
+        "labels y_train, y_val[, y_test]; or the built-in name 'digits' (default with --demo)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="DIR|FILE.npz",
+        help="unlabelled rows: a folder of PNG/JPEG images (resized/cropped to the input) or a .npz with "
+        "one array per input; split with the seed into calibration and held-out rows without --data",
+    )
+    p.add_argument(
+        "--input-range",
+        default=None,
+        metavar="LO,HI",
+        help="value range images are scaled to (0,1 | -1,1 | 0,255; default 0,1), and of synthetic rows",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("NHWC", "NCHW"),
+        default=None,
+        help="image layout of the model's input (default: guessed from its shape)",
+    )
+    p.add_argument(
+        "--evaluator",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="a user metric hook (module:function or path/file.py:function) returning named metrics "
+        "with their direction; see compressor/metrics.py",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "generic"),
+        default=None,
+        help="how to read labels: default classification when y holds class indices, else generic",
+    )
+    p.add_argument(
+        "--allow-custom-ops",
+        action="store_true",
+        help="a .tflite with custom ops: bundle the float original as is instead of refusing",
     )
     p.add_argument(
         "--recipe",
@@ -105,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             raise DataError("--out is required (the bundle directory to write)")
         check_id(args.model_id, "model id")
-        is_tflite = args.model is not None and args.model.suffix == ".tflite"
-        default = DEMO_RECIPE if args.demo else ("tflite" if is_tflite else "default")
-        recipe = load_recipe(args.recipe or default)
-        recipe.select(variants)  # fail on a typo before training
+        recipe = None
+        if args.recipe or args.demo:
+            recipe = load_recipe(args.recipe or DEMO_RECIPE)
+            recipe.select(variants)  # fail on a typo before training
         result: BuildResult
         if args.demo:
             if args.data not in (None, "digits"):
@@ -123,11 +161,12 @@ def run(args: argparse.Namespace) -> int:
                 recipe=recipe,
             )
         else:
-            if args.data is None:
-                raise DataError("--model needs --data (a .npz or 'digits')")
             if not args.model.is_file():
                 raise DataError(f"model file {str(args.model)!r} does not exist")
-            data = load_dataset(args.data, seed=args.seed)
+            from compressor.images import parse_input_range
+
+            value_range = parse_input_range(args.input_range) if args.input_range else None
+            data = None if args.data is None else load_dataset(args.data, seed=args.seed, task=args.task)
             result = build_bundle(
                 args.model,
                 data,
@@ -137,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
                 model_id=args.model_id,
                 seed=args.seed,
                 progress=_progress,
+                calibration=args.calibration,
+                input_range=value_range,
+                layout=args.layout,
+                evaluator=args.evaluator,
+                allow_custom_ops=args.allow_custom_ops,
+                task=args.task,
             )
     except (CompressorError, IdentifierError) as err:
         print(f"edgefleet compress: error: {err}", file=sys.stderr)
@@ -148,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"bundle: {result.out / 'manifest.json'} (recipe {result.recipe}, {result.seconds:.1f} s)")
     for f in result.failures:
-        print(f"edgefleet compress: variant {f.variant} not built ({f.stage}): {f.message}", file=sys.stderr)
+        print(f"edgefleet compress: variant {f.variant} not shipped ({f.stage}): {f.message}", file=sys.stderr)
+    for line in result.merged:
+        print(f"edgefleet compress: {line}", file=sys.stderr)
     return EXIT_PARTIAL if result.failures and args.strict else EXIT_OK
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.wire import version_tuple
+from agent.wire import TensorSpec, version_tuple
 from compressor.errors import EvaluationError
 
 # The oldest runtime edgefleet ships to: tflite-runtime 2.14 (armv7l boards, frozen since Oct 2023).
@@ -148,3 +148,46 @@ def _hybrid_per_channel_fc(
                 "tflite-runtime 2.14 computes wrong outputs for it"
             )
     return found
+
+
+def custom_ops(report: CompatReport) -> list[str]:
+    """The custom ops a file needs, each once, in file order."""
+    return list(dict.fromkeys(op.custom_code for op in report.ops if op.custom_code))
+
+
+def flatbuffer_io(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output tensor specs of subgraph 0, read from the flatbuffer alone (for a file the
+    interpreter here cannot load, e.g. one with custom ops)."""
+    import numpy as np
+    import tflite
+
+    from agent.wire import QuantParams
+
+    type_names = {v: k.lower() for k, v in vars(tflite.TensorType).items() if not k.startswith("_")}
+    try:
+        graph = tflite.Model.GetRootAsModel(data, 0).Subgraphs(0)
+
+        def spec(index: int) -> TensorSpec:
+            t = graph.Tensors(index)
+            dtype = type_names.get(t.Type(), "?")
+            if dtype not in ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"):
+                raise EvaluationError(f"tensor {t.Name().decode(errors='replace')!r} has type {dtype}")  # noqa: TRY301
+            q = t.Quantization()
+            quant = None
+            if q is not None and q.ScaleLength():
+                quant = QuantParams(
+                    scale=[float(x) for x in np.asarray(q.ScaleAsNumpy()).reshape(-1)],
+                    zero_point=[int(x) for x in np.asarray(q.ZeroPointAsNumpy()).reshape(-1)],
+                )
+            shape = [int(d) for d in t.ShapeAsNumpy()] if t.ShapeLength() else []
+            return TensorSpec(
+                name=t.Name().decode(errors="replace")[:256], shape=shape, dtype=dtype, quantization=quant
+            )
+
+        ins = [spec(int(i)) for i in graph.InputsAsNumpy()]
+        outs = [spec(int(i)) for i in graph.OutputsAsNumpy()]
+    except EvaluationError:
+        raise
+    except Exception as err:  # the flatbuffer reader raises assorted errors on garbage input
+        raise EvaluationError(f"not a readable .tflite flatbuffer: {err}") from err
+    return ins, outs

@@ -143,33 +143,47 @@ MODEL_TRANSFORMS: dict[str, Transform] = {
 # conversion
 
 
-def representative_subset(x: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """A fixed, seeded subset of training inputs used to calibrate full-integer quantization."""
+def representative_subset(x: np.ndarray | tuple[np.ndarray, ...], count: int, seed: int) -> list[np.ndarray]:
+    """A fixed, seeded subset of calibration rows (one array per input) for full-integer quantization."""
+    arrays = (x,) if isinstance(x, np.ndarray) else x
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(x))[: min(count, len(x))]
-    return np.ascontiguousarray(x[np.sort(idx)], dtype=np.float32)
+    idx = np.sort(rng.permutation(len(arrays[0]))[: min(count, len(arrays[0]))])
+    return [
+        np.ascontiguousarray(a[idx], dtype=np.float32 if a.dtype.kind == "f" else a.dtype) for a in arrays
+    ]
 
 
 def batch1_model(model: Any) -> Any:
-    """A model sharing ``model``'s weights whose input has a fixed batch size of 1."""
+    """A model sharing ``model``'s weights whose inputs have a fixed batch size of 1.
+
+    Inputs are named ``ef_in_<i>`` so that :func:`compressor.evaluate.io_order` can map the converted
+    file's inputs (which the converter may reorder) back to the Keras order.
+    """
     k = keras()
-    inputs = model.inputs if hasattr(model, "inputs") else None
-    if not inputs or len(inputs) != 1:
-        raise ConversionError("only single-input models are supported")
-    spec = inputs[0]
-    inp = k.Input(shape=tuple(spec.shape[1:]), batch_size=1, dtype=spec.dtype, name="input")
-    return k.Model(inp, model(inp), name=f"{model.name}_b1")
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ConversionError("the model has no defined inputs (build it with keras.Input)")
+    new_inputs = [
+        k.Input(shape=tuple(spec.shape[1:]), batch_size=1, dtype=spec.dtype, name=f"ef_in_{i}")
+        for i, spec in enumerate(inputs)
+    ]
+    outputs = model(new_inputs[0] if len(new_inputs) == 1 else new_inputs)
+    return k.Model(new_inputs[0] if len(new_inputs) == 1 else new_inputs, outputs, name=f"{model.name}_b1")
 
 
 def quantize_keras(model: Any, step: QuantizeStep, data: Dataset, *, seed: int = 0) -> bytes:
     """Convert a Keras model to .tflite bytes as ``step`` says."""
     if step.mode == "weight_only_int8":
-        from compressor.aeq import aeq_quantize
+        from compressor.tflite_quant import quantize_tflite as quantize_file
 
-        return aeq_quantize(to_tflite(model, QuantizeStep(mode="float32")), step.mode)
+        return quantize_file(to_tflite(model, QuantizeStep(mode="float32")), step.mode)[0]
     rep = None
     if step.mode == "int8":
-        rep = representative_subset(data.x_train, step.representative_samples or 0, seed)
+        if data.synthetic:
+            raise NeedsCalibrationError(
+                "full-integer int8 needs calibration data: pass --calibration DIR|FILE.npz (or --data)"
+            )
+        rep = representative_subset(data.calibration_rows.inputs, step.representative_samples or 0, seed)
     return to_tflite(model, step, rep)
 
 
@@ -177,23 +191,20 @@ class NeedsKerasError(ConversionError):
     """The step cannot be applied to an existing .tflite (it needs the Keras model)."""
 
 
-def quantize_tflite(float_tflite: bytes, step: QuantizeStep) -> bytes:
-    """Quantize an existing float .tflite: float32 is the file itself; int8 modes use ai-edge-quantizer."""
-    if step.mode == "float32":
-        return float_tflite
-    if step.mode in ("weight_only_int8", "dynamic_int8"):
-        from compressor.aeq import aeq_quantize
-
-        return aeq_quantize(float_tflite, step.mode)
-    raise NeedsKerasError(f"mode {step.mode!r} needs the Keras model (a .tflite input has no Keras source)")
+class NeedsCalibrationError(ConversionError):
+    """Full-integer int8 asked for with no calibration rows (no --data, no --calibration)."""
 
 
-def to_tflite(model: Any, step: QuantizeStep, representative: np.ndarray | None = None) -> bytes:
+class NeedsLabelsError(ConversionError):
+    """A transform that trains on class labels (prune, distill, ...) asked for without labels."""
+
+
+def to_tflite(model: Any, step: QuantizeStep, representative: list[np.ndarray] | None = None) -> bytes:
     """Convert a Keras model to TFLite bytes as ``step`` says; TF errors become ConversionError."""
     if step.mode == "weight_only_int8":
         raise ConversionError("weight_only_int8 is produced by ai-edge-quantizer, not the TF converter")
     t = tf()
-    if step.mode == "int8" and (representative is None or len(representative) == 0):
+    if step.mode == "int8" and (not representative or len(representative[0]) == 0):
         raise ConversionError("full-integer int8 needs a representative dataset")
     try:
         converter = t.lite.TFLiteConverter.from_keras_model(batch1_model(model))
@@ -206,7 +217,7 @@ def to_tflite(model: Any, step: QuantizeStep, representative: np.ndarray | None 
         raise ConversionError(f"TFLite conversion ({step.mode}) failed: {err}") from err
 
 
-def _configure(t: Any, converter: Any, step: QuantizeStep, representative: np.ndarray | None) -> None:
+def _configure(t: Any, converter: Any, step: QuantizeStep, representative: list[np.ndarray] | None) -> None:
     if step.mode == "float32":
         return
     converter.optimizations = [t.lite.Optimize.DEFAULT]
@@ -220,11 +231,13 @@ def _configure(t: Any, converter: Any, step: QuantizeStep, representative: np.nd
         assert representative is not None
         samples = representative
 
-        def gen() -> Iterator[list[np.ndarray]]:
-            for i in range(len(samples)):
-                yield [samples[i : i + 1]]
+        def gen() -> Iterator[dict[str, np.ndarray]]:
+            # By input name: the converter may order a multi-input model's inputs differently.
+            for i in range(len(samples[0])):
+                yield {f"ef_in_{k}": a[i : i + 1] for k, a in enumerate(samples)}
 
         converter.representative_dataset = gen
         converter.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = t.int8
-        converter.inference_output_type = t.int8
+        if step.int8_io:
+            converter.inference_input_type = t.int8
+            converter.inference_output_type = t.int8

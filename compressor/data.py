@@ -9,6 +9,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -19,36 +20,135 @@ DIGITS_SIZE = 28
 
 
 @dataclass(frozen=True, slots=True)
-class Dataset:
-    """Train/validation/test splits. ``x_*`` are float32 (N, H, W, C); ``y_*`` int64 (N,).
+class Rows:
+    """One split: one array per model input (the same N rows each), optional class labels ``y`` (int64
+    (N,)) and optional ``targets`` of any shape (ground truth a user evaluator scores, e.g. masks)."""
 
-    When a user .npz has no test split, the validation split doubles as the test split and
-    ``test_is_val`` is true (the report says so).
+    inputs: tuple[np.ndarray, ...]
+    y: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs[0]) if self.inputs else 0
+
+    def take(self, index: np.ndarray | slice) -> Rows:
+        """The rows at ``index`` (a slice or an index array), inputs, labels and targets alike."""
+        return Rows(
+            tuple(a[index] for a in self.inputs),
+            None if self.y is None else self.y[index],
+            None if self.targets is None else self.targets[index],
+        )
+
+    def head(self, count: int) -> Rows:
+        return self.take(slice(0, count))
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Train/validation/test splits for a model with any number of inputs.
+
+    ``train`` rows calibrate full-integer quantization (and train the transforms when labelled); the
+    test rows are the held-out rows every variant is evaluated on. With class labels the task is
+    classification; without, generic (outputs compared with the float reference). When a user .npz has
+    no test split, the validation split doubles as the test split and ``test_is_val`` is true (the
+    report says so). ``synthetic``: no user data at all; the rows are random, made from the model's input
+    specs, so fidelity figures are labelled as measured on synthetic inputs.
     """
 
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    labels: tuple[str, ...]
+    train: Rows
+    val: Rows
+    test: Rows
+    labels: tuple[str, ...] = ()
     test_is_val: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
     label_width: int | None = None  # K when the .npz held one-hot (N, K) labels: must match the model
+    synthetic: bool = False
+    calibration: Rows | None = None  # unlabelled rows for int8 calibration (--calibration), else train
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        x_train: np.ndarray,
+        y_train: np.ndarray | None,
+        x_val: np.ndarray,
+        y_val: np.ndarray | None,
+        x_test: np.ndarray,
+        y_test: np.ndarray | None,
+        labels: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> Dataset:
+        """A single-input dataset from plain arrays (the classification layout of earlier versions)."""
+        return cls(
+            name=name,
+            train=Rows((x_train,), y_train),
+            val=Rows((x_val,), y_val),
+            test=Rows((x_test,), y_test),
+            labels=labels,
+            **kwargs,
+        )
+
+    @property
+    def task(self) -> Literal["classification", "generic"]:
+        """``classification`` when every split has class labels, else ``generic``."""
+        labelled = all(r.y is not None for r in (self.train, self.val, self.test))
+        return "classification" if labelled else "generic"
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.test.inputs)
+
+    @property
+    def calibration_rows(self) -> Rows:
+        return self.calibration if self.calibration is not None else self.train
+
+    # The single-input classification view the Keras transforms (prune, distill, ...) train on.
+    @property
+    def x_train(self) -> np.ndarray:
+        return self.train.inputs[0]
+
+    @property
+    def x_val(self) -> np.ndarray:
+        return self.val.inputs[0]
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self.test.inputs[0]
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return _labels_of(self.train, "train")
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return _labels_of(self.val, "val")
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return _labels_of(self.test, "test")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, without the batch axis."""
-        return tuple(int(d) for d in self.x_train.shape[1:])
+        """Shape of one sample of the first input, without the batch axis."""
+        return tuple(int(d) for d in self.test.inputs[0].shape[1:])
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(int(d) for d in a.shape[1:]) for a in self.test.inputs)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
 
-def load_dataset(spec: str | Path, *, seed: int = 0) -> Dataset:
+def _labels_of(rows: Rows, split: str) -> np.ndarray:
+    if rows.y is None:
+        raise DataError(f"the {split} split has no class labels (y_{split}); this step needs a classifier")
+    return rows.y
+
+
+def load_dataset(spec: str | Path, *, seed: int = 0, task: str | None = None) -> Dataset:
     """Load a built-in dataset by name (``digits``) or a user ``.npz`` file by path."""
     if isinstance(spec, str) and spec in BUILTIN_DATASETS:
         return load_digits(seed=seed)
@@ -58,7 +158,7 @@ def load_dataset(spec: str | Path, *, seed: int = 0) -> Dataset:
             f"data {str(spec)!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
             "nor a .npz file"
         )
-    return load_npz(path)
+    return load_npz(path, task=task)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,130 +206,277 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2, val_fraction: floa
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=val_fraction / (1.0 - test_fraction), random_state=seed, stratify=y_rest
     )
-    return Dataset(
-        name="digits",
-        x_train=x_train,
-        y_train=y_train,
-        x_val=x_val,
-        y_val=y_val,
-        x_test=x_test,
-        y_test=y_test,
-        labels=tuple(str(i) for i in range(10)),
+    return Dataset.from_arrays(
+        "digits", x_train, y_train, x_val, y_val, x_test, y_test, labels=tuple(str(i) for i in range(10))
     )
 
 
 # --------------------------------------------------------------------------------------------------------
 # .npz
 
-_REQUIRED = ("x_train", "y_train", "x_val", "y_val")
+SPLITS = ("train", "val", "test")
+TASKS = ("classification", "generic")
 
 
-def load_npz(path: Path) -> Dataset:
-    """Load ``x_train, y_train, x_val, y_val`` (+ optional ``x_test, y_test``, ``labels``) from a .npz.
+def load_npz(path: Path, *, task: str | None = None) -> Dataset:
+    """Load labelled or unlabelled splits from a .npz, for a model with any number of inputs.
 
-    ``x`` arrays: (N, H, W) or (N, H, W, C), numeric; they are converted to float32 as they are (no
-    rescaling). ``y`` arrays: (N,) integer class indices, or (N, K) one-hot — exactly one 1 per row and
-    zeros elsewhere (soft labels / probabilities are refused rather than silently argmax-ed); every
-    one-hot split must have the same K, which :mod:`compressor.validate` checks against the model's
-    outputs. Pickled (object) arrays are refused. The model-independent checks of
-    :func:`compressor.validate.check_dataset` (at least 10 samples per split, 2 classes in train,
-    finite values) run here too.
+    Inputs: ``x_train`` and ``x_val`` (and optionally ``x_test``) for a single-input model; for several
+    inputs ``x_train_0, x_train_1, ...`` (one array per model input, in the model's input order), the
+    same for val and test. Any shape: images (N, H, W[, C]), tabular (N, F), sequences (N, T) or
+    (N, T, F); numeric, converted to float32 only when they are floats (integer inputs such as token ids
+    keep their values). Labels ``y_<split>`` are optional:
+
+    * (N,) whole-number class indices, or (N, K) one-hot rows (exactly one 1), make the task
+      classification (accuracy against the labels);
+    * anything else — masks, boxes, regression targets — is kept as ``targets`` for a user evaluator
+      (``--evaluator``), and the task is generic (outputs compared with the float reference).
+
+    ``task`` forces the reading ("classification" refuses labels that are not class indices; "generic"
+    keeps even class indices as targets). Pickled (object) arrays are refused. Without ``x_test`` the
+    validation split is the test split.
     """
-    from compressor.validate import check_dataset
-
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"cannot read {str(path)!r} as a .npz without pickle: {err}") from err
-    missing = [k for k in _REQUIRED if k not in arrays]
+    arrays = _read_npz(path)
+    inputs: dict[str, tuple[np.ndarray, ...]] = {}
+    for split in SPLITS:
+        found = _split_inputs(arrays, f"x_{split}", path)
+        if found is not None:
+            inputs[split] = found
+    missing = [f"x_{s}" for s in ("train", "val") if s not in inputs]
     if missing:
         raise DataError(
-            f"{str(path)!r} lacks {', '.join(missing)}; it needs x_train, y_train, x_val, y_val "
-            f"(optionally x_test, y_test, labels); found {', '.join(sorted(arrays)) or 'no arrays'}"
+            f"{str(path)!r} lacks {' and '.join(missing)}: it needs x_train and x_val (optionally x_test), "
+            "or x_train_0, x_train_1, ... for several inputs, with optional labels y_train, y_val, y_test; "
+            f"found {', '.join(sorted(arrays)) or 'no arrays'}"
         )
-    has_test = "x_test" in arrays and "y_test" in arrays
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DataError(f"{str(path)!r} has only one of x_test / y_test; give both or neither")
-    splits = ("train", "val", "test") if has_test else ("train", "val")
-    xs: dict[str, np.ndarray] = {}
-    ys: dict[str, np.ndarray] = {}
+    splits = [s for s in SPLITS if s in inputs]
+    counts = {len(inputs[s]) for s in splits}
+    if len(counts) != 1:
+        got = ", ".join(f"{s}: {len(inputs[s])}" for s in splits)
+        raise DataError(f"the splits disagree on the number of inputs ({got})")
+    for s in splits:
+        if "y_" + s not in arrays and any(f"y_{o}" in arrays for o in splits):
+            raise DataError(f"{str(path)!r} has labels for some splits but no y_{s}; give y for every split")
+    for s in splits:
+        shapes = [a.shape[1:] for a in inputs[s]]
+        ref = [a.shape[1:] for a in inputs["train"]]
+        if shapes != ref:
+            raise DataError(f"x_{s} rows have shapes {shapes} but x_train rows have {ref}")
+    ys: dict[str, np.ndarray | None] = {}
+    targets: dict[str, np.ndarray | None] = {}
     widths: dict[str, int] = {}
-    for split in splits:
-        xs[split] = _images(arrays[f"x_{split}"], f"x_{split}")
-        ys[split] = _labels(arrays[f"y_{split}"], f"y_{split}")
-        if arrays[f"y_{split}"].ndim == 2:
-            widths[f"y_{split}"] = int(arrays[f"y_{split}"].shape[1])
-        if len(xs[split]) != len(ys[split]):
-            raise DataError(f"x_{split} has {len(xs[split])} samples but y_{split} has {len(ys[split])}")
-        if len(xs[split]) == 0:
-            raise DataError(f"x_{split} is empty")
-    shapes = {xs[s].shape[1:] for s in splits}
-    if len(shapes) != 1:
-        raise DataError(f"splits disagree on the sample shape: {sorted(shapes)}")
+    for s in splits:
+        raw = arrays.get(f"y_{s}")
+        ys[s], targets[s] = None, None
+        if raw is None:
+            continue
+        n = len(inputs[s][0])
+        if len(raw) != n:
+            raise DataError(f"x_{s} has {n} rows but y_{s} has {len(raw)}")
+        as_class = _class_labels(raw) if task != "generic" else None
+        if as_class is None:
+            if task == "classification":
+                raise DataError(
+                    f"y_{s} {raw.shape} {raw.dtype} is not class indices nor one-hot rows; "
+                    "--task classification needs them (drop --task to use them as evaluator targets)"
+                )
+            targets[s] = _numeric(raw, f"y_{s}")
+        else:
+            ys[s] = as_class
+            if raw.ndim == 2:
+                widths[s] = int(raw.shape[1])
+    kinds = {ys[s] is not None for s in splits if f"y_{s}" in arrays}
+    if len(kinds) > 1:
+        raise DataError("some y arrays are class labels and others are not; make them all one kind")
     if len(set(widths.values())) > 1:
-        got = ", ".join(f"{k} {w}" for k, w in widths.items())
+        got = ", ".join(f"y_{k} {w}" for k, w in widths.items())
         raise DataError(f"one-hot label arrays disagree on the number of classes: {got} columns")
+    labelled = all(ys[s] is not None for s in splits)
     label_width = next(iter(widths.values()), None)
-    num_classes = max(int(max(int(ys[s].max()) for s in splits)) + 1, label_width or 0)
-    if "labels" in arrays:
-        labels = tuple(str(v) for v in np.asarray(arrays["labels"]).reshape(-1))
-        if len(labels) < num_classes:
-            raise DataError(f"labels has {len(labels)} names but y uses {num_classes} classes")
-    else:
-        labels = tuple(str(i) for i in range(num_classes))
-    test = "test" if has_test else "val"
-    dataset = Dataset(
+    labels: tuple[str, ...] = ()
+    if labelled:
+        num_classes = max(max(int(y.max()) for y in ys.values() if y is not None) + 1, label_width or 0)
+        if "labels" in arrays:
+            labels = tuple(str(v) for v in np.asarray(arrays["labels"]).reshape(-1))
+            if len(labels) < num_classes:
+                raise DataError(f"labels has {len(labels)} names but y uses {num_classes} classes")
+        else:
+            labels = tuple(str(i) for i in range(num_classes))
+    rows = {s: Rows(inputs[s], ys[s], targets[s]) for s in splits}
+    has_test = "test" in rows
+    notes = () if has_test else ("no x_test in the .npz: the validation split is the test split",)
+    return Dataset(
         name=path.stem,
-        x_train=xs["train"],
-        y_train=ys["train"],
-        x_val=xs["val"],
-        y_val=ys["val"],
-        x_test=xs[test],
-        y_test=ys[test],
+        train=rows["train"],
+        val=rows["val"],
+        test=rows["test" if has_test else "val"],
         labels=labels,
         test_is_val=not has_test,
-        notes=() if has_test else ("no x_test/y_test in the .npz: the validation split is the test split",),
+        notes=notes,
         label_width=label_width,
     )
-    return check_dataset(dataset)
 
 
-def _images(arr: np.ndarray, key: str) -> np.ndarray:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"cannot read {str(path)!r} as a .npz without pickle: {err}") from err
+
+
+def _split_inputs(arrays: dict[str, np.ndarray], key: str, path: Path) -> tuple[np.ndarray, ...] | None:
+    """``key`` alone (one input) or ``key_0, key_1, ...`` (several); None when the split is absent."""
+    indexed: list[np.ndarray] = []
+    while f"{key}_{len(indexed)}" in arrays:
+        indexed.append(arrays[f"{key}_{len(indexed)}"])
+    if key in arrays and indexed:
+        raise DataError(f"{str(path)!r} has both {key} and {key}_0: use one form")
+    found = [arrays[key]] if key in arrays else indexed
+    if not found:
+        return None
+    out = tuple(_numeric(a, key if len(found) == 1 else f"{key}_{i}") for i, a in enumerate(found))
+    if len({len(a) for a in out}) != 1:
+        raise DataError(f"the inputs of {key} have different row counts: {[len(a) for a in out]}")
+    return out
+
+
+def _numeric(arr: np.ndarray, key: str) -> np.ndarray:
+    """A numeric (N, ...) array; floats become float32 and must be finite, integers keep their type."""
     if arr.dtype.kind not in "fiub":
         raise DataError(f"{key} must be numeric, got dtype {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[..., np.newaxis]
-    if arr.ndim != 4:
-        raise DataError(f"{key} must be (N, H, W) or (N, H, W, C), got shape {arr.shape}")
-    out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise DataError(f"{key} contains NaN or infinity")
-    return out
-
-
-def _labels(arr: np.ndarray, key: str) -> np.ndarray:
-    if arr.ndim == 2:
-        if arr.dtype.kind not in "fiub":
-            raise DataError(f"{key} must be numeric one-hot rows, got dtype {arr.dtype}")
-        ones = arr == 1
-        if not (np.all(ones | (arr == 0)) and np.all(ones.sum(axis=1) == 1)):
-            bad = int(np.argwhere(~(np.all(ones | (arr == 0), axis=1) & (ones.sum(axis=1) == 1)))[0][0])
-            raise DataError(
-                f"{key} is 2-D {arr.shape} but not one-hot: row {bad} is {arr[bad].tolist()[:12]}; give "
-                "(N,) class indices or rows with exactly one 1 and zeros elsewhere"
-            )
-        arr = arr.argmax(axis=1)
-    if arr.ndim != 1:
-        raise DataError(f"{key} must be (N,) class indices or (N, K) one-hot, got shape {arr.shape}")
+    if arr.ndim < 1 or len(arr) == 0:
+        raise DataError(f"{key} must hold at least one row, got shape {arr.shape}")
     if arr.dtype.kind == "f":
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise DataError(f"{key} must hold whole class indices")
-    elif arr.dtype.kind not in "iub":
-        raise DataError(f"{key} must be integer class indices, got dtype {arr.dtype}")
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise DataError(f"{key} contains NaN, infinity or values beyond the float32 range")
+        return out
+    return np.ascontiguousarray(arr)
+
+
+def _class_labels(arr: np.ndarray) -> np.ndarray | None:
+    """(N,) whole non-negative numbers or (N, K) one-hot rows as int64 indices; None otherwise."""
+    if arr.dtype.kind not in "fiub":
+        return None
+    if arr.ndim == 2 and arr.shape[1] >= 2:
+        ones = arr == 1
+        if np.all(ones | (arr == 0)) and np.all(ones.sum(axis=1) == 1):
+            return np.ascontiguousarray(arr.argmax(axis=1), dtype=np.int64)
+        return None
+    if arr.ndim != 1:
+        return None
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and np.all(np.mod(arr, 1) == 0)):
+        return None
     out = arr.astype(np.int64)
     if len(out) and out.min() < 0:
-        raise DataError(f"{key} has negative class indices")
+        return None
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# calibration rows, held-out split, synthetic rows
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """What the data loaders need to know of one model input."""
+
+    name: str
+    shape: tuple[int, ...]  # with the batch axis; -1 or 0 for a free dimension
+    dtype: str
+
+
+EVAL_FRACTION = 0.25
+MAX_EVAL_ROWS = 256
+SYNTHETIC_ROWS = 64
+
+
+def split_rows(rows: Rows, *, seed: int = 0) -> tuple[Rows, Rows]:
+    """Unlabelled rows → (calibration rows, held-out evaluation rows), by a seeded permutation: a quarter
+    (at most 256 rows, at least 1) is held out; with fewer than 4 rows both parts are all the rows."""
+    n = len(rows)
+    if n < 4:
+        return rows, rows
+    held = max(1, min(MAX_EVAL_ROWS, round(n * EVAL_FRACTION)))
+    order = np.random.default_rng(seed).permutation(n)
+    return rows.take(np.sort(order[held:])), rows.take(np.sort(order[:held]))
+
+
+def load_calibration(
+    spec: Path,
+    inputs: list[InputSpec],
+    *,
+    value_range: tuple[float, float] | None = None,
+    layout: str | None = None,
+    limit: int | None = 1000,
+) -> Rows:
+    """Unlabelled rows from a folder of images (a single image input) or a .npz with one array per input.
+
+    .npz: ``x`` (one input), ``x_0, x_1, ...``, arrays named like the model's inputs, or — for a
+    single-input model — its only array. Images: PNG/JPEG resized and centre-cropped to the input's
+    height and width, converted to its channel count, scaled to ``value_range`` (default 0..1).
+    """
+    if spec.is_dir():
+        image_inputs = [i for i in inputs if len(i.shape) == 4]
+        if len(inputs) != 1 or not image_inputs:
+            shapes = ", ".join(f"{i.name} {list(i.shape)}" for i in inputs)
+            raise DataError(
+                f"--calibration {str(spec)!r} is a folder of images, but the model's inputs are {shapes}: "
+                "images calibrate a model with one (1, H, W, C) or (1, C, H, W) input; give a .npz with "
+                "one array per input instead"
+            )
+        from compressor.images import load_image_folder
+
+        shape = inputs[0].shape
+        fmt = layout or ("NCHW" if shape[1] in (1, 3) and shape[3] not in (1, 3) else "NHWC")
+        h, w, c = (shape[2], shape[3], shape[1]) if fmt == "NCHW" else (shape[1], shape[2], shape[3])
+        images = load_image_folder(spec, h, w, c, value_range or (0.0, 1.0), layout=fmt, limit=limit)
+        return Rows((images,))
+    if spec.suffix != ".npz" or not spec.is_file():
+        raise DataError(f"--calibration {str(spec)!r} is neither a folder of images nor a .npz file")
+    arrays = _read_npz(spec)
+    names = [i.name for i in inputs]
+    found: list[np.ndarray]
+    if len(inputs) == 1 and "x" in arrays:
+        found = [arrays["x"]]
+    elif all(f"x_{k}" in arrays for k in range(len(inputs))):
+        found = [arrays[f"x_{k}"] for k in range(len(inputs))]
+    elif all(n in arrays for n in names):
+        found = [arrays[n] for n in names]
+    elif len(inputs) == 1 and len(arrays) == 1:
+        found = list(arrays.values())
+    else:
+        want = "x" if len(inputs) == 1 else ", ".join(f"x_{k}" for k in range(len(inputs)))
+        raise DataError(
+            f"--calibration {str(spec)!r} holds {', '.join(sorted(arrays)) or 'no arrays'}; the model has "
+            f"{len(inputs)} input(s) ({', '.join(names)}): give {want}, or arrays named like the inputs"
+        )
+    out = tuple(_numeric(a, f"{spec.name}:{k}") for k, a in enumerate(found))
+    if len({len(a) for a in out}) != 1:
+        raise DataError(f"--calibration arrays have different row counts: {[len(a) for a in out]}")
+    rows = Rows(out)
+    return rows.head(limit) if limit else rows
+
+
+def synthetic_rows(
+    inputs: list[InputSpec], count: int, *, seed: int, value_range: tuple[float, float] | None
+) -> Rows:
+    """Random rows shaped like the model's inputs: uniform in ``value_range`` (default -1..1) for float
+    inputs, small integers for integer inputs. Only for fidelity figures labelled synthetic."""
+    rng = np.random.default_rng(seed)
+    lo, hi = value_range or (-1.0, 1.0)
+    arrays = []
+    for spec in inputs:
+        shape = (count, *(d if d > 0 else 1 for d in spec.shape[1:]))
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            arrays.append(rng.uniform(lo, hi, shape).astype(np.float32))
+        elif dtype == np.bool_:
+            arrays.append(rng.integers(0, 2, shape).astype(np.bool_))
+        else:
+            arrays.append(rng.integers(0, 16, shape).astype(dtype))
+    return Rows(tuple(arrays))

@@ -3,8 +3,12 @@
     CompressorError            base; the CLI prints its message on stderr and exits 2
     ├── DataError              a dataset or model file is missing, unreadable or has the wrong keys/shapes
     │   ├── DataMismatchError  the data does not fit the model (sample shape, class indices, label count)
-    │   └── NotAClassifierError  the model does not end in a (batch, K >= 2) softmax/logit vector
+    │   ├── NotAClassifierError  labels were given but output 0 is not a (batch, K >= 2) class vector
+    │   ├── CustomOpsError     a .tflite needs custom ops and --allow-custom-ops was not given
+    │   └── EvaluatorError     a --evaluator cannot be imported, raised, or returned no named metrics
+    │                          (compressor.metrics)
     ├── ConversionError        TensorFlow could not turn the model into a .tflite for a recipe
+    │   └── ChangedNothingError  a quantized variant holds nothing of what was asked (not shipped)
     ├── EvaluationError        the interpreter could not load or run a converted variant
     └── BundleWriteError       the bundle directory could not be written (or would clobber other files)
 
@@ -38,8 +42,16 @@ class NotAClassifierError(DataError):
     """The model is not a single-input classifier ending in K >= 2 class scores (compressor.validate)."""
 
 
+class CustomOpsError(DataError):
+    """A .tflite needs custom ops that the stock runtimes lack, and --allow-custom-ops was not given."""
+
+
 class ConversionError(CompressorError):
     """Conversion of a Keras model to a TFLite variant failed."""
+
+
+class ChangedNothingError(ConversionError):
+    """A quantized variant is byte-identical to the baseline or holds no tensors of the asked type."""
 
 
 class EvaluationError(CompressorError):

@@ -104,6 +104,13 @@ def load_keras_model(path: Path) -> Any:
         raise DataError(f"model file {str(path)!r} does not exist")
     if path.suffix != ".keras":
         raise DataError(f"model file {str(path)!r} must be a Keras 3 .keras file")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(
+            f"{str(path)!r} is not a Keras archive (a .keras file is a zip written by model.save); "
+            "re-save the model with model.save('model.keras')"
+        )
     k = keras()
     try:
         return k.saving.load_model(path, compile=False)

@@ -24,14 +24,18 @@ float32 baseline is mandatory.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.wire import Manifest, version_tuple
+import numpy as np
+
+from agent.wire import HostMetrics, Manifest, MetricInfo, OutputTolerance, Variant, blob_fields, version_tuple
 from compressor.bundle import (
     BuiltVariant,
     check_out,
@@ -42,19 +46,46 @@ from compressor.bundle import (
     sample_npz,
     write_bundle,
 )
-from compressor.compat import OLDEST_SHIPPED_RUNTIME, inspect_tflite
-from compressor.data import Dataset, load_digits
+from compressor.compat import OLDEST_SHIPPED_RUNTIME, CompatReport, custom_ops, flatbuffer_io, inspect_tflite
+from compressor.data import (
+    SYNTHETIC_ROWS,
+    Dataset,
+    Rows,
+    load_calibration,
+    load_digits,
+    split_rows,
+    synthetic_rows,
+)
 from compressor.errors import (
+    ChangedNothingError,
     CompressorError,
     ConversionError,
+    CustomOpsError,
     DataError,
     EvaluationError,
     VariantFailure,
 )
 from compressor.evaluate import Evaluation, agreement, evaluate_tflite
 from compressor.graph import graph_stats
-from compressor.recipe import INT8_MODES, UNSTRUCTURED_KINDS, Recipe, RecipeFile, load_recipe
-from compressor.validate import validate
+from compressor.metrics import (
+    Direction,
+    EvalData,
+    Evaluator,
+    EvaluatorError,
+    builtin_info,
+    fidelity_metrics,
+    load_evaluator,
+    run_evaluator,
+)
+from compressor.recipe import (
+    INT8_MODES,
+    REPRESENTATIVE_SAMPLES,
+    UNSTRUCTURED_KINDS,
+    Recipe,
+    RecipeFile,
+    load_recipe,
+)
+from compressor.validate import ModelIO, keras_io, tflite_io, validate
 
 Progress = Callable[[str], None]
 RecipeSpec = RecipeFile | str | Path | None
@@ -77,6 +108,7 @@ class BuildResult:
     failures: tuple[VariantFailure, ...]
     seconds: float
     recipe: str = "default"
+    merged: tuple[str, ...] = ()
 
 
 def _noop(_: str) -> None:
@@ -137,7 +169,7 @@ def build_demo(
     data = load_digits(seed=seed)
     report(f"data: digits train {len(data.y_train)} val {len(data.y_val)} test {len(data.y_test)}")
     model = build_seed_cnn(data.input_shape, data.num_classes, seed=seed)
-    data, _ = validate(model, data)
+    data, _, _ = validate(model, data)
     report(f"train: seed CNN, {epochs} epochs, seed {seed}")
     train(model, data, epochs=epochs, seed=seed, progress=report, deterministic=deterministic)
     result = build_bundle(
@@ -159,7 +191,7 @@ def build_demo(
 
 def build_bundle(
     model: Any,
-    data: Dataset,
+    data: Dataset | None,
     out: Path,
     *,
     recipe: RecipeSpec = None,
@@ -171,41 +203,75 @@ def build_bundle(
     latency_budget_s: float = 0.5,
     sample_size: int = SAMPLE_SIZE,
     deterministic: bool = True,
+    calibration: Path | None = None,
+    input_range: tuple[float, float] | None = None,
+    layout: str | None = None,
+    evaluator: str | Evaluator | None = None,
+    allow_custom_ops: bool = False,
+    task: str | None = None,
 ) -> BuildResult:
     """Build, evaluate and write every selected variant of ``recipe``.
 
     ``model``: a Keras model, a ``.keras`` path, or a ``.tflite`` path (then the default recipe is the
-    built-in ``tflite`` one). Raises CompressorError subclasses for unusable input, a failed baseline or
-    a failed write; any other variant's failure is recorded in the result and the report.
+    built-in ``tflite`` one). ``data``: labelled or unlabelled splits (:func:`compressor.data.load_npz`)
+    or None; ``calibration``: a folder of images or a .npz of unlabelled rows, split into calibration
+    and held-out rows when there is no ``data``. With neither, rows are synthetic (weight-only and
+    dynamic variants still build; full-integer int8 is refused). Raises CompressorError subclasses for
+    unusable input, a failed baseline, a failing evaluator or a failed write; any other variant's
+    failure is recorded in the result and the report.
     """
     report = progress or _noop
     start = time.perf_counter()
     check_out(out)
     is_tflite = isinstance(model, str | Path) and Path(model).suffix == ".tflite"
-    rf = _recipe(recipe, "tflite" if is_tflite else "default")
-    recipes = rf.select(None if variants is None else list(variants))
-    report(f"recipe: {rf.name} ({len(recipes)} variants: {', '.join(r.id for r in recipes)})")
+    user_evaluator = load_evaluator(evaluator) if isinstance(evaluator, str) else evaluator
     builder: _Builder
     # Every input check runs here, before any transform trains anything (compressor.validate).
     if is_tflite:
-        builder = _TfliteBuilder(Path(model), report)
-        data, sig = validate(builder.data, data)
+        tfl = _TfliteBuilder(Path(model), report)
+        gate = tfl.gate(allow_custom_ops)
+        if gate is not None:  # custom ops, allowed: the original as is, nothing to evaluate here
+            return _custom_op_bundle(tfl, gate, out, model_id, created_at, start, report)
+        io = tflite_io(tfl.data, str(model))
+        raw_model: Any = tfl.data
     else:
         if isinstance(model, str | Path):
             from compressor.models import load_keras_model
 
             report(f"load: {model}")
             model = load_keras_model(Path(model))
-        data, sig = validate(model, data)
+        io = keras_io(model)
+        raw_model = model
+    report(f"model: {io.describe()}")
+    data = _assemble_data(data, io, calibration, input_range, layout, seed, report, task)
+    data, io, sig = validate(raw_model, data)
+    default_recipe = "tflite" if is_tflite else ("default" if data.task == "classification" else "generic")
+    rf = _recipe(recipe, default_recipe)
+    recipes = rf.select(None if variants is None else list(variants))
+    report(f"recipe: {rf.name} ({len(recipes)} variants: {', '.join(r.id for r in recipes)})")
+    if is_tflite:
+        tfl.data_rows = data
+        builder = tfl
+    else:
         builder = _KerasBuilder(model, data, seed, report, deterministic)
+    what = f"{sig.num_classes} classes, {sig.output}" if sig is not None else "generic: no class labels"
+    calib = len(data.calibration_rows)
     report(
-        f"check: data fits the model (input {data.input_shape}, {sig.num_classes} classes, "
-        f"{sig.output}; train {len(data.y_train)} val {len(data.y_val)} test {len(data.y_test)})"
+        f"check: data fits the model ({what}; {data.num_inputs} input(s); calibration rows {calib}, "
+        f"held-out rows {len(data.test)}{', synthetic' if data.synthetic else ''})"
+    )
+    ctx = _MeasureContext(
+        data=data,
+        report=report,
+        latency_budget_s=latency_budget_s,
+        sample_size=sample_size,
+        evaluator=user_evaluator,
+        output_names=[o.name for o in io.outputs],
     )
 
     built: list[BuiltVariant] = []
     failures: list[VariantFailure] = []
-    baseline: tuple[BuiltVariant, Evaluation] | None = None
+    merged: list[str] = []
     for r in recipes:
         stage = ["transform"]  # where this variant is, for the failure record
 
@@ -215,8 +281,12 @@ def build_bundle(
         try:
             tflite, stage_notes = builder.build(r, set_stage)
             set_stage("evaluate")
-            bv = _measure(r, tflite, data, baseline, stage_notes, report, latency_budget_s, sample_size)
+            bv = _measure(r, tflite, ctx, stage_notes)
+            set_stage("check")
+            _check_changed(r, bv, ctx.baseline)
         except Exception as err:
+            if isinstance(err, EvaluatorError):
+                raise
             where = _stage_of(err, stage[0])
             if r.id == rf.baseline:
                 if type(err) in (CompressorError, ConversionError, EvaluationError, DataError):
@@ -224,23 +294,112 @@ def build_bundle(
                 raise ConversionError(f"baseline {r.id}: {type(err).__name__}: {err}") from err
             message = str(err) if isinstance(err, CompressorError) else f"{type(err).__name__}: {err}"
             failures.append(VariantFailure(r.id, where, message))
-            report(f"FAILED {r.id} ({where}): {message}")
+            report(f"{'SKIPPED' if where == 'skipped' else 'FAILED'} {r.id} ({where}): {message}")
+            continue
+        twin = next((b for b in built if b.tflite == bv.tflite), None)
+        if twin is not None:  # same bytes as a variant already kept: one variant, both names noted
+            twin.notes.append(
+                f"also built as `{r.id}` ({', '.join(r.techniques) or r.quantize.mode}): same bytes"
+            )
+            merged.append(f"`{r.id}` is byte-identical to `{twin.id}` and was merged into it")
+            report(f"merge {r.id}: byte-identical to {twin.id}")
             continue
         if r.id == rf.baseline:
-            baseline = (bv, bv.evaluation)
+            ctx.baseline = bv
         built.append(bv)
 
     _compare_unstructured(built, recipes)
     created = time.time() if created_at is None else created_at
-    manifest = make_manifest(model_id, created, data.labels, built, rf.baseline)
+    metric_infos, primary = _metric_catalogue(built, data.task, ctx.user_directions)
+    manifest = make_manifest(
+        model_id,
+        created,
+        data.labels,
+        built,
+        rf.baseline,
+        task=data.task,
+        metrics=metric_infos,
+        primary_metric=primary,
+    )
     files: dict[str, bytes] = {}
     for bv in built:
         files[bv.file] = bv.tflite
-        files[sample_file_name(bv.id)] = bv.sample
-    notes = [f"recipe: {rf.name}", f"dataset: {data.name}", *data.notes, *builder.notes]
+        if bv.sample is not None:
+            files[sample_file_name(bv.id)] = bv.sample
+    notes = [f"recipe: {rf.name}", f"dataset: {data.name}", *data.notes, *builder.notes, *merged]
     report(f"write: {out}")
     path = write_bundle(out, manifest, files, render_report(manifest, failures, notes))
-    return BuildResult(manifest, path, tuple(failures), time.perf_counter() - start, rf.name)
+    return BuildResult(manifest, path, tuple(failures), time.perf_counter() - start, rf.name, tuple(merged))
+
+
+def _assemble_data(
+    data: Dataset | None,
+    io: ModelIO,
+    calibration: Path | None,
+    input_range: tuple[float, float] | None,
+    layout: str | None,
+    seed: int,
+    report: Progress,
+    task: str | None,
+) -> Dataset:
+    """The rows every variant is built and judged on: --data, --calibration, both, or synthetic rows."""
+    inputs = list(io.inputs)
+    calib = None
+    if calibration is not None:
+        calib = load_calibration(calibration, inputs, value_range=input_range, layout=layout)
+        report(f"calibration: {len(calib)} rows from {calibration}")
+    if data is not None:
+        if task == "generic" and data.task == "classification":
+            data = dataclasses.replace(
+                data,
+                train=Rows(data.train.inputs, None, data.train.y),
+                val=Rows(data.val.inputs, None, data.val.y),
+                test=Rows(data.test.inputs, None, data.test.y),
+                labels=(),
+            )
+        return data if calib is None else dataclasses.replace(data, calibration=calib)
+    if calib is not None and calibration is not None:
+        train, held = split_rows(calib, seed=seed)
+        note = (
+            f"--calibration {calibration}: {len(calib)} rows split with seed {seed} into {len(train)} "
+            f"calibration rows and {len(held)} held-out evaluation rows"
+        )
+        report(note)
+        name = calibration.stem or "calibration"
+        return Dataset(name, train, held, held, test_is_val=True, notes=(note,))
+    rows = synthetic_rows(inputs, 2 * SYNTHETIC_ROWS, seed=seed, value_range=input_range)
+    train, held = rows.head(SYNTHETIC_ROWS), rows.take(slice(SYNTHETIC_ROWS, None))
+    lo, hi = input_range or (-1.0, 1.0)
+    note = (
+        f"no --data and no --calibration: fidelity is measured on {len(held)} SYNTHETIC rows (uniform "
+        f"{lo:g}..{hi:g}), not on real inputs; full-integer int8 needs --calibration DIR|FILE.npz"
+    )
+    report(note)
+    return Dataset("synthetic", train, held, held, test_is_val=True, notes=(note,), synthetic=True)
+
+
+def _metric_catalogue(
+    built: list[BuiltVariant], task: str, user: dict[str, Direction]
+) -> tuple[dict[str, MetricInfo], str]:
+    """Every named metric the variants carry, with its direction, and the primary one."""
+    infos: dict[str, MetricInfo] = {}
+    for bv in built:
+        for name in bv.named:
+            if name in infos:
+                continue
+            if name in user:
+                infos[name] = MetricInfo(direction=user[name], source="evaluator")
+            else:
+                info = builtin_info(name)
+                if info is not None:
+                    infos[name] = info
+    if task == "classification":
+        primary = "accuracy"
+    elif user:
+        primary = next(iter(user))
+    else:
+        primary = "cosine"
+    return infos, primary
 
 
 def _stage_of(err: BaseException, stage: str) -> str:
@@ -277,8 +436,14 @@ class _KerasBuilder(_Builder):
         self.deterministic = deterministic
 
     def transformed(self, steps: list[Any]) -> tuple[Any, list[str]]:
-        from compressor.convert import MODEL_TRANSFORMS
+        from compressor.convert import MODEL_TRANSFORMS, NeedsLabelsError
 
+        if steps and self.ctx.data.task != "classification":
+            kinds = ", ".join(s.kind for s in steps)
+            raise NeedsLabelsError(
+                f"{kinds} fine-tunes on class labels; this model has none (generic task), so only "
+                "post-training quantization applies"
+            )
         keys = tuple(s.model_dump_json() for s in steps)
         for i in range(1, len(keys) + 1):
             key = keys[:i]
@@ -319,41 +484,109 @@ class _KerasBuilder(_Builder):
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             tflite = quantize_keras(model, recipe.quantize, self.ctx.data, seed=self.ctx.seed)
         if recipe.quantize.mode == "weight_only_int8":
-            notes = [*notes, "weight-only int8 by ai-edge-quantizer from the float32 .tflite"]
+            notes = [*notes, "weight-only int8 rewritten from the float32 .tflite"]
         return tflite, list(notes)
 
 
 class _TfliteBuilder(_Builder):
-    """An existing float .tflite: the file is the baseline; ai-edge-quantizer makes the int8 variants."""
+    """An existing float .tflite: the file is the reference; compressor.tflite_quant makes the rest."""
 
     def __init__(self, path: Path, report: Progress) -> None:
         if not path.is_file():
             raise DataError(f"model file {str(path)!r} does not exist")
+        self.path = path
         self.data = path.read_bytes()
         self.report = report
+        self.data_rows: Dataset | None = None
         report(f"load: {path} ({len(self.data)} B, no Keras source)")
         try:
-            stats = graph_stats(self.data)
+            self.stats = graph_stats(self.data)
+            self.compat = inspect_tflite(self.data)
         except EvaluationError as err:
-            raise DataError(f"{str(path)!r} is not a readable .tflite: {err}") from err
-        self.notes = [f"input: an existing .tflite ({path.name}) without a Keras source"]
-        if stats.weight_types and set(stats.weight_types) != {"FLOAT32"}:
-            self.notes.append(
-                f"the input .tflite already stores weights as {', '.join(stats.weight_types)}: "
-                "it is not a float model, so quantizing it again may change nothing"
+            raise DataError(
+                f"{str(path)!r} is not a TFLite flatbuffer ({err}); give a .tflite file written by a "
+                "TFLite converter"
+            ) from err
+        self.notes = [f"input: an existing .tflite ({path.name}, {len(self.data)} B) without a Keras source"]
+        if self.stats.weight_types and set(self.stats.weight_types) != {"FLOAT32"}:
+            self.notes.append(f"the input .tflite stores its weights as {', '.join(self.stats.weight_types)}")
+
+    def gate(self, allow_custom_ops: bool) -> CompatReport | None:
+        """The compatibility verdict, printed first. Custom ops: a CompressorError unless allowed, and
+        then the report (the pipeline bundles the original as is)."""
+        c = self.compat
+        ops = Counter(op.custom_code or op.name for op in c.ops)
+        needs = custom_ops(c)
+        self.report(
+            f"compat: {len(c.ops)} op kinds ({', '.join(sorted(ops))}); oldest safe runtime "
+            f"{c.min_runtime}; custom ops: {', '.join(needs) or 'none'}"
+        )
+        for finding in c.findings:
+            self.report(f"compat: {finding}")
+        if not needs:
+            return None
+        if not allow_custom_ops:
+            raise CustomOpsError(
+                f"{self.path.name} needs a runtime built with custom op(s) {', '.join(needs)}; stock "
+                "ai-edge-litert and tflite-runtime cannot load it, so it cannot be evaluated or quantized "
+                "here. Pass --allow-custom-ops to bundle the float original as is (devices without the op "
+                "report UNSUPPORTED_OP)"
             )
+        return c
 
     def build(self, recipe: Recipe, stage: Callable[[str], None]) -> tuple[bytes, list[str]]:
-        from compressor.convert import NeedsKerasError, quantize_tflite
+        from compressor.convert import NeedsCalibrationError, NeedsKerasError
+        from compressor.tflite_quant import quantize_tflite
 
         if recipe.transforms:
             kinds = ", ".join(s.kind for s in recipe.transforms)
             raise NeedsKerasError(f"{kinds} needs the Keras model (a .tflite input has no Keras source)")
+        step = recipe.quantize
+        if step.mode == "float32":
+            return self.data, ["the input file, unchanged"]
+        if step.mode == "float16":
+            raise NeedsKerasError(
+                "float16 of an existing .tflite is not built (the Keras converter makes it)"
+            )
         stage("convert")
         self.report(f"convert {recipe.id}")
-        tflite = quantize_tflite(self.data, recipe.quantize)
-        notes = [] if recipe.quantize.mode == "float32" else ["quantized by ai-edge-quantizer"]
-        return tflite, notes
+        calibration = None
+        if step.mode == "int8":
+            assert self.data_rows is not None
+            if self.data_rows.synthetic:
+                raise NeedsCalibrationError(
+                    "full-integer int8 needs calibration data: pass --calibration DIR|FILE.npz (or --data)"
+                )
+            calibration = _signature_rows(
+                self.data, self.data_rows.calibration_rows, step.representative_samples
+            )
+        return quantize_tflite(self.data, step.mode, calibration, int8_io=step.int8_io)
+
+
+def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[str, np.ndarray]]:
+    """Calibration rows as the quantizer takes them: one dict per row, signature input name → batch-1
+    array (the file's own input order is the data's order for a .tflite input)."""
+    from compressor.convert import representative_subset
+    from compressor.evaluate import load_interpreter
+
+    interpreter = load_interpreter(tflite)
+    details = interpreter.get_input_details()
+    try:
+        sig: dict[str, Any] = next(iter((interpreter._get_full_signature_list() or {}).values()), {})
+    except (AttributeError, RuntimeError, ValueError):
+        sig = {}
+    by_tensor = {int(t): name for name, t in sig.get("inputs", {}).items()}
+    names = [by_tensor.get(int(d["index"]), str(d["name"])) for d in details]
+    arrays = representative_subset(rows.inputs, count or REPRESENTATIVE_SAMPLES, 0)
+    out = []
+    for i in range(len(arrays[0])):
+        out.append(
+            {
+                n: np.ascontiguousarray(a[i : i + 1], dtype=np.dtype(d["dtype"]))
+                for n, a, d in zip(names, arrays, details, strict=True)
+            }
+        )
+    return out
 
 
 def _step_text(step: Any) -> str:
@@ -364,79 +597,171 @@ def _step_text(step: Any) -> str:
 # measuring and checking one variant
 
 
-def _measure(
-    recipe: Recipe,
-    tflite: bytes,
-    data: Dataset,
-    baseline: tuple[BuiltVariant, Evaluation] | None,
-    notes: list[str],
-    report: Progress,
-    latency_budget_s: float,
-    sample_size: int,
-) -> BuiltVariant:
+@dataclass(slots=True)
+class _MeasureContext:
+    data: Dataset
+    report: Progress
+    latency_budget_s: float
+    sample_size: int
+    evaluator: Evaluator | None
+    output_names: list[str]
+    baseline: BuiltVariant | None = None
+    user_directions: dict[str, Direction] = field(default_factory=dict)
+
+
+def _measure(recipe: Recipe, tflite: bytes, ctx: _MeasureContext, notes: list[str]) -> BuiltVariant:
+    report, data = ctx.report, ctx.data
     report(f"evaluate {recipe.id}")
-    ev = evaluate_tflite(tflite, data.x_test, data.y_test, latency_budget_s=latency_budget_s)
+    classification = data.task == "classification"
+    ev = evaluate_tflite(
+        tflite, data.test, classification=classification, latency_budget_s=ctx.latency_budget_s
+    )
     stats = graph_stats(tflite)
     runtime, compat_notes = _min_runtime(tflite)
-    quantization, check_notes = _check_quantization(recipe, tflite, stats, ev, baseline)
-    ref = baseline[1] if baseline else ev
-    report(
-        f"evaluate {recipe.id}: accuracy {ev.accuracy:.4f} size {ev.size_bytes} B "
-        f"p50 {ev.latency_ms_p50:.3f} ms"
+    base = ctx.baseline.evaluation if ctx.baseline is not None else ev
+    named = fidelity_metrics(base.output_values, ev.output_values)
+    drop = agree = None
+    if classification and ev.accuracy is not None and base.accuracy is not None:
+        named["accuracy"] = ev.accuracy
+        drop = base.accuracy - ev.accuracy
+        assert ev.predictions is not None and base.predictions is not None
+        agree = agreement(base.predictions, ev.predictions)
+    if ctx.evaluator is not None:
+        eval_data = EvalData(
+            inputs=list(data.test.inputs),
+            labels=data.test.y,
+            targets=data.test.targets,
+            task=data.task,
+            output_names=ctx.output_names,
+        )
+        for name, metric in run_evaluator(ctx.evaluator, ev.output_values, eval_data, recipe.id).items():
+            named[name] = metric.value
+            ctx.user_directions.setdefault(name, metric.direction)
+    shown = ", ".join(
+        f"{k} {v:.4g}"
+        for k, v in named.items()
+        if "_" not in k or k in ("sqnr_db", "max_abs", "top1_agreement")
     )
+    report(f"evaluate {recipe.id}: {shown}; size {ev.size_bytes} B; p50 {ev.latency_ms_p50:.3f} ms")
+    quantization, check_notes = _label_quantization(recipe, stats, ev, ctx.baseline)
+    sample = sample_npz(data.test.inputs, data.test.y if classification else None, ev, count=ctx.sample_size)
     return BuiltVariant(
         id=recipe.id,
         quantization=quantization,
         techniques=recipe.techniques,
         tflite=tflite,
         evaluation=ev,
-        accuracy_drop=ref.accuracy - ev.accuracy,
-        agreement=agreement(ref.predictions, ev.predictions),
+        accuracy_drop=drop,
+        agreement=agree,
         params=stats.params,
         macs=stats.macs,
         min_runtime=runtime,
-        sample=sample_npz(data.x_test, data.y_test, ev, count=sample_size),
-        sample_accuracy=sample_accuracy(data.y_test, ev, count=sample_size),
-        notes=[*notes, *check_notes, *compat_notes],
+        sample=sample,
+        sample_accuracy=sample_accuracy(data.test.y if classification else None, ev, count=ctx.sample_size),
+        notes=[
+            *notes,
+            *check_notes,
+            *compat_notes,
+            *(["fidelity on SYNTHETIC rows"] if data.synthetic else []),
+        ],
+        named=named,
+        tolerance=OutputTolerance(),
     )
 
 
-def _check_quantization(
-    recipe: Recipe,
-    tflite: bytes,
-    stats: Any,
-    ev: Evaluation,
-    baseline: tuple[BuiltVariant, Evaluation] | None,
+def _label_quantization(
+    recipe: Recipe, stats: Any, ev: Evaluation, baseline: BuiltVariant | None
 ) -> tuple[str, list[str]]:
-    """The wire quantization label the file deserves, and notes on what did not work as asked."""
+    """The wire quantization label the file deserves, and notes on speed and accuracy against the
+    baseline."""
     mode = recipe.quantize.mode
     label = recipe.quantization
     notes: list[str] = []
+    if mode == "float32" and stats.float16_weights and not stats.int8_weights:
+        label = "float16"  # an existing float16-weight file as the reference
     if mode in INT8_MODES and not stats.int8_weights:
         label = "float16" if stats.float16_weights else "none"
-        notes.append(
-            f"asked for {mode} but the file has no int8 weight tensors (weights: "
-            f"{', '.join(stats.weight_types) or 'none found'}): labelled {label!r}, not int8"
-        )
     elif mode == "float16" and not stats.float16_weights:
         label = "none"
-        notes.append("asked for float16 but the file has no float16 weight tensors: labelled 'none'")
     if baseline is None or mode == "float32":
         return label, notes
-    base_bv, base_ev = baseline
-    if tflite == base_bv.tflite:
-        notes.append("quantization changed nothing: the file is byte-identical to float32")
+    base_ev = baseline.evaluation
     if ev.latency_ms_p50 > base_ev.latency_ms_p50 * (1 + LATENCY_TOLERANCE):
         notes.append(
-            f"slower than float32 on the host: p50 {ev.latency_ms_p50:.3f} ms vs "
+            f"slower than {baseline.id} on the host: p50 {ev.latency_ms_p50:.3f} ms vs "
             f"{base_ev.latency_ms_p50:.3f} ms (tolerance {LATENCY_TOLERANCE:.0%})"
         )
-    drop = base_ev.accuracy - ev.accuracy
-    if drop > ACCURACY_TOLERANCE:
-        notes.append(
-            f"accuracy {100 * drop:.2f} points below float32 (tolerance {100 * ACCURACY_TOLERANCE:.0f})"
-        )
+    if ev.accuracy is not None and base_ev.accuracy is not None:
+        drop = base_ev.accuracy - ev.accuracy
+        if drop > ACCURACY_TOLERANCE:
+            notes.append(
+                f"accuracy {100 * drop:.2f} points below {baseline.id} "
+                f"(tolerance {100 * ACCURACY_TOLERANCE:.0f})"
+            )
     return label, notes
+
+
+def _check_changed(recipe: Recipe, bv: BuiltVariant, baseline: BuiltVariant | None) -> None:
+    """A quantized variant whose file holds none of what was asked for, or the baseline's very bytes,
+    changed nothing: it is not shipped (ChangedNothingError, recorded as a failure)."""
+    mode = recipe.quantize.mode
+    if mode == "float32" or recipe.transforms:
+        return
+    stats = graph_stats(bv.tflite)
+    if baseline is not None and bv.tflite == baseline.tflite:
+        raise ChangedNothingError(f"{mode} changed nothing: the file is byte-identical to {baseline.id}")
+    if mode in INT8_MODES and not stats.int8_weights:
+        raise ChangedNothingError(
+            f"{mode} changed nothing: the file has no int8 weight tensors (weights: "
+            f"{', '.join(stats.weight_types) or 'none found'})"
+        )
+    if mode == "float16" and not stats.float16_weights:
+        raise ChangedNothingError("float16 changed nothing: the file has no float16 weight tensors")
+
+
+def _custom_op_bundle(
+    builder: _TfliteBuilder,
+    compat: CompatReport,
+    out: Path,
+    model_id: str,
+    created_at: float | None,
+    start: float,
+    report: Progress,
+) -> BuildResult:
+    """--allow-custom-ops: the original file as the only variant, not evaluated (nothing here loads it)."""
+    needs = custom_ops(compat)
+    inputs, outputs = flatbuffer_io(builder.data)
+    variant = Variant(
+        **blob_fields(builder.data),
+        id="original",
+        file="original.tflite",
+        quantization="float16" if builder.stats.float16_weights else "none",
+        inputs=inputs,
+        outputs=outputs,
+        metrics=HostMetrics(
+            size_bytes=len(builder.data), params=builder.stats.params, macs=builder.stats.macs
+        ),
+        min_runtime=compat.min_runtime,
+        required_custom_ops=needs,
+        notes=[
+            f"bundled as is (--allow-custom-ops): needs a runtime built with {', '.join(needs)}; not "
+            "evaluated on the host (the stock interpreter cannot load it); devices without the op report "
+            "UNSUPPORTED_OP"
+        ],
+    )
+    created = time.time() if created_at is None else created_at
+    manifest = Manifest(
+        model=model_id,
+        version=max(1, int(created * 1000)),
+        created_at=created,
+        task="generic",
+        baseline="original",
+        variants=[variant],
+    )
+    report(f"write: {out} (the original only: custom ops {', '.join(needs)})")
+    notes = [*builder.notes, *compat.findings]
+    path = write_bundle(out, manifest, {"original.tflite": builder.data}, render_report(manifest, (), notes))
+    return BuildResult(manifest, path, (), time.perf_counter() - start, "tflite")
 
 
 def _compare_unstructured(built: list[BuiltVariant], recipes: list[Recipe]) -> None:

@@ -37,7 +37,7 @@ QuantMode = Literal["float32", "float16", "dynamic_int8", "int8", "weight_only_i
 # Modes whose .tflite must hold INT8 tensors (checked on the file: a variant is never labelled int8
 # when it is not).
 INT8_MODES = ("dynamic_int8", "int8", "weight_only_int8")
-BUILTIN_RECIPES = ("default", "demo", "tflite")
+BUILTIN_RECIPES = ("default", "demo", "tflite", "generic")
 REPRESENTATIVE_SAMPLES = 300
 
 
@@ -65,6 +65,10 @@ class QuantizeStep(Base):
         default=False,
         description="dynamic_int8 only: per-channel FULLY_CONNECTED needs runtime > 2.14 (FACTS.md)",
     )
+    int8_io: bool = Field(
+        default=True,
+        description="int8 only: int8 input and output tensors (false: float I/O, quantized inside)",
+    )
 
     @model_validator(mode="after")
     def _samples(self) -> Self:
@@ -74,6 +78,8 @@ class QuantizeStep(Base):
             raise ValueError(f"representative_samples only applies to mode 'int8', not {self.mode!r}")
         if self.per_channel_dense and self.mode != "dynamic_int8":
             raise ValueError("per_channel_dense only applies to mode 'dynamic_int8'")
+        if not self.int8_io and self.mode != "int8":
+            raise ValueError("int8_io only applies to mode 'int8'")
         return self
 
     @property

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compressor.data import Dataset
+from compressor.data import Dataset, InputSpec, Rows
 from compressor.errors import DataError, DataMismatchError, EvaluationError, NotAClassifierError
 
 MIN_SPLIT_SAMPLES = 10
@@ -53,40 +53,47 @@ class Signature:
 
 
 def check_dataset(data: Dataset) -> Dataset:
-    """Model-independent checks; returns ``data`` with x as float32 and y as int64."""
-    xs: dict[str, np.ndarray] = {}
-    ys: dict[str, np.ndarray] = {}
+    """Model-independent checks; returns ``data`` with float inputs as float32 and labels as int64.
+
+    Classification (labels in every split): at least :data:`MIN_SPLIT_SAMPLES` rows per split and
+    :data:`MIN_TRAIN_CLASSES` classes in train. Generic: at least one row per split.
+    """
+    classification = data.task == "classification"
+    splits: dict[str, Rows] = {}
     for split in SPLITS:
-        xs[split] = _x(getattr(data, f"x_{split}"), f"x_{split}")
-        ys[split] = _y(getattr(data, f"y_{split}"), f"y_{split}")
-        n_x, n_y = len(xs[split]), len(ys[split])
-        if n_x != n_y:
-            raise DataError(f"x_{split} has {n_x} samples but y_{split} has {n_y}")
-        if n_x < MIN_SPLIT_SAMPLES:
+        rows: Rows = getattr(data, split)
+        if not rows.inputs:
+            raise DataError(f"x_{split} holds no input arrays")
+        inputs = tuple(
+            _x(a, f"x_{split}" if len(rows.inputs) == 1 else f"x_{split}_{i}")
+            for i, a in enumerate(rows.inputs)
+        )
+        n_x = len(inputs[0])
+        if any(len(a) != n_x for a in inputs):
+            raise DataError(f"the inputs of x_{split} have different row counts: {[len(a) for a in inputs]}")
+        y = None if rows.y is None else _y(rows.y, f"y_{split}")
+        if y is not None and len(y) != n_x:
+            raise DataError(f"x_{split} has {n_x} samples but y_{split} has {len(y)}")
+        least = MIN_SPLIT_SAMPLES if classification else 1
+        if n_x < least:
             also = " (the validation split doubles as the test split)" if data.test_is_val else ""
             raise DataError(
                 f"x_{split} has {n_x} sample{'s' if n_x != 1 else ''}; each split needs at least "
-                f"{MIN_SPLIT_SAMPLES}{also if split == 'test' else ''}"
+                f"{least}{also if split == 'test' else ''}"
             )
-    shapes = {split: xs[split].shape[1:] for split in SPLITS}
+        splits[split] = Rows(inputs, y, rows.targets)
+    shapes = {split: tuple(a.shape[1:] for a in r.inputs) for split, r in splits.items()}
     if len(set(shapes.values())) != 1:
-        got = ", ".join(f"x_{s} {shape}" for s, shape in shapes.items())
+        got = ", ".join(f"x_{s} {shape if len(shape) > 1 else shape[0]}" for s, shape in shapes.items())
         raise DataError(f"splits disagree on the sample shape: {got}")
-    classes = np.unique(ys["train"])
-    if len(classes) < MIN_TRAIN_CLASSES:
-        raise DataError(
-            f"y_train holds {len(classes)} class ({', '.join(str(int(c)) for c in classes)}); training a "
-            f"classifier needs at least {MIN_TRAIN_CLASSES}"
-        )
-    return dataclasses.replace(
-        data,
-        x_train=xs["train"],
-        y_train=ys["train"],
-        x_val=xs["val"],
-        y_val=ys["val"],
-        x_test=xs["test"],
-        y_test=ys["test"],
-    )
+    if classification:
+        classes = np.unique(splits["train"].y if splits["train"].y is not None else [])
+        if len(classes) < MIN_TRAIN_CLASSES:
+            raise DataError(
+                f"y_train holds {len(classes)} class ({', '.join(str(int(c)) for c in classes)}); training "
+                f"a classifier needs at least {MIN_TRAIN_CLASSES}"
+            )
+    return dataclasses.replace(data, train=splits["train"], val=splits["val"], test=splits["test"])
 
 
 def _x(arr: Any, key: str) -> np.ndarray:
@@ -95,6 +102,8 @@ def _x(arr: Any, key: str) -> np.ndarray:
         raise DataError(f"{key} must be numeric (convertible to float32), got dtype {arr.dtype}")
     if arr.ndim < 2:
         raise DataError(f"{key} must be (N, ...) samples, got shape {arr.shape}")
+    if arr.dtype.kind in "iub":
+        return np.ascontiguousarray(arr)  # integer inputs (token ids, ...) keep their values
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(arr, dtype=np.float32)
     bad = ~np.isfinite(out)
@@ -136,10 +145,6 @@ def keras_signature(model: Any) -> Signature:
         raise NotAClassifierError(
             f"model {name!r} has no defined inputs/outputs (build it with keras.Input or call it once)"
         )
-    if len(inputs) != 1:
-        raise NotAClassifierError(f"model {name!r} has {len(inputs)} inputs; the compressor needs exactly 1")
-    if len(outputs) != 1:
-        raise NotAClassifierError(f"model {name!r} has {len(outputs)} outputs; a classifier has exactly 1")
     last = _last_layer(outputs[0], k)
     act = getattr(last, "activation", None)
     act_name = getattr(act, "__name__", None) or (str(act) if act is not None else "none")
@@ -158,7 +163,8 @@ def keras_signature(model: Any) -> Signature:
     else:
         raise NotAClassifierError(
             f"model {name!r} is not a classifier: its last layer {desc} is not Dense(K, softmax), "
-            "Dense(K) (logits) nor a Softmax layer"
+            "Dense(K) (logits) nor a Softmax layer; without class labels (y) in --data, or with "
+            "--task generic, it is compressed as a generic model"
         )
     if len(out_shape) != 2 or units is None or units < 2:
         raise NotAClassifierError(
@@ -178,43 +184,134 @@ def _last_layer(tensor: Any, k: Any) -> Any:
 
 
 def tflite_signature(data: bytes, source: str = "the .tflite") -> Signature:
-    """Input shape and class count of a float .tflite classifier, read by the interpreter."""
+    """Class count of a .tflite classifier: output 0 must be (1, K) class scores with K >= 2."""
+    io = tflite_io(data, source)
+    out = io.outputs[0]
+    desc = f"output {out.name!r} of shape {list(out.shape)}"
+    if len(out.shape) != 2 or out.shape[-1] < 2:
+        raise NotAClassifierError(
+            f"{source} is not a classifier: {desc}; expected (1, K) class scores with K >= 2 "
+            "(without labels it is compressed as a generic model)"
+        )
+    return Signature(tuple(io.inputs[0].shape[1:]), int(out.shape[-1]), "probabilities", desc)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIO:
+    """The model's inputs and outputs (shapes with the batch axis; -1 = free), in the order the data and
+    a user evaluator see them."""
+
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
+
+    def describe(self) -> str:
+        def one(specs: tuple[InputSpec, ...]) -> str:
+            return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in specs)
+
+        return f"inputs: {one(self.inputs)}; outputs: {one(self.outputs)}"
+
+
+def keras_io(model: Any) -> ModelIO:
+    inputs = getattr(model, "inputs", None)
+    outputs = getattr(model, "outputs", None)
+    name = getattr(model, "name", type(model).__name__)
+    if not inputs or not outputs:
+        raise DataError(
+            f"model {name!r} has no defined inputs/outputs (build it with keras.Input or call it once)"
+        )
+
+    def spec(t: Any, i: int, kind: str) -> InputSpec:
+        shape = tuple(-1 if d is None else int(d) for d in t.shape)
+        dtype = str(getattr(t, "dtype", "float32"))
+        return InputSpec(str(getattr(t, "name", f"{kind}_{i}")), shape, dtype)
+
+    return ModelIO(
+        tuple(spec(t, i, "input") for i, t in enumerate(inputs)),
+        tuple(spec(t, i, "output") for i, t in enumerate(outputs)),
+    )
+
+
+def tflite_io(data: bytes, source: str = "the .tflite") -> ModelIO:
+    """Inputs and outputs of a .tflite as the interpreter orders them (the order a device feeds)."""
     from compressor.evaluate import load_interpreter
 
     try:
         interpreter = load_interpreter(data, threads=1)
     except EvaluationError as err:
         raise DataError(f"{source} is not a loadable .tflite: {err}") from err
-    ins, outs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(ins) != 1 or len(outs) != 1:
-        raise NotAClassifierError(
-            f"{source} has {len(ins)} inputs and {len(outs)} outputs; a classifier has 1 and 1"
-        )
-    in_shape = [int(d) for d in ins[0]["shape"]]
-    out_shape = [int(d) for d in outs[0]["shape"]]
-    desc = f"output {outs[0]['name']!r} of shape {out_shape}"
-    if len(out_shape) != 2 or out_shape[-1] < 2:
-        raise NotAClassifierError(
-            f"{source} is not a classifier: {desc}; expected (1, K) class scores with K >= 2"
-        )
-    if not in_shape or in_shape[0] != 1:
-        raise DataMismatchError(f"{source} input shape {in_shape}: expected a batch-1 input (1, ...)")
-    return Signature(tuple(in_shape[1:]), out_shape[-1], "probabilities", desc)
+
+    def spec(d: dict[str, Any]) -> InputSpec:
+        sig = d.get("shape_signature")
+        shape = [int(x) for x in (sig if sig is not None and len(sig) == len(d["shape"]) else d["shape"])]
+        return InputSpec(str(d["name"]), tuple(shape), np.dtype(d["dtype"]).name)
+
+    ins = tuple(spec(d) for d in interpreter.get_input_details())
+    for i in ins:
+        if i.shape and i.shape[0] not in (1, -1):
+            raise DataMismatchError(
+                f"{source} input {i.name!r} shape {list(i.shape)}: expected a batch-1 input"
+            )
+    return ModelIO(ins, tuple(spec(d) for d in interpreter.get_output_details()))
 
 
 # --------------------------------------------------------------------------------------------------------
 # the data against the model
 
 
-def check_fit(data: Dataset, sig: Signature) -> Dataset:
-    """Sample shape, class indices and label names against the model; returns ``data`` (labels filled)."""
-    got = data.input_shape
-    want = sig.input_shape
-    if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=False)):
-        shown = tuple("any" if d is None else d for d in want)
+def fit_inputs(data: Dataset, io: ModelIO) -> Dataset:
+    """Every split's inputs against the model's: their number, and each row shape (a missing trailing
+    channel axis of 1 is added: (N, H, W) images for a (1, H, W, 1) input). Returns ``data`` fitted."""
+    want = io.inputs
+    if data.num_inputs != len(want):
         raise DataMismatchError(
-            f"x_train samples have shape {got} but the model takes {shown} (without the batch axis)"
+            f"the data has {data.num_inputs} input array(s) but the model takes {len(want)} "
+            f"({', '.join(f'{w.name} {list(w.shape)}' for w in want)}); give x_<split>_0 .. "
+            f"x_<split>_{len(want) - 1} in the model's input order"
         )
+    fitted: dict[str, Rows] = {}
+    for split in SPLITS:
+        rows: Rows = getattr(data, split)
+        fitted[split] = Rows(
+            tuple(
+                _fit_one(a, w, split, i, len(want))
+                for i, (a, w) in enumerate(zip(rows.inputs, want, strict=True))
+            ),
+            rows.y,
+            rows.targets,
+        )
+    calibration = None
+    if data.calibration is not None:
+        calibration = Rows(
+            tuple(
+                _fit_one(a, w, "calibration", i, len(want))
+                for i, (a, w) in enumerate(zip(data.calibration.inputs, want, strict=True))
+            )
+        )
+    return dataclasses.replace(
+        data, train=fitted["train"], val=fitted["val"], test=fitted["test"], calibration=calibration
+    )
+
+
+def _fit_one(arr: np.ndarray, spec: InputSpec, split: str, index: int, count: int) -> np.ndarray:
+    got, want = tuple(arr.shape[1:]), tuple(spec.shape[1:])
+
+    def fits(shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(want) and all(w <= 0 or w == g for w, g in zip(want, shape, strict=True))
+
+    if fits(got):
+        return arr
+    if fits((*got, 1)):
+        return arr[..., np.newaxis]
+    key = f"x_{split}" if count == 1 else f"x_{split}_{index}"
+    shown = tuple("any" if d <= 0 else d for d in want)
+    raise DataMismatchError(
+        f"{key} rows have shape {got} but the model's input {spec.name!r} takes {shown} "
+        "(without the batch axis)"
+    )
+
+
+def check_fit(data: Dataset, sig: Signature) -> Dataset:
+    """Class indices and label names against a classifier; returns ``data`` (labels filled)."""
     k = sig.num_classes
     if data.label_width is not None and data.label_width != k:
         raise DataMismatchError(
@@ -241,8 +338,16 @@ def check_fit(data: Dataset, sig: Signature) -> Dataset:
     return dataclasses.replace(data, labels=labels) if labels != data.labels else data
 
 
-def validate(model: Any, data: Dataset) -> tuple[Dataset, Signature]:
-    """Every check, cheapest first: the data alone, the model, then the data against the model."""
+def validate(model: Any, data: Dataset) -> tuple[Dataset, ModelIO, Signature | None]:
+    """Every check, cheapest first: the data alone, the model, then the data against the model.
+
+    ``model`` is a Keras model or the bytes of a .tflite. Returns the fitted data, the model's inputs and
+    outputs, and — when the data is labelled — the classifier signature (labels must fit output 0).
+    """
     data = check_dataset(data)
+    io = tflite_io(model) if isinstance(model, bytes) else keras_io(model)
+    data = fit_inputs(data, io)
+    if data.task != "classification":
+        return data, io, None
     sig = tflite_signature(model) if isinstance(model, bytes) else keras_signature(model)
-    return check_fit(data, sig), sig
+    return check_fit(data, sig), io, sig
