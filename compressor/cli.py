@@ -163,9 +163,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not args.model.is_file():
                 raise DataError(f"model file {str(args.model)!r} does not exist")
-            from compressor.images import parse_input_range
+            value_range = None
+            if args.input_range:
+                from compressor.images import parse_input_range
 
-            value_range = parse_input_range(args.input_range) if args.input_range else None
+                value_range = parse_input_range(args.input_range)
             data = None if args.data is None else load_dataset(args.data, seed=args.seed, task=args.task)
             result = build_bundle(
                 args.model,

@@ -263,7 +263,9 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
         shapes = [a.shape[1:] for a in inputs[s]]
         ref = [a.shape[1:] for a in inputs["train"]]
         if shapes != ref:
-            raise DataError(f"x_{s} rows have shapes {shapes} but x_train rows have {ref}")
+            got = shapes[0] if len(shapes) == 1 else shapes
+            want = ref[0] if len(ref) == 1 else ref
+            raise DataError(f"splits disagree on the sample shape: x_{s} {got}, x_train {want}")
     ys: dict[str, np.ndarray | None] = {}
     targets: dict[str, np.ndarray | None] = {}
     widths: dict[str, int] = {}
@@ -289,7 +291,14 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
                 widths[s] = int(raw.shape[1])
     kinds = {ys[s] is not None for s in splits if f"y_{s}" in arrays}
     if len(kinds) > 1:
-        raise DataError("some y arrays are class labels and others are not; make them all one kind")
+        odd = next(s for s in splits if ys[s] is None)
+        cls = next(s for s in splits if ys[s] is not None)
+        raw = arrays[f"y_{odd}"]
+        raise DataError(
+            f"y_{odd} is not class indices nor one-hot rows (shape {raw.shape}, row 0 is "
+            f"{np.asarray(raw[0]).reshape(-1).tolist()[:12]}) while y_{cls} holds class indices: give every "
+            "split the same kind of labels (soft labels / probabilities are not class labels)"
+        )
     if len(set(widths.values())) > 1:
         got = ", ".join(f"y_{k} {w}" for k, w in widths.items())
         raise DataError(f"one-hot label arrays disagree on the number of classes: {got} columns")
@@ -307,15 +316,19 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
     rows = {s: Rows(inputs[s], ys[s], targets[s]) for s in splits}
     has_test = "test" in rows
     notes = () if has_test else ("no x_test in the .npz: the validation split is the test split",)
-    return Dataset(
-        name=path.stem,
-        train=rows["train"],
-        val=rows["val"],
-        test=rows["test" if has_test else "val"],
-        labels=labels,
-        test_is_val=not has_test,
-        notes=notes,
-        label_width=label_width,
+    from compressor.validate import check_dataset
+
+    return check_dataset(
+        Dataset(
+            name=path.stem,
+            train=rows["train"],
+            val=rows["val"],
+            test=rows["test" if has_test else "val"],
+            labels=labels,
+            test_is_val=not has_test,
+            notes=notes,
+            label_width=label_width,
+        )
     )
 
 
@@ -350,11 +363,9 @@ def _numeric(arr: np.ndarray, key: str) -> np.ndarray:
     if arr.ndim < 1 or len(arr) == 0:
         raise DataError(f"{key} must hold at least one row, got shape {arr.shape}")
     if arr.dtype.kind == "f":
-        with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(out).all():
-            raise DataError(f"{key} contains NaN, infinity or values beyond the float32 range")
-        return out
+        from compressor.validate import _x
+
+        return _x(arr, key) if arr.ndim >= 2 else np.ascontiguousarray(arr, dtype=np.float32)
     return np.ascontiguousarray(arr)
 
 

@@ -298,6 +298,8 @@ def _fit_one(arr: np.ndarray, spec: InputSpec, split: str, index: int, count: in
     def fits(shape: tuple[int, ...]) -> bool:
         return len(shape) == len(want) and all(w <= 0 or w == g for w, g in zip(want, shape, strict=True))
 
+    if np.dtype(spec.dtype).kind == "f" and arr.dtype.kind != "f":
+        arr = arr.astype(np.float32)  # integer pixels for a float model: the values, as floats
     if fits(got):
         return arr
     if fits((*got, 1)):
@@ -305,8 +307,8 @@ def _fit_one(arr: np.ndarray, spec: InputSpec, split: str, index: int, count: in
     key = f"x_{split}" if count == 1 else f"x_{split}_{index}"
     shown = tuple("any" if d <= 0 else d for d in want)
     raise DataMismatchError(
-        f"{key} rows have shape {got} but the model's input {spec.name!r} takes {shown} "
-        "(without the batch axis)"
+        f"{key} samples have shape {got} but the model takes {shown} (input {spec.name!r}, without the "
+        "batch axis)"
     )
 
 

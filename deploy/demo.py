@@ -82,6 +82,10 @@ class DemoSettings:
     devices: tuple[DemoDevice, ...] = DEMO_DEVICES
     extra_env: dict[str, str] = field(default_factory=dict)
     broker: BrokerChoice = "auto"  # mosquitto if installed, else the embedded amqtt fallback
+    # The same loop for any model: `edgefleet compress` arguments replacing "--demo --recipe ... --epochs"
+    # (e.g. ["--model", "m.tflite", "--calibration", "images/"]), and a policy TOML replacing DEMO_POLICY.
+    compress_args: tuple[str, ...] = ()
+    policy: str | None = None
 
 
 @dataclass(slots=True)
@@ -136,7 +140,12 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
         pair = init_keys(workdir / "keys", force=True)
         key = load_signing_key(pair.private_path)
 
-        progress(f"[3/7] compress: training the seed CNN on digits ({settings.epochs} epochs) and converting")
+        what = (
+            " ".join(settings.compress_args)
+            if settings.compress_args
+            else f"training the seed CNN on digits ({settings.epochs} epochs)"
+        )
+        progress(f"[3/7] compress: {what} and converting")
         _compress(bundle_dir, settings, workdir / "compress.log", deadline, progress)
 
         progress("[4/7] publish: signing and publishing the bundle")
@@ -153,7 +162,9 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
             statuses = _statuses(watch)
 
             progress("[6/7] select + assign: choosing a variant per device under the demo policy")
-            decisions = _select_and_assign(manifest, reports, statuses, key, watch, workdir, progress)
+            decisions = _select_and_assign(
+                manifest, reports, statuses, key, watch, workdir, progress, settings.policy or DEMO_POLICY
+            )
 
             progress("[7/7] activate: waiting until every device runs its assigned variant")
             final = _wait_for_active(watch, manifest, decisions, agents, deadline, progress)
@@ -178,19 +189,11 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
 def _compress(
     bundle_dir: Path, settings: DemoSettings, log: Path, deadline: float, progress: Progress
 ) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "deploy",
-        "compress",
-        "--demo",
-        "--recipe",
-        settings.recipe,
-        "--out",
-        str(bundle_dir),
-        "--epochs",
-        str(settings.epochs),
-    ]
+    cmd = [sys.executable, "-m", "deploy", "compress", "--out", str(bundle_dir)]
+    if settings.compress_args:
+        cmd += list(settings.compress_args)
+    else:
+        cmd += ["--demo", "--recipe", settings.recipe, "--epochs", str(settings.epochs)]
     if settings.variants:
         cmd += ["--variants", ",".join(settings.variants)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings.extra_env}
@@ -385,9 +388,10 @@ def _select_and_assign(
     watch: MqttSession,
     workdir: Path,
     progress: Progress,
+    policy_text: str = DEMO_POLICY,
 ) -> dict[str, Decision]:
-    (workdir / "policy.toml").write_text(DEMO_POLICY, encoding="utf-8")
-    policy = Policy.from_mapping(tomllib.loads(DEMO_POLICY), name="demo", source=str(workdir / "policy.toml"))
+    (workdir / "policy.toml").write_text(policy_text, encoding="utf-8")
+    policy = Policy.from_mapping(tomllib.loads(policy_text), name="demo", source=str(workdir / "policy.toml"))
     decisions = select(manifest, reports, statuses, policy)
     for d in decisions:
         progress(f"      {d.device} ({d.device_class}): {d.variant or 'keep current'} — {d.why}")
@@ -463,6 +467,8 @@ def _device_row(
         "quantization": variant.quantization,
         "accuracy": variant.metrics.accuracy,
         "device_accuracy": best.accuracy,
+        "cosine": variant.metrics.named.get("cosine"),
+        "device_fidelity": best.fidelity.model_dump() if best.fidelity is not None else None,
         "size_bytes": variant.size,
         "p50_ms": round(lat.p50, 4),
         "p99_ms": round(lat.p99, 4),

@@ -290,11 +290,23 @@ def report_table(rows: Sequence[ResultRow]) -> str:
 
 
 def decisions_table(decisions: Sequence[Decision]) -> str:
-    """Per device: the choice and why; then one indented line per variant that lost."""
-    headers = ["DEVICE", "CLASS", "CURRENT", "CHOSEN", "P50ms", "P95ms", "ACCURACY"]
+    """Per device: the choice and why; then one indented line per variant that lost.
+
+    The last column is the chosen variant's accuracy, or, when some decision ranked on a named metric
+    (a generic manifest's cosine, a policy's rank_metric), that metric's name and figure.
+    """
+    named = any(d.chosen is not None and d.chosen.metric not in (None, "accuracy") for d in decisions)
+    headers = ["DEVICE", "CLASS", "CURRENT", "CHOSEN", "P50ms", "P95ms", "METRIC" if named else "ACCURACY"]
     cells = []
     for d in decisions:
         c = d.chosen
+        if c is None:
+            quality = "-"
+        elif named:  # four digits: fidelity figures crowd near 1 (cosine 0.9991)
+            shown = "-" if c.metric_value is None else f"{c.metric_value:.4g}"
+            quality = f"{c.metric or 'accuracy'} {shown}"
+        else:
+            quality = _num(c.accuracy)
         cells.append(
             [
                 d.device,
@@ -303,7 +315,7 @@ def decisions_table(decisions: Sequence[Decision]) -> str:
                 d.variant or "(keep)",
                 _num(c.p50_ms if c else None),
                 _num(c.p95_ms if c else None),
-                _num(c.accuracy if c else None),
+                quality,
             ]
         )
     out = [render_table(headers, cells), ""]

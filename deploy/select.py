@@ -9,11 +9,18 @@ Policy (TOML, every key optional)::
     name = "lab"                   # shown in assignments; defaults to the file's stem
 
     [default]                      # applies to every device
-    objective = "accuracy"         # "accuracy" | "latency" | "energy"
+    objective = "accuracy"         # "accuracy" | "latency" | "energy" | "metric" (see step 4)
+    # rank_metric = "miou"         # with objective = "metric": the named metric it ranks on (default:
+                                   # the manifest's primary_metric); also breaks latency/energy ties
     accuracy_source = "host"       # "host" | "device": which accuracy the two limits below and the
                                    # accuracy objective use (see "Accuracy" below)
     max_accuracy_drop = 0.05       # vs the float32 baseline (fraction: 0.05 = 5 points)
     min_accuracy = 0.90            # fraction
+    min_metric = { cosine = 0.99, miou = 0.6 }   # floors on named metrics ("higher is better" ones)
+    min_sqnr_db = 25               # shorthand for min_metric.sqnr_db: any min_<metric> key
+    max_metric = { max_abs = 0.05 }              # ceilings on named metrics ("lower is better" ones)
+    max_drop.miou = 0.02           # per named metric, how much worse than the float32 baseline's
+                                   # figure it may be, in its units (or max_drop = { miou = 0.02 })
     max_p95_ms = 50                # device latency percentiles, milliseconds
     max_p99_ms = 80
     max_energy_mj = 5.0            # energy per inference, millijoules (a variant with no figure fails it)
@@ -22,7 +29,7 @@ Policy (TOML, every key optional)::
 
     [classes.fast]                 # devices whose Status.device_class is "fast"
     objective = "latency"          # keys given here replace the default's; the others are inherited
-    min_accuracy = 0.90
+    min_accuracy = 0.90            # (min_metric, max_metric and max_drop merge per metric instead)
     max_p95_ms = 50
 
 How a decision is made, per device:
@@ -33,15 +40,41 @@ How a decision is made, per device:
    counts. No successful result: the variant lost with ``failed: <ERROR CODE>``. Not in the report:
    ``not benchmarked``.
 3. Hard constraints, in order: bench ok, runtime at least the variant's ``min_runtime``, not throttled
-   (if asked), ``max_p95_ms``, ``max_p99_ms``, ``max_accuracy_drop``, ``min_accuracy``,
-   ``max_energy_mj``, ``max_peak_rss_mb``. A constraint on a figure the variant lacks fails it.
+   (if asked), ``max_p95_ms``, ``max_p99_ms``, ``max_accuracy_drop``, ``min_accuracy``, ``max_drop``,
+   ``min_metric``, ``max_metric`` (each table in the order written), ``max_energy_mj``,
+   ``max_peak_rss_mb``. A constraint on a figure the variant lacks fails it.
 4. Among the variants left, the objective ranks:
    * ``accuracy``: highest host accuracy, ties by higher top-1 agreement with float32 (the variant most
-     faithful to the trained model), then lower p95 latency, then lower energy;
+     faithful to the trained model), then lower p95 latency, then lower energy. On a manifest without
+     accuracy (a generic task: no labels) it ranks on the manifest's ``primary_metric`` instead (else
+     on cosine, when the manifest names none), as ``metric`` does, and the decision says so;
+   * ``metric``: best ``rank_metric`` (highest or lowest, by the metric's direction; default the
+     manifest's ``primary_metric``), ties by lower p95 latency, then lower energy. A rank metric that is
+     ``accuracy`` ranks exactly as objective ``accuracy``;
    * ``latency``: lowest p50 latency, ties by lower p95, then higher accuracy;
    * ``energy``: lowest energy per inference, ties by lower p50, then higher accuracy.
-   Remaining ties go to the smaller file, then the variant id (decisions are deterministic).
+   The latency and energy ties use ``rank_metric`` instead of accuracy when the rule names one, and the
+   same stand-in as ``accuracy`` on a manifest without accuracy. Remaining ties go to the smaller file,
+   then the variant id (decisions are deterministic).
 5. Nothing left: the decision keeps the current variant (``variant=None``) and says why.
+
+Named metrics (``min_metric``, ``max_metric``, ``max_drop``, ``rank_metric``) are the manifest's host
+figures, measured by the compressor on the .tflite file on held-out rows (``HostMetrics.named``):
+accuracy, fidelity to the float32 baseline's outputs (cosine, sqnr_db, max_abs, top1_agreement) or a
+user evaluator's metric (miou, map, ...). Which way is better comes from the manifest's ``metrics`` map,
+else, for a manifest without one, from the built-in directions (accuracy, cosine, sqnr_db,
+top1_agreement: higher; max_abs: lower). A floor (``min_metric`` or ``min_<name>``) is for a "higher"
+metric and a ceiling (``max_metric``) for a "lower" one; ``max_drop`` is direction-aware: the baseline's
+figure minus the variant's for a "higher" metric, the variant's minus the baseline's for a "lower" one,
+in the metric's own units (a fraction for a 0..1 metric, printed in points; dB for ``*_db``).
+``accuracy`` itself has its own keys (``min_accuracy``, ``max_accuracy_drop``), which follow
+``accuracy_source``. A policy that names a metric the manifest lacks, a floor on a "lower" metric, or a
+ceiling on a "higher" one is refused before anything is decided, in one line listing the manifest's
+metrics; so are accuracy limits on a generic manifest without accuracy.
+
+A device's ``BenchResult.fidelity`` (its outputs on the sample against the host's outputs of the same
+file) is not one of these metrics: it is a runtime sanity check, which the agent applies itself (a
+device beyond the variant's ``output_tolerance`` reports the variant failed, step 2).
 
 Accuracy, by ``accuracy_source``:
 
@@ -53,6 +86,7 @@ Accuracy, by ``accuracy_source``:
   the baseline on those rows (``sample_accuracy``). A variant without an on-device figure fails a limit
   on it. Sentences then say "on-device accuracy". The sample is small (its size is in the manifest's
   ``eval_samples``): use it to catch a runtime that computes differently, not for fine ranking.
+  Named metrics stay host figures.
 
 Either way, a device whose outputs differ from the host's beyond tolerance reports
 ``ACCURACY_MISMATCH`` and the variant fails in step 2.
@@ -65,21 +99,36 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Self
+from typing import Annotated, Any, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent import wire
 from deploy.errors import PolicyError
 
-Objective = Literal["accuracy", "latency", "energy"]
+Objective = Literal["accuracy", "latency", "energy", "metric"]
 AccuracySource = Literal["host", "device"]
+Direction = Literal["higher", "lower"]
 _MIB = 1024 * 1024
 _INF = math.inf
+
+# Which way is better for the built-in metric names, when a manifest has no metrics map (schema 1).
+BUILTIN_DIRECTIONS: dict[str, Direction] = {
+    "accuracy": "higher",
+    "cosine": "higher",
+    "sqnr_db": "higher",
+    "top1_agreement": "higher",
+    "max_abs": "lower",
+}
+# The policy's tables of named-metric limits, in the order they are checked.
+_METRIC_TABLES = ("max_drop", "min_metric", "max_metric")
+_FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+_Drop = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -90,6 +139,11 @@ class Rule(_Strict):
     """Hard constraints and an objective (see the module docstring)."""
 
     objective: Objective = "accuracy"
+    rank_metric: wire.MetricName | None = Field(
+        default=None,
+        description="objective 'metric' ranks on it (default: the manifest's primary_metric); "
+        "it also breaks latency and energy ties",
+    )
     accuracy_source: AccuracySource = Field(
         default="host",
         description="host: the compressor's, on held-out data; device: each device's own, on the sample",
@@ -100,9 +154,51 @@ class Rule(_Strict):
         default=None, ge=0, le=1, description="baseline accuracy minus this variant's (fraction)"
     )
     min_accuracy: float | None = Field(default=None, ge=0, le=1, description="accuracy (fraction)")
+    max_drop: dict[wire.MetricName, _Drop] = Field(
+        default_factory=dict,
+        description="per named metric: how much worse than the float32 baseline's host figure (its units)",
+    )
+    min_metric: dict[wire.MetricName, _FiniteFloat] = Field(
+        default_factory=dict, description="per named metric: a floor on the host figure ('higher' metrics)"
+    )
+    max_metric: dict[wire.MetricName, _FiniteFloat] = Field(
+        default_factory=dict, description="per named metric: a ceiling on the host figure ('lower' metrics)"
+    )
     max_energy_mj: float | None = Field(default=None, gt=0, description="energy per inference, mJ")
     max_peak_rss_mb: float | None = Field(default=None, gt=0, description="peak RSS of the bench child, MiB")
     reject_throttled: bool = Field(default=False, description="a throttled run does not count")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_shorthand(cls, data: Any) -> Any:
+        """``min_<metric> = x`` is ``min_metric.<metric> = x``. A key one typo away from a real key
+        (``min_acuracy``, ``min_metrics``) is left alone, so that it fails as an unknown key naming the
+        real one; any other unknown metric name is refused once the manifest is known."""
+        if not isinstance(data, Mapping):
+            return data
+        names = list(cls.model_fields)
+        moved = {
+            key: value
+            for key, value in data.items()
+            if isinstance(key, str)
+            and key.startswith("min_")
+            and key not in cls.model_fields
+            and re.fullmatch(wire.METRIC_PATTERN, key[4:])
+            and not difflib.get_close_matches(key, names, n=1, cutoff=0.88)
+        }
+        table = data.get("min_metric", {})
+        if not moved or not isinstance(table, Mapping):
+            return data  # (a min_metric that is not a table fails validation, naming it)
+        table = dict(table)
+        for key, value in moved.items():
+            if key[4:] in table:
+                raise ValueError(f"{key} and min_metric.{key[4:]} are the same limit: give it once")
+            table[key[4:]] = value
+        return {**{k: v for k, v in data.items() if k not in moved}, "min_metric": table}
+
+    def metric_limits(self) -> bool:
+        """Whether the rule limits any named metric."""
+        return bool(self.max_drop or self.min_metric or self.max_metric)
 
 
 class Policy(_Strict):
@@ -113,7 +209,9 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _limits_can_all_matter(self) -> Self:
         """A rule (after a class's overlay) whose p99 limit is below its p95 limit is a mistake: p99 is
-        never below p95, so the p95 limit could never decide anything (swapped values, most likely)."""
+        never below p95, so the p95 limit could never decide anything (swapped values, most likely). So
+        are a floor above a ceiling on one metric, accuracy in the named-metric tables (it has its own
+        keys, which follow accuracy_source), and a rank_metric that the table's objective ignores."""
         for where, rule in self.rules():
             if (
                 rule.max_p95_ms is not None
@@ -124,6 +222,25 @@ class Policy(_Strict):
                     f"{where}: max_p99_ms {rule.max_p99_ms:g} is below max_p95_ms {rule.max_p95_ms:g}; "
                     "a p99 is never below its p95, so the p95 limit could never matter (swapped?)"
                 )
+            for key in _METRIC_TABLES:
+                if "accuracy" in getattr(rule, key):
+                    raise ValueError(
+                        f"{where}: {key}.accuracy: accuracy has its own keys, min_accuracy and "
+                        "max_accuracy_drop (which follow accuracy_source)"
+                    )
+            for name, floor in rule.min_metric.items():
+                ceiling = rule.max_metric.get(name)
+                if ceiling is not None and floor > ceiling:
+                    raise ValueError(
+                        f"{where}: min_metric.{name} {floor:g} is above max_metric.{name} {ceiling:g}: "
+                        "no figure meets both"
+                    )
+        for where, given, rule in self.tables():
+            if "rank_metric" in given.model_fields_set and rule.objective == "accuracy":
+                raise ValueError(
+                    f"{where}: rank_metric {given.rank_metric!r} is not used by objective 'accuracy': "
+                    'set objective = "metric" to rank on it'
+                )
         return self
 
     def rules(self) -> list[tuple[str, Rule]]:
@@ -132,12 +249,23 @@ class Policy(_Strict):
             (f"classes.{c}", self.rule_for(c)) for c in sorted(self.classes)
         ]
 
+    def tables(self) -> list[tuple[str, Rule, Rule]]:
+        """Every table of the file as written, with the rule it gives (the class's overlaid)."""
+        return [("default", self.default, self.default)] + [
+            (f"classes.{c}", self.classes[c], self.rule_for(c)) for c in sorted(self.classes)
+        ]
+
     def rule_for(self, device_class: str | None) -> Rule:
         override = self.classes.get(device_class) if device_class else None
         if override is None:
             return self.default
-        # Only the keys the class sets replace the default's (pydantic records which were given).
-        return self.default.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+        # Only the keys the class sets replace the default's (pydantic records which were given); the
+        # named-metric tables merge per metric.
+        update = {k: getattr(override, k) for k in override.model_fields_set}
+        for table in _METRIC_TABLES:
+            if table in update:
+                update[table] = {**getattr(self.default, table), **update[table]}
+        return self.default.model_copy(update=update)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], name: str = "default", source: str = "policy") -> Policy:
@@ -162,6 +290,8 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {loc!r}{hint}")
         elif not loc:  # a check across keys (model validator): its message names them
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "value_error":  # a check across one table's keys
+            lines.append(f"{source}: {loc}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {loc}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
@@ -181,6 +311,187 @@ def load_policy(path: Path | str | None) -> Policy:
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"{path} is not valid TOML: {err}") from err
     return Policy.from_mapping(data, name=path.stem, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Named metrics: what a manifest carries, and whether a policy fits it
+
+
+def metric_directions(manifest: wire.Manifest) -> dict[str, Direction | None]:
+    """Every metric ``manifest`` declares or its variants carry, by name, with which way is better: the
+    manifest's ``metrics`` map, else the built-in direction, else None (unknown). A schema-1 manifest
+    carries ``accuracy`` and ``top1_agreement`` in its fixed fields."""
+    names = set(manifest.metrics)
+    for v in manifest.variants:
+        names.update(v.metrics.named)
+        if v.metrics.accuracy is not None:
+            names.add("accuracy")
+        if v.metrics.agreement is not None:
+            names.add("top1_agreement")
+    out: dict[str, Direction | None] = {}
+    for name in sorted(names):
+        info = manifest.metrics.get(name)
+        out[name] = info.direction if info is not None else BUILTIN_DIRECTIONS.get(name)
+    return out
+
+
+def _quality_name(
+    rule: Rule, manifest: wire.Manifest, directions: Mapping[str, Direction | None]
+) -> tuple[str, bool]:
+    """The metric ``rule`` ranks on (objective accuracy or metric) or breaks latency and energy ties on,
+    and whether it stands in for an accuracy the manifest lacks: its primary metric, else cosine."""
+    if rule.objective == "metric":
+        return rule.rank_metric or manifest.primary_metric or "accuracy", False
+    stand_in = None
+    if "accuracy" not in directions:
+        stand_in = manifest.primary_metric or ("cosine" if "cosine" in directions else None)
+    if rule.objective == "accuracy":
+        return (stand_in, True) if stand_in else ("accuracy", False)
+    return rule.rank_metric or stand_in or "accuracy", False
+
+
+def _fit_problems(policy: Policy, manifest: wire.Manifest, directions: Mapping[str, Direction | None]) -> str:
+    """Why ``policy`` cannot be applied to ``manifest`` (one line), or "" when it can: a named metric the
+    manifest lacks or gives no direction for, a floor on a "lower" metric or a ceiling on a "higher" one,
+    accuracy limits on a generic manifest without accuracy. Each table is checked for the keys it sets."""
+    has_accuracy = "accuracy" in directions
+    problems: list[str] = []
+
+    def check(where: str, key: str, name: str, want: Direction | None = None) -> None:
+        if name not in directions:
+            guess = difflib.get_close_matches(name, list(directions), n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            problems.append(f"{where} {key}: no metric {name!r}{hint}")
+        elif directions[name] is None:
+            problems.append(f"{where} {key}: the manifest says nothing of which way {name!r} is better")
+        elif want is not None and directions[name] != want:
+            other = "max_metric" if want == "higher" else "min_metric"
+            problems.append(
+                f"{where} {key}: {name} is {directions[name]}-is-better, so the limit belongs in "
+                f"{other}.{name}"
+            )
+
+    for where, table, rule in policy.tables():
+        for name in table.max_drop:
+            check(where, f"max_drop.{name}", name)
+        for name in table.min_metric:
+            check(where, f"min_metric.{name}", name, "higher")
+        for name in table.max_metric:
+            check(where, f"max_metric.{name}", name, "lower")
+        if table.rank_metric is not None:
+            check(where, "rank_metric", table.rank_metric)
+        if rule.rank_metric is None and (table is policy.default or "objective" in table.model_fields_set):
+            name, _ = _quality_name(rule, manifest, directions)
+            if name != "accuracy" or (rule.objective == "metric" and manifest.primary_metric):
+                check(where, f"objective {rule.objective!r} (primary_metric)", name)
+            elif rule.objective == "metric" and not has_accuracy:
+                problems.append(
+                    f"{where} objective 'metric': no rank_metric, and the manifest has no primary_metric"
+                )
+        if not has_accuracy and manifest.task == "generic":  # (no labels: no device measures one either)
+            for key in ("max_accuracy_drop", "min_accuracy"):
+                if getattr(table, key) is not None:
+                    problems.append(f"{where} {key}: the manifest has no accuracy")
+    if not problems:
+        return ""
+    listing = ", ".join(f"{n} ({d or 'direction unknown'})" for n, d in directions.items()) or "none"
+    return (
+        f"policy {policy.name!r} does not fit {manifest.model} v{manifest.version}: "
+        + "; ".join(problems)
+        + f" (the manifest's metrics: {listing})"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Metric:
+    """One named metric over the manifest's variants (host figures), built once per ``select``."""
+
+    name: str
+    higher: bool
+    unit: str  # how drops print: "pts" (a 0..1 fraction, x100), "dB", or "" (the metric's units)
+    values: dict[str, float | None]  # by variant id
+    places: dict[str, float]  # rank-key place by variant id (smaller ranks first; unknown last)
+    baseline: float | None
+
+
+def _metric(manifest: wire.Manifest, name: str, direction: Direction) -> _Metric:
+    values: dict[str, float | None] = {}
+    for v in manifest.variants:
+        x = v.metrics.value(name)
+        if x is None and name == "top1_agreement" and v.id == manifest.baseline:
+            x = 1.0  # the baseline agrees with itself
+        values[v.id] = x
+    higher = direction == "higher"
+    known = [x for x in values.values() if x is not None]
+    if name.endswith("_db"):
+        unit = "dB"
+    elif higher and known and all(0.0 <= x <= 1.0 for x in known):
+        unit = "pts"
+    else:
+        unit = ""
+    places = {vid: (round(-x if higher else x, 9) if x is not None else _INF) for vid, x in values.items()}
+    return _Metric(name, higher, unit, values, places, values[manifest.baseline])
+
+
+def _pair(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with enough significant digits to tell them apart (at least ``digits``)."""
+    sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+    for d in range(digits + 1, 13):
+        if sa != sb:
+            break
+        sa, sb = f"{a:.{d}g}", f"{b:.{d}g}"
+    return sa, sb
+
+
+def _limit(x: float) -> str:
+    """A limit as the operator wrote it (shortest form, no float noise)."""
+    return f"{x:.12g}"
+
+
+def _beyond(x: float, limit: float, above: bool, digits: int) -> str:
+    """``x`` (which breaks ``limit``) with at least ``digits`` significant digits, and as many more as it
+    takes for the printed figure to stay above (``above``) or below the limit."""
+    for d in range(digits, 13):
+        s = f"{x:.{d}g}"
+        if (float(s) > limit) if above else (float(s) < limit):
+            return s
+    return f"{x:.12g}"
+
+
+def _drop_text(name: str, m: _Metric, drop: float, limit: float) -> str:
+    """ "miou drop 3.1 pts > max 2 pts", "sqnr_db drop 4.2 dB > max 3 dB", "max_abs rise 0.031 > max 0.02"."""
+    what = f"{name} {'drop' if m.higher else 'rise'}"
+    if m.unit == "pts":
+        return f"{what} {_beyond(drop * 100, limit * 100, True, 2)} pts > max {_limit(limit * 100)} pts"
+    unit = " dB" if m.unit == "dB" else ""
+    return f"{what} {_beyond(drop, limit, True, 3)}{unit} > max {_limit(limit)}{unit}"
+
+
+def _metric_violation(vid: str, rule: Rule, metrics: Mapping[str, _Metric]) -> str | None:
+    """The named-metric limits of ``rule`` on variant ``vid``'s host figures (None: all hold)."""
+    for name, limit in rule.max_drop.items():
+        m = metrics[name]
+        x = m.values[vid]
+        if x is None:
+            return f"no host {name}"
+        if m.baseline is None:
+            return f"no host {name} for the baseline to compare with"
+        drop = m.baseline - x if m.higher else x - m.baseline
+        if drop > limit + 1e-12:
+            return _drop_text(name, m, drop, limit)
+    for name, floor in rule.min_metric.items():
+        x = metrics[name].values[vid]
+        if x is None:
+            return f"no host {name}"
+        if x < floor - 1e-12:
+            return f"{name} {_beyond(x, floor, False, 4)} < min {_limit(floor)}"
+    for name, ceiling in rule.max_metric.items():
+        x = metrics[name].values[vid]
+        if x is None:
+            return f"no host {name}"
+        if x > ceiling + 1e-12:
+            return f"{name} {_beyond(x, ceiling, True, 4)} > max {_limit(ceiling)}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,6 +519,10 @@ class Candidate(NamedTuple):
     peak_rss_mb: float | None = None
     threads: int | None = None
     accuracy_source: AccuracySource = "host"
+    # The metric the rule ranks on (objective accuracy or metric) or breaks latency/energy ties on:
+    # "accuracy" (then metric_value is ``accuracy``) or a named metric's host figure, e.g. cosine.
+    metric: str | None = None
+    metric_value: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +624,13 @@ def _unusable(b: _Base, results: list[wire.BenchResult]) -> str:
 
 
 def _candidate(
-    b: _Base, r: wire.BenchResult, accuracy: float | None, drop: float | None, source: AccuracySource
+    b: _Base,
+    r: wire.BenchResult,
+    accuracy: float | None,
+    drop: float | None,
+    source: AccuracySource,
+    metric: str,
+    metric_value: float | None,
 ) -> Candidate:
     lat = r.latency_ms
     assert lat is not None  # a successful result has latency figures (wire validator)
@@ -334,6 +655,8 @@ def _candidate(
         rss / _MIB if rss is not None else None,
         r.threads,
         source,
+        metric,
+        metric_value,
     )
 
 
@@ -403,6 +726,9 @@ def _resource_violation(r: wire.BenchResult, rule: Rule) -> str | None:
 
 
 RankKey = tuple[float, ...]
+# How a rule ranks: "accuracy" (accuracy first, objective accuracy or metric), "metric" (a named metric
+# first), "latency", "energy" (the quality metric third).
+_Kind = Literal["accuracy", "metric", "latency", "energy"]
 
 
 def _accuracy_place(accuracy: float | None) -> float:
@@ -411,21 +737,23 @@ def _accuracy_place(accuracy: float | None) -> float:
     return round(-accuracy, 9) if accuracy is not None else _INF
 
 
-def _rank_key(accuracy_place: float, b: _Base, c: Candidate, objective: Objective) -> RankKey:
+def _rank_key(quality_place: float, b: _Base, c: Candidate, kind: _Kind) -> RankKey:
     """Smaller ranks first: the objective's places (see the module docstring), then the file size.
 
     Exact ties after that go to the variant id (see :meth:`_Selector.decide`).
     """
     energy = c.energy_mj if c.energy_mj is not None else _INF
-    if objective == "accuracy":
-        return (accuracy_place, b.agreement_place, c.p95_ms or 0.0, energy, c.size_bytes)
-    if objective == "latency":
-        return (c.p50_ms or 0.0, c.p95_ms or 0.0, accuracy_place, c.size_bytes)
-    return (energy, c.p50_ms or 0.0, accuracy_place, c.size_bytes)
+    if kind == "accuracy":
+        return (quality_place, b.agreement_place, c.p95_ms or 0.0, energy, c.size_bytes)
+    if kind == "metric":
+        return (quality_place, c.p95_ms or 0.0, energy, c.size_bytes)
+    if kind == "latency":
+        return (c.p50_ms or 0.0, c.p95_ms or 0.0, quality_place, c.size_bytes)
+    return (energy, c.p50_ms or 0.0, quality_place, c.size_bytes)
 
 
-def _show_acc(c: Candidate) -> str:
-    return "n/a" if c.accuracy is None else f"{c.accuracy:.4g}"
+def _show_quality(c: Candidate) -> str:
+    return "n/a" if c.metric_value is None else f"{c.metric_value:.4g}"
 
 
 def _show_ms(x: float | None) -> str:
@@ -436,93 +764,126 @@ def _show_agree(c: Candidate) -> str:
     return "n/a" if c.agreement is None else f"{c.agreement:.4g}"
 
 
-_CRITERIA: dict[str, tuple[str, Callable[[Candidate], str]]] = {
-    "accuracy": ("lower accuracy", _show_acc),
-    "on-device accuracy": ("lower on-device accuracy", _show_acc),
-    "agreement": ("lower agreement with float32", _show_agree),
-    "p50": ("higher p50", lambda c: _show_ms(c.p50_ms)),
-    "p95": ("higher p95", lambda c: _show_ms(c.p95_ms)),
-    "energy": ("higher energy", lambda c: _mj(c.energy_mj, c.energy_measured)),
+_CRITERIA: dict[str, tuple[str, Callable[[Candidate], str], str]] = {
+    "agreement": ("lower agreement with float32", _show_agree, "<"),
+    "p50": ("higher p50", lambda c: _show_ms(c.p50_ms), ">"),
+    "p95": ("higher p95", lambda c: _show_ms(c.p95_ms), ">"),
+    "energy": ("higher energy", lambda c: _mj(c.energy_mj, c.energy_measured), ">"),
 }
-_ORDER: dict[str, list[str]] = {
-    "accuracy": ["accuracy", "agreement", "p95", "energy"],
-    "latency": ["p50", "p95", "accuracy"],
-    "energy": ["energy", "p50", "accuracy"],
+_QUALITY = "*"  # the rule's quality metric in an order below
+_ORDER: dict[_Kind, list[str]] = {
+    "accuracy": [_QUALITY, "agreement", "p95", "energy"],
+    "metric": [_QUALITY, "p95", "energy"],
+    "latency": ["p50", "p95", _QUALITY],
+    "energy": ["energy", "p50", _QUALITY],
 }
+_Reason = tuple[str, Callable[[Candidate], str], str, str]
+_REASONS: dict[tuple[_Kind, str, bool], list[_Reason]] = {}
 
 
-def _reasons(order: list[str]) -> list[tuple[str, Callable[[Candidate], str], str, str]]:
-    """Per criterion of ``order``: (label, how to show a figure, comparison sign, prefix)."""
-    return [
-        (
-            _CRITERIA[name][0],
-            _CRITERIA[name][1],
-            "<" if name in ("accuracy", "on-device accuracy", "agreement") else ">",
-            "" if i == 0 else "tie on " + ", ".join(order[:i]) + "; ",
-        )
-        for i, name in enumerate(order)
-    ]
+def _reasons(kind: _Kind, label: str, higher: bool) -> list[_Reason]:
+    """Per criterion of ``kind``'s order, the quality metric called ``label``: (what the loser had, how
+    to show a figure, comparison sign, prefix). Cached: a fleet shares a few."""
+    key = (kind, label, higher)
+    reasons = _REASONS.get(key)
+    if reasons is None:
+        order = _ORDER[kind]
+        names = [label if n == _QUALITY else n for n in order]
+        reasons = []
+        show: Callable[[Candidate], str]
+        for i, name in enumerate(order):
+            if name == _QUALITY:
+                what = f"{'lower' if higher else 'higher'} {label}"
+                show, sign = _show_quality, "<" if higher else ">"
+            else:
+                what, show, sign = _CRITERIA[name]
+            reasons.append((what, show, sign, "" if i == 0 else "tie on " + ", ".join(names[:i]) + "; "))
+        _REASONS[key] = reasons
+    return reasons
 
 
-_REASONS: dict[tuple[str, str], list[tuple[str, Callable[[Candidate], str], str, str]]] = {
-    (objective, source): _reasons(
-        [("on-device accuracy" if n == "accuracy" and source == "device" else n) for n in order]
-    )
-    for objective, order in _ORDER.items()
-    for source in ("host", "device")
-}
+def _lost_to(loser: Candidate, winner: Candidate, reasons: list[_Reason], lk: RankKey, wk: RankKey) -> str:
+    """Why ``loser`` ranked below ``winner`` (the first differing criterion of ``reasons``).
 
-
-def _lost_to(loser: Candidate, winner: Candidate, objective: Objective, lk: RankKey, wk: RankKey) -> str:
-    """Why ``loser`` ranked below ``winner`` under ``objective`` (the first differing criterion).
-
-    ``lk``, ``wk``: their :func:`_rank_key` under ``objective``.
+    ``lk``, ``wk``: their :func:`_rank_key` under the same rule.
     """
-    reasons = _REASONS[objective, winner.accuracy_source]
     for i, (label, show, sep, prefix) in enumerate(reasons):
         if lk[i] != wk[i]:
+            lv, wv = loser.metric_value, winner.metric_value
+            if show is _show_quality and lv is not None and wv is not None:
+                shown = _pair(lv, wv)  # close figures (a cosine of 0.99991 and 0.99994) stay apart
+                return f"{prefix}{label} {shown[0]} {sep} {shown[1]} ({winner.variant})"
             return f"{prefix}{label} {show(loser)} {sep} {show(winner)} ({winner.variant})"
     if lk[len(reasons)] != wk[len(reasons)]:
         return f"tie; larger file {loser.size_bytes} B > {winner.size_bytes} B ({winner.variant})"
     return f"tie with {winner.variant}; chosen by id order"
 
 
-_BEST_OF = {"accuracy": "highest accuracy", "latency": "lowest latency", "energy": "lowest energy"}
+@dataclass(frozen=True, slots=True)
+class _Quality:
+    """The metric a rule ranks on or breaks latency/energy ties on."""
+
+    name: str  # "accuracy" or a named metric
+    label: str  # as sentences say it: "accuracy", "on-device accuracy", "cosine"
+    higher: bool
+    metric: _Metric | None  # None: accuracy, from the rule's accuracy_source
+    stand_in: str  # "" or, for objective accuracy on a manifest without accuracy, what the why says
 
 
-def _why_chosen(w: Candidate, objective: Objective, n_ok: int, policy: str, where: str) -> str:
-    on_device = "on-device " if w.accuracy_source == "device" else ""
-    best = _BEST_OF[objective].replace("accuracy", f"{on_device}accuracy")
+_BEST_OF = {"latency": "lowest latency", "energy": "lowest energy"}
+
+
+def _why_chosen(w: Candidate, objective: Objective, q: _Quality, n_ok: int, policy: str, where: str) -> str:
+    best = _BEST_OF.get(objective) or f"{'highest' if q.higher else 'lowest'} {q.label}"
     figures = []
-    if w.accuracy is not None:
-        figures.append(f"{on_device}accuracy {w.accuracy:.4g}")
+    if w.metric_value is not None:
+        figures.append(f"{q.label} {w.metric_value:.4g}")
+    if q.metric is not None and w.accuracy is not None:
+        figures.append(f"{'on-device ' if w.accuracy_source == 'device' else ''}accuracy {w.accuracy:.4g}")
     if w.p50_ms is not None and w.p95_ms is not None:
         figures.append(f"p50 {_fmt(w.p50_ms)} ms, p95 {_fmt(w.p95_ms)} ms")
     if w.energy_mj is not None:
         figures.append(_mj(w.energy_mj, w.energy_measured, per="inference"))
     if w.threads is not None:
         figures.append(f"{w.threads} thread(s)")
-    return f"{best} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(figures)
+    why = f"{best} of {n_ok} variant(s) meeting policy {policy!r} ({where}): " + "; ".join(figures)
+    if q.stand_in:
+        why += f" (this manifest has no accuracy: objective 'accuracy' ranked on {q.stand_in})"
+    return why
 
 
 def unreachable_rules(policy: Policy, manifest: wire.Manifest) -> list[str]:
     """The rules of ``policy`` no variant of ``manifest`` can meet, whatever devices report: one line each.
 
-    Only host accuracy is known before devices report, so this catches accuracy limits (with
-    ``accuracy_source = "host"``) that every variant fails, such as a ``min_accuracy`` above the best
-    variant's accuracy: such a rule would keep every device of its class on its current model.
+    Only host figures are known before devices report, so this catches accuracy limits (with
+    ``accuracy_source = "host"``) and named-metric limits that every variant fails, such as a
+    ``min_accuracy`` above the best variant's accuracy: such a rule would keep every device of its class
+    on its current model. A policy that does not fit the manifest at all (a metric it lacks, see
+    :func:`select`) gives that one line instead.
     """
-    bases = _prepare(manifest)
+    try:
+        selector = _Selector(manifest, policy)
+    except PolicyError as err:
+        return [str(err)]
     problems = []
     for where, rule in policy.rules():
-        if rule.accuracy_source != "host":
+        judged = selector.judge(rule)
+        accuracy = rule.accuracy_source == "host" and (
+            rule.max_accuracy_drop is not None or rule.min_accuracy is not None
+        )
+        named = rule.metric_limits()
+        if not accuracy and not named:
             continue
-        verdicts = {b.id: _accuracy_violation(b.accuracy, b.accuracy_drop, rule, "host") for b in bases}
+        verdicts = {
+            b.id: (judged.host_accuracy[b.id] if accuracy else None) or judged.host_metric[b.id]
+            for b in selector.bases
+        }
         if all(v is not None for v in verdicts.values()):
+            what = "accuracy and metric" if accuracy and named else "accuracy" if accuracy else "metric"
             why = "; ".join(f"{vid}: {v}" for vid, v in verdicts.items())
             problems.append(
                 f"policy {policy.name!r} {where}: no variant of {manifest.model} v{manifest.version} "
-                f"meets its accuracy limits ({why})"
+                f"meets its {what} limits ({why})"
             )
     return problems
 
@@ -536,10 +897,16 @@ def decide(
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    """A policy rule with its verdict on each variant's host accuracy (by id; None: the variant passes)."""
+    """A policy rule with its verdicts on each variant's host figures (by id; None: the variant passes)
+    and how it ranks."""
 
     rule: Rule
-    host_accuracy: dict[str, str | None]
+    host_accuracy: dict[str, str | None]  # the accuracy limits on host accuracy
+    host_metric: dict[str, str | None]  # the named-metric limits
+    host_quality: dict[str, str | None]  # both, accuracy first (what a host-accuracy rule checks)
+    quality: _Quality
+    kind: _Kind
+    reasons: list[_Reason]
 
 
 class _Selector:
@@ -547,25 +914,60 @@ class _Selector:
 
     Per device, most variants pass or fail on a few comparisons: sentences (why a variant failed or lost)
     and :class:`Candidate` objects are made only where a decision shows them.
+
+    Raises PolicyError when the policy does not fit the manifest (see :func:`_fit_problems`).
     """
 
     def __init__(self, manifest: wire.Manifest, policy: Policy) -> None:
         self.manifest = manifest
         self.policy = policy
+        self.directions = metric_directions(manifest)
+        problem = _fit_problems(policy, manifest, self.directions)
+        if problem:
+            raise PolicyError(problem)
         self.bases = _prepare(manifest)
         self.baseline = next(b for b in self.bases if b.id == manifest.baseline)
+        self.metrics: dict[str, _Metric] = {}
         self.rules: dict[str | None, _Rule] = {}
         self.supports: Supports = {}
+
+    def metric(self, name: str) -> _Metric:
+        m = self.metrics.get(name)
+        if m is None:
+            direction = self.directions.get(name)
+            assert direction is not None  # _fit_problems refused the policy otherwise
+            m = self.metrics[name] = _metric(self.manifest, name, direction)
+        return m
+
+    def judge(self, rule: Rule) -> _Rule:
+        """``rule``'s verdicts on the host figures of every variant, and how it ranks."""
+        metrics = {name: self.metric(name) for table in _METRIC_TABLES for name in getattr(rule, table)}
+        host_accuracy = {
+            b.id: _accuracy_violation(b.accuracy, b.accuracy_drop, rule, "host") for b in self.bases
+        }
+        host_metric = {b.id: _metric_violation(b.id, rule, metrics) if metrics else None for b in self.bases}
+        host_quality = {vid: host_accuracy[vid] or host_metric[vid] for vid in host_accuracy}
+        name, stand_in = _quality_name(rule, self.manifest, self.directions)
+        if name == "accuracy":
+            label = "on-device accuracy" if rule.accuracy_source == "device" else "accuracy"
+            quality = _Quality(name, label, True, None, "")
+        else:
+            m = self.metric(name)
+            primary = name == self.manifest.primary_metric
+            note = (f"its primary metric, {name}" if primary else name) if stand_in else ""
+            quality = _Quality(name, name, m.higher, m, note)
+        kind: _Kind
+        if rule.objective in ("accuracy", "metric"):
+            kind = "accuracy" if quality.metric is None else "metric"
+        else:
+            kind = rule.objective
+        reasons = _reasons(kind, quality.label, quality.higher)
+        return _Rule(rule, host_accuracy, host_metric, host_quality, quality, kind, reasons)
 
     def rule_for(self, device_class: str | None) -> _Rule:
         rule = self.rules.get(device_class)
         if rule is None:
-            policy_rule = self.policy.rule_for(device_class)
-            host = {
-                b.id: _accuracy_violation(b.accuracy, b.accuracy_drop, policy_rule, "host")
-                for b in self.bases
-            }
-            rule = self.rules[device_class] = _Rule(policy_rule, host)
+            rule = self.rules[device_class] = self.judge(self.policy.rule_for(device_class))
         return rule
 
     def device_baseline_accuracy(
@@ -585,6 +987,8 @@ class _Selector:
         checks = self.rule_for(device_class)
         rule = checks.rule
         objective = rule.objective
+        quality = checks.quality
+        named = quality.metric  # None: the quality metric is accuracy
         model_status = status.models.get(manifest.model) if status else None
         active = model_status.active if model_status else None
         current = active.variant if active else None
@@ -623,7 +1027,7 @@ class _Selector:
                     continue
             if source == "host":
                 accuracy, drop, place = b.accuracy, b.accuracy_drop, b.accuracy_place
-                accuracy_failure = checks.host_accuracy[vid]
+                quality_failure = checks.host_quality[vid]
             else:
                 accuracy, place = best.accuracy, _accuracy_place(best.accuracy)
                 drop = (
@@ -631,13 +1035,17 @@ class _Selector:
                     if baseline_accuracy is not None and accuracy is not None
                     else None
                 )
-                accuracy_failure = _accuracy_violation(accuracy, drop, rule, source)
-            failure = _run_violation(best, lat, rule) or accuracy_failure or _resource_violation(best, rule)
+                quality_failure = _accuracy_violation(accuracy, drop, rule, source) or checks.host_metric[vid]
+            failure = _run_violation(best, lat, rule) or quality_failure or _resource_violation(best, rule)
             if failure is not None:
                 lost[vid] = failure
                 continue
-            cand = _candidate(b, best, accuracy, drop, source)
-            eligible.append((_rank_key(place, b, cand, objective), vid, cand, b))
+            if named is None:
+                value = accuracy
+            else:
+                value, place = named.values[vid], named.places[vid]
+            cand = _candidate(b, best, accuracy, drop, source, quality.name, value)
+            eligible.append((_rank_key(place, b, cand, checks.kind), vid, cand, b))
 
         where = f"class {device_class}" if device_class in policy.classes else "default rule"
         chosen: Candidate | None = None
@@ -650,8 +1058,8 @@ class _Selector:
             wk, _, chosen, wb = eligible[0]
             sha256 = wb.sha256
             for lk, vid, cand, _b in eligible[1:]:
-                lost[vid] = _lost_to(cand, chosen, objective, lk, wk)
-            why = _why_chosen(chosen, objective, len(eligible), policy.name, where)
+                lost[vid] = _lost_to(cand, chosen, checks.reasons, lk, wk)
+            why = _why_chosen(chosen, objective, quality, len(eligible), policy.name, where)
         if len(lost) > 1:
             lost = {b.id: lost[b.id] for b in self.bases if b.id in lost}  # manifest order
         return Decision(
@@ -676,7 +1084,11 @@ def select(
     statuses: Mapping[str, wire.Status],
     policy: Policy,
 ) -> list[Decision]:
-    """One decision per device whose report is for ``manifest.model`` at ``manifest.version``, by device."""
+    """One decision per device whose report is for ``manifest.model`` at ``manifest.version``, by device.
+
+    Raises PolicyError, in one line listing the manifest's metrics, when the policy names a metric the
+    manifest lacks (or misuses one, see the module docstring).
+    """
     selector = _Selector(manifest, policy)
     out = []
     for device in sorted(reports):

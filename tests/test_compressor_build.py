@@ -62,7 +62,7 @@ steps = [
 
 def _small_digits() -> Dataset:
     d = load_digits()
-    return Dataset(
+    return Dataset.from_arrays(
         name="digits-small",
         x_train=d.x_train[:600],
         y_train=d.y_train[:600],
@@ -199,7 +199,7 @@ def test_same_seed_same_figures_and_same_files(built: dict[str, Any], tmp_path: 
         assert v.sha256 == ref.sha256, v.id  # conversion of the same weights is byte-deterministic
 
 
-def test_tflite_input_quantized_with_ai_edge_quantizer(built: dict[str, Any], tmp_path: Path) -> None:
+def test_tflite_input_really_quantized(built: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("ai_edge_quantizer")
     from compressor.graph import graph_stats
     from compressor.pipeline import build_bundle
@@ -208,14 +208,15 @@ def test_tflite_input_quantized_with_ai_edge_quantizer(built: dict[str, Any], tm
     src.write_bytes((built["out"] / "float32.tflite").read_bytes())
     result = build_bundle(src, built["data"], tmp_path / "b", latency_budget_s=0.05)
     m = {v.id: v for v in result.manifest.variants}
-    assert list(m) == ["float32", "woint8", "dynint8"] and result.failures == ()
-    assert m["float32"].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
-    for vid in ("woint8", "dynint8"):
+    assert list(m) == ["original", "woint8", "dynint8", "int8"] and result.failures == ()
+    assert m["original"].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    for vid in ("woint8", "dynint8", "int8"):
         data = (tmp_path / "b" / f"{vid}.tflite").read_bytes()
         assert graph_stats(data).int8_weights, vid
-        assert m[vid].metrics.size_bytes < 0.4 * m["float32"].metrics.size_bytes
+        assert m[vid].metrics.size_bytes < 0.4 * m["original"].metrics.size_bytes
         assert m[vid].metrics.agreement is not None and m[vid].metrics.agreement > 0.95
-        assert m[vid].metrics.params == m["float32"].metrics.params
+        assert m[vid].metrics.named["cosine"] > 0.99, vid
+        assert m[vid].metrics.params == m["original"].metrics.params
     assert m["woint8"].quantization == "weight_only_int8"
     # a Keras-only recipe on a .tflite: the transforms are skipped and said so, the rest is built
     res2 = build_bundle(
@@ -224,7 +225,7 @@ def test_tflite_input_quantized_with_ai_edge_quantizer(built: dict[str, Any], tm
     assert [(f.variant, f.stage) for f in res2.failures] == [("prune50-int8", "skipped")]
 
 
-def test_quantization_that_changes_nothing_is_not_labelled_int8(tmp_path: Path) -> None:
+def test_quantization_that_changes_nothing_is_not_shipped(tmp_path: Path) -> None:
     pytest.importorskip("ai_edge_quantizer")
     from compressor._tf import keras
     from compressor.convert import to_tflite
@@ -237,7 +238,8 @@ def test_quantization_that_changes_nothing_is_not_labelled_int8(tmp_path: Path) 
     src.write_bytes(to_tflite(weightless, QuantizeStep(mode="float32")))
     d = _small_digits()
     result = build_bundle(src, d, tmp_path / "b", latency_budget_s=0.05)
-    for v in result.manifest.variants[1:]:
-        assert v.quantization == "none", v.id
-        assert any("no int8 weight tensors" in n for n in v.notes), v.notes
-    assert "labelled 'none', not int8" in (tmp_path / "b" / "report.md").read_text()
+    assert [v.id for v in result.manifest.variants] == ["original"]
+    assert {f.variant for f in result.failures} == {"woint8", "dynint8", "int8"}
+    assert all("changed nothing" in f.message for f in result.failures), result.failures
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "changed nothing" in report
