@@ -3,13 +3,15 @@
 The parent enforces a wall-clock timeout (the child's process group is killed → RUN_TIMEOUT); the child
 caps its address space with RLIMIT_AS (MemoryError or an allocation failure → OOM); a child killed by a
 signal → CRASH; a model that does not load → LOAD_ERROR (UNSUPPORTED_OP when the runtime names a missing
-or custom op); on-device accuracy further than ``accuracy_tolerance`` from the host's → ACCURACY_MISMATCH;
-a variant whose ``min_runtime`` this device's runtime does not meet is not run → RUNTIME_TOO_OLD. The daemon
-never loads a model itself.
+or custom op); on-device accuracy further than ``accuracy_tolerance`` from the host's, or outputs on the
+sample further from the host's reference outputs (``ref_*``) than ``variant.output_tolerance`` allows →
+ACCURACY_MISMATCH; a variant whose ``min_runtime`` this device's runtime does not meet is not run →
+RUNTIME_TOO_OLD. The daemon never loads a model itself.
 
-Method (after TFLite's benchmark_model): load + allocate (``init_ms``), first inference, top-1 predictions
-and accuracy on the variant's sample if present, ``warmup_runs`` discarded, then at least ``min_runs`` and
-at least ``min_seconds`` (capped by ``max_runs``); latency statistics over the timed runs, peak RSS of the
+Method (after TFLite's benchmark_model): load + allocate (``init_ms``), first inference, top-1 predictions,
+accuracy and output fidelity (:mod:`agent.fidelity`, every output against the host's) on the variant's
+sample if present, ``warmup_runs`` discarded, then at least ``min_runs`` and at least ``min_seconds``
+(capped by ``max_runs``); latency statistics over the timed runs, peak RSS of the
 child, CPU seconds per wall second of the child (rusage), the thread count and runtime. Around the child:
 optional cool-down (``[thermal]``), CPU temperature and throttling flags before/after, an idle power
 baseline and power sampling cut to the child's timed loop (:class:`agent.energy.EnergyMeter`).
@@ -60,6 +62,8 @@ from agent.wire import (
     BenchError,
     BenchResult,
     LatencyStats,
+    OutputFidelity,
+    OutputTolerance,
     RuntimeInfo,
     Variant,
     now,
@@ -215,6 +219,45 @@ def _agreement(predictions: list[int] | None, baseline: Sequence[int] | None) ->
     return sum(a == b for a, b in zip(predictions[:n], baseline[:n], strict=True)) / n
 
 
+def top1_comparable(variant: Variant, task: str = "classification") -> bool:
+    """Whether output 0's top-1 index means anything (so ``agreement`` with the baseline does): always for
+    a classification manifest; for a generic one only when output 0 is a class vector."""
+    from agent.fidelity import is_class_vector  # numpy: loaded once a model is measured, not at start
+
+    return task == "classification" or is_class_vector(variant.outputs[0].shape)
+
+
+def output_fidelity(data: dict[str, Any]) -> OutputFidelity | None:
+    """The child's ``fidelity`` (worst over every output), or None when the sample had no ``ref_*``."""
+    raw = data.get("fidelity")
+    if isinstance(raw, dict):
+        with contextlib.suppress(ValueError):
+            return OutputFidelity.model_validate(raw)
+    return None
+
+
+def fidelity_mismatch(data: dict[str, Any], tolerance: OutputTolerance | None) -> str | None:
+    """Why the child's outputs on the sample fall outside ``tolerance`` of the host's reference outputs.
+
+    None when within, when no tolerance is set, or when the sample carries no references (a schema-1
+    sample). Outputs that cannot be set against the references at all (other count or shape) are
+    outside any tolerance.
+    """
+    from agent.fidelity import tolerance_violation
+
+    if tolerance is None:
+        return None
+    fid = output_fidelity(data)
+    if fid is not None:
+        return tolerance_violation(fid, tolerance)
+    problem = data.get("fidelity_error") or (
+        f"unusable fidelity figures {data['fidelity']!r}" if "fidelity" in data else None
+    )
+    if problem is None:
+        return None
+    return f"outputs on the sample cannot be compared with the host's: {problem}"[:2000]
+
+
 def _power_window(meter: EnergyMeter, data: dict[str, Any]) -> PowerWindow | None:
     """Samples inside the child's timed loop; a loop shorter than two samples widens by one period."""
     marks = data.get("loop_monotonic")
@@ -243,6 +286,7 @@ def measure_variant(
     thermal: ThermalConfig | None = None,
     baseline_predictions: Sequence[int] | None = None,
     is_baseline: bool = False,
+    task: str = "classification",
     read_temp: Callable[[], float | None] = cpu_temperature,
     read_throttle: Callable[[], ThrottleState | None] = read_throttled,
 ) -> VariantRun:
@@ -250,7 +294,10 @@ def measure_variant(
 
     ``runtime`` (default: detected from package metadata) gates ``variant.min_runtime``: too old → not
     run, error RUNTIME_TOO_OLD. ``baseline_predictions`` (the float32 variant's top-1 on the same sample,
-    on this device) gives ``agreement``; ``is_baseline`` marks the baseline itself (agreement 1.0).
+    on this device) gives ``agreement``; ``is_baseline`` marks the baseline itself (agreement 1.0). For a
+    ``task`` other than classification, agreement (and the returned predictions) only exist when output 0
+    is a class vector. With ``ref_*`` in the sample the result carries ``fidelity`` (worst over outputs);
+    outside ``variant.output_tolerance`` it is ACCURACY_MISMATCH, like accuracy far from the host's.
     ``thermal.cool_below_c`` waits for the CPU to cool first. ``meter`` defaults to the utilisation model.
     """
     stop = stop if stop is not None else threading.Event()
@@ -327,12 +374,22 @@ def measure_variant(
     energy = meter.energy(_power_window(meter, data), stats.count, duration, cpu_util, idle_w)
     predictions = data.get("predictions")
     predictions = [int(p) for p in predictions] if isinstance(predictions, list) else None
+    if not top1_comparable(variant, task):
+        predictions = None
     agreement = 1.0 if is_baseline and predictions else _agreement(predictions, baseline_predictions)
     accuracy = data.get("accuracy")
-    ok, error = True, None
-    detail = accuracy_mismatch(accuracy, data.get("eval_samples"), variant, cfg.accuracy_tolerance)
-    if detail is not None:
-        ok, error = False, BenchError.ACCURACY_MISMATCH
+    fidelity = output_fidelity(data)
+    problems = [
+        p
+        for p in (
+            accuracy_mismatch(accuracy, data.get("eval_samples"), variant, cfg.accuracy_tolerance),
+            fidelity_mismatch(data, variant.output_tolerance),
+        )
+        if p is not None
+    ]
+    ok, error, detail = True, None, None
+    if problems:
+        ok, error, detail = False, BenchError.ACCURACY_MISMATCH, "; ".join(problems)[:2000]
     result = BenchResult(
         ok=ok,
         error=error,
@@ -346,11 +403,12 @@ def measure_variant(
         energy=energy,
         accuracy=accuracy,
         agreement=agreement,
+        fidelity=fidelity,
         **common,
     )
     log.info(
         "benchmarked %s (%d thread(s)): p50 %.3f ms p95 %.3f ms over %d runs, init %.1f ms, "
-        "rss %.1f MiB%s%s%s",
+        "rss %.1f MiB%s%s%s%s",
         variant.id,
         threads,
         stats.p50,
@@ -360,6 +418,10 @@ def measure_variant(
         (result.peak_rss_bytes or 0) / 2**20,
         f", accuracy {accuracy:.4f}" if accuracy is not None else "",
         f", agreement {agreement:.4f}" if agreement is not None else "",
+        f", outputs vs host cosine {fidelity.cosine:.5f} SQNR {fidelity.sqnr_db:.1f} dB "
+        f"max abs {fidelity.max_abs:.3g} over {fidelity.rows} rows"
+        if fidelity is not None
+        else "",
         f", {energy.mj_per_inference:.4f} mJ/inference ({energy.method.value}"
         f"{'' if energy.measured else ', modelled'})"
         if energy is not None
@@ -426,16 +488,25 @@ def health_check(
     memory_limit_mb: int,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,
+    tolerance: OutputTolerance | None = None,
+    max_eval: int = 200,
 ) -> str | None:
-    """Load the model in a child, run ``inferences`` inferences, check outputs are finite. None = healthy."""
+    """Load the model in a child, run ``inferences`` inferences, check outputs are finite. None = healthy.
+
+    With ``tolerance`` (the variant's ``output_tolerance``) and a sample carrying the host's reference
+    outputs, up to ``max_eval`` sample rows are run too and outputs that depart from the host's are a
+    failure (``ACCURACY_MISMATCH: ...``): a model that loads and computes garbage, for any task.
+    """
     request = {
         "mode": "health",
         "model": str(model_path),
         "sample": str(sample_path) if sample_path else None,
         "inferences": inferences,
         "memory_limit_mb": memory_limit_mb,
+        "max_eval": max_eval if tolerance is not None else 0,
     }
     outcome = run_child(request, timeout_s, stop, tick)
-    if outcome.error is None:
-        return None
-    return f"{outcome.error.value}: {outcome.detail}"
+    if outcome.error is not None:
+        return f"{outcome.error.value}: {outcome.detail}"
+    mismatch = fidelity_mismatch(outcome.data, tolerance)
+    return None if mismatch is None else f"{BenchError.ACCURACY_MISMATCH.value}: {mismatch}"

@@ -5,18 +5,29 @@ own process so that a malformed or hostile model can crash, hang or exhaust memo
 daemon: the parent (:mod:`agent.bench`) enforces a wall-clock timeout and the child caps its own address
 space with ``RLIMIT_AS`` once the runtime is imported (a MemoryError then reports OOM).
 
-Request keys: ``mode`` ("bench" | "health"), ``model`` (path), ``sample`` (path to .npz with x, y, or
+Request keys: ``mode`` ("bench" | "health"), ``model`` (path), ``sample`` (path to the variant's .npz, or
 null), ``threads``, ``warmup_runs``, ``min_runs``, ``min_seconds``, ``max_runs``, ``memory_limit_mb``,
-``inferences`` (health), ``max_eval`` (sample rows scored for accuracy and top-1 predictions),
-``test_crash_signal`` (tests only: the child sends itself this signal after loading, to prove CRASH).
+``inferences`` (health), ``max_eval`` (sample rows scored: top-1 predictions, accuracy and output
+fidelity; also bounds the rows prepared), ``test_crash_signal`` (tests only: the child sends itself this
+signal after loading, to prove CRASH).
+
+The sample (:mod:`agent.fidelity` reads its layout): inputs ``x`` (one input) or ``x_0, x_1, ...`` fed to
+the model's inputs in order (float rows are quantized for an int8/uint8 input with its scale and zero
+point; an input the sample lacks gets seeded random data), optional labels ``y``, and ``ref_0, ref_1,
+...``: the host's float32 outputs of this file on the same rows. Without a sample every input is random.
 
 Result keys (bench): ``runtime`` {name, version}, ``init_ms``, ``first_inference_ms``, ``accuracy`` and
-``eval_samples`` (when the sample has ``y``), ``predictions`` (top-1 index per sample row, for the
-parent's agreement with the baseline), ``latencies_ms`` (timed runs only), ``duration_s``,
-``loop_monotonic`` [start, end] of the timed loop on ``time.monotonic()`` (system-wide, so the parent's
-power sampler can cut its window), ``cpu_util`` (CPU seconds of this process per wall second, from
-``getrusage``/``process_time`` — psutil's per-process times read zero under qemu-user), ``threads``,
-``peak_rss_bytes`` (``ru_maxrss``).
+``eval_samples`` (when the sample has ``y``), ``predictions`` (top-1 index of output 0 per sample row, for
+the parent's agreement with the baseline), ``fidelity`` (when the sample has ``ref_*``: the worst over
+every output of rows, cosine, sqnr_db, max_abs against the references, int outputs dequantized to float32
+first) with ``fidelity_outputs`` (the same per output tensor, with its name and top1_agreement) — or
+``fidelity_error`` when the outputs cannot be set against the references (count or shape differ, inputs
+missing from the sample) —, ``latencies_ms`` (timed runs only), ``duration_s``, ``loop_monotonic``
+[start, end] of the timed loop on ``time.monotonic()`` (system-wide, so the parent's power sampler can cut
+its window), ``cpu_util`` (CPU seconds of this process per wall second, from ``getrusage``/
+``process_time`` — psutil's per-process times read zero under qemu-user), ``threads``, ``peak_rss_bytes``
+(``ru_maxrss``). Health mode returns ``first_inference_ms``, ``peak_rss_bytes`` and, when the sample has
+``ref_*``, the same ``fidelity`` keys over up to ``max_eval`` sample rows.
 """
 
 from __future__ import annotations
@@ -63,30 +74,54 @@ def _cpu_seconds() -> float:
     return float(ru.ru_utime + ru.ru_stime)
 
 
-def _prepare_inputs(np: Any, details: list[dict[str, Any]], sample: Any) -> tuple[list[list[Any]], Any]:
-    """Per-row input arrays for every input tensor, and the sample labels (or None)."""
-    labels = None
-    rows: list[list[Any]] = []
+def _to_input(np: Any, x: Any, d: dict[str, Any]) -> Any:
+    """One sample row in the dtype of input ``d``: float rows are quantized for an integer input."""
+    dtype = np.dtype(d["dtype"])
+    x = np.asarray(x)
+    if x.dtype != dtype:
+        scale, zero = d.get("quantization", (0.0, 0))
+        if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and scale:
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        x = x.astype(dtype)
+    return x
+
+
+def _prepare_inputs(
+    np: Any, details: list[dict[str, Any]], xs: list[Any] | None, limit: int
+) -> tuple[list[list[Any]], int]:
+    """Per-row input arrays for every input tensor, and how many inputs the sample fed.
+
+    ``xs`` (the sample's input arrays, one per model input in order; None without a sample) feed the
+    first ``len(xs)`` inputs for up to ``limit`` rows; any other input gets seeded random data (8 rows
+    when nothing comes from the sample).
+    """
     rng = np.random.default_rng(0)
-    xs = None
-    if sample is not None and "x" in sample:
-        xs = sample["x"]
-        labels = sample.get("y")
-    n_rows = len(xs) if xs is not None else 8
+    xs = xs or []
+    if len(xs) > len(details):
+        raise ChildFailure(
+            "LOAD_ERROR", f"the sample has {len(xs)} input arrays for a model with {len(details)} input(s)"
+        )
+    shapes = [[int(s) if s > 0 else 1 for s in d["shape"]] for d in details]
+    for k, arr in enumerate(xs):
+        per_row = int(np.prod(arr.shape[1:])) if arr.ndim else -1
+        if per_row != int(np.prod(shapes[k])):
+            raise ChildFailure(
+                "LOAD_ERROR",
+                f"sample input {k} has rows of shape {list(arr.shape[1:])}, which do not fit model input "
+                f"{details[k]['name']!r} of shape {shapes[k]}",
+            )
+    n_rows = min([len(a) for a in xs] + [max(1, limit)]) if xs else 8
+    if n_rows == 0:  # an empty sample feeds nothing
+        xs, n_rows = [], 8
+    rows: list[list[Any]] = []
     for i in range(n_rows):
         row = []
         for k, d in enumerate(details):
-            shape = [int(s) if s > 0 else 1 for s in d["shape"]]
+            shape = shapes[k]
             dtype = np.dtype(d["dtype"])
-            if k == 0 and xs is not None:
-                x = np.asarray(xs[i])
-                if x.dtype != dtype:
-                    scale, zero = d.get("quantization", (0.0, 0))
-                    if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and scale:
-                        info = np.iinfo(dtype)
-                        x = np.clip(np.round(x / scale + zero), info.min, info.max)
-                    x = x.astype(dtype)
-                row.append(x.reshape(shape))
+            if k < len(xs):
+                row.append(_to_input(np, xs[k][i], d).reshape(shape))
             elif np.issubdtype(dtype, np.floating):
                 row.append(rng.standard_normal(shape).astype(dtype))
             elif dtype == np.bool_:
@@ -95,7 +130,7 @@ def _prepare_inputs(np: Any, details: list[dict[str, Any]], sample: Any) -> tupl
                 info = np.iinfo(dtype)
                 row.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
         rows.append(row)
-    return rows, labels
+    return rows, len(xs)
 
 
 def _check_finite(np: Any, interp: Any, outputs: list[dict[str, Any]], when: str) -> None:
@@ -103,6 +138,89 @@ def _check_finite(np: Any, interp: Any, outputs: list[dict[str, Any]], when: str
         o = interp.get_tensor(d["index"])
         if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o)):
             raise ChildFailure("CRASH", f"output {d['name']} is not finite (NaN/Inf) on {when}")
+
+
+def _output_float(np: Any, interp: Any, d: dict[str, Any]) -> Any:
+    """Output tensor ``d`` as float32; an integer output is dequantized with its scale and zero point
+    (the same float32 arithmetic as the host's references)."""
+    o = interp.get_tensor(d["index"])
+    scale, zero = d.get("quantization", (0.0, 0))
+    if np.issubdtype(o.dtype, np.integer) and scale:
+        return ((o.astype(np.float32) - zero) * scale).astype(np.float32)
+    return o.astype(np.float32)
+
+
+class _Sample:
+    """A variant's sample as the child uses it: inputs, labels and the host's reference outputs."""
+
+    def __init__(self, arrays: dict[str, Any] | None) -> None:
+        self.inputs: list[Any] | None = None
+        self.labels: Any = None
+        self.references: list[Any] = []
+        if arrays is None:
+            return
+        from agent.fidelity import sample_inputs, sample_references
+
+        self.inputs = sample_inputs(arrays)
+        if self.inputs is not None:
+            self.labels = arrays.get("y")
+            self.references = sample_references(arrays)
+
+
+def _fidelity(
+    np: Any,
+    details: list[dict[str, Any]],
+    fed: int,
+    n_inputs: int,
+    refs: list[Any],
+    collected: list[list[Any]],
+) -> dict[str, Any]:
+    """``fidelity`` (worst over outputs) and ``fidelity_outputs`` of the collected device outputs (one
+    list of float32 rows per output tensor) against the sample's ``ref_*``; or ``fidelity_error``."""
+    from agent.fidelity import compare_outputs, worst
+
+    if fed < n_inputs:
+        return {
+            "fidelity_error": f"the sample feeds {fed} of the model's {n_inputs} inputs, so its outputs "
+            "cannot be compared with the host's references"
+        }
+    if len(refs) != len(details):
+        return {
+            "fidelity_error": f"the sample has {len(refs)} reference output(s), the model {len(details)} "
+            "output(s)"
+        }
+    n = min(len(c) for c in collected)
+    references, device = [], []
+    for j, (d, ref, got) in enumerate(zip(details, refs, collected, strict=True)):
+        if ref.ndim == 0 or len(ref) < n:
+            return {"fidelity_error": f"ref_{j} has {0 if ref.ndim == 0 else len(ref)} rows, {n} were run"}
+        row_shape = tuple(ref.shape[1:])
+        if got and got[0].size != int(np.prod(row_shape)):
+            return {
+                "fidelity_error": f"output {d['name']!r} of shape {list(got[0].shape)} does not fit the "
+                f"rows of ref_{j}, shaped {list(row_shape)}"
+            }
+        references.append(ref[:n])
+        device.append(np.stack([g.reshape(row_shape) for g in got[:n]]))
+    try:
+        per_tensor = compare_outputs(references, device)
+    except (TypeError, ValueError) as err:
+        return {"fidelity_error": f"reference outputs unusable: {err}"}
+    summary = worst(per_tensor)
+    return {
+        "fidelity": summary.model_dump(mode="json"),
+        "fidelity_outputs": [
+            {
+                "name": str(d["name"]),
+                "rows": t.rows,
+                "cosine": t.cosine,
+                "sqnr_db": t.sqnr_db,
+                "max_abs": t.max_abs if np.isfinite(t.max_abs) else 1e300,
+                "top1_agreement": t.top1_agreement,
+            }
+            for d, t in zip(details, per_tensor, strict=True)
+        ],
+    }
 
 
 def run(req: dict[str, Any]) -> dict[str, Any]:
@@ -113,14 +231,18 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
 
     interpreter_cls, runtime_name, runtime_version = load_interpreter()
     out["runtime"] = {"name": runtime_name, "version": runtime_version}
+    if req.get("sample"):
+        import agent.fidelity  # noqa: F401  - before the address-space limit, like the runtime
     _limit_memory(int(req.get("memory_limit_mb", 1024)))
-    sample = None
+    arrays = None
     if req.get("sample"):
         try:
             with np.load(req["sample"], allow_pickle=False) as npz:
-                sample = {k: npz[k] for k in npz.files}
+                arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as err:
             out["sample_error"] = f"{type(err).__name__}: {err}"
+    sample = _Sample(arrays)
+    max_eval = int(req.get("max_eval", 1000))
 
     threads = int(req.get("threads", 1))
     t0 = time.perf_counter()
@@ -143,7 +265,11 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         os.kill(os.getpid(), int(crash))
     inputs = interp.get_input_details()
     outputs = interp.get_output_details()
-    rows, labels = _prepare_inputs(np, inputs, sample)
+    health = req.get("mode") == "health"
+    inferences = int(req.get("inferences", 8))
+    rows, fed = _prepare_inputs(np, inputs, sample.inputs, max(max_eval, inferences) if health else max_eval)
+    n_eval = min(len(rows), max_eval) if fed else 0
+    compare = bool(sample.references) and n_eval > 0
 
     def infer(row: list[Any]) -> float:
         for d, arr in zip(inputs, row, strict=True):
@@ -152,28 +278,41 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         interp.invoke()
         return (time.perf_counter() - start) * 1000.0
 
+    def score(with_predictions: bool) -> None:
+        """Run the first ``n_eval`` sample rows: top-1 of output 0 and every output for the fidelity."""
+        predictions: list[int] = []
+        collected: list[list[Any]] = [[] for _ in outputs]
+        for i in range(n_eval):
+            infer(rows[i])
+            if with_predictions:
+                predictions.append(int(np.argmax(interp.get_tensor(outputs[0]["index"]).reshape(-1))))
+            if compare:
+                for j, d in enumerate(outputs):
+                    collected[j].append(_output_float(np, interp, d))
+        if with_predictions:
+            out["predictions"] = predictions
+            if sample.labels is not None and n_eval:
+                truth = [int(np.asarray(sample.labels[i]).reshape(-1)[0]) for i in range(n_eval)]
+                out["accuracy"] = sum(p == t for p, t in zip(predictions, truth, strict=True)) / n_eval
+                out["eval_samples"] = n_eval
+        if compare:
+            out.update(_fidelity(np, outputs, fed, len(inputs), sample.references, collected))
+
     try:
         out["first_inference_ms"] = infer(rows[0])
         _check_finite(np, interp, outputs, "the first inference")
-        if req.get("mode") == "health":
-            for i in range(int(req.get("inferences", 8))):
+        if health:
+            for i in range(inferences):
                 infer(rows[i % len(rows)])
                 _check_finite(np, interp, outputs, f"inference {i}")
+            if compare:
+                score(with_predictions=False)
             out["ok"] = True
             out["peak_rss_bytes"] = _peak_rss_bytes()
             return out
 
-        if sample is not None and "x" in sample:
-            n = min(len(rows), int(req.get("max_eval", 1000)))
-            predictions: list[int] = []
-            for i in range(n):
-                infer(rows[i])
-                predictions.append(int(np.argmax(interp.get_tensor(outputs[0]["index"]).reshape(-1))))
-            out["predictions"] = predictions
-            if labels is not None and n:
-                truth = [int(np.asarray(labels[i]).reshape(-1)[0]) for i in range(n)]
-                out["accuracy"] = sum(p == t for p, t in zip(predictions, truth, strict=True)) / n
-                out["eval_samples"] = n
+        if sample.inputs is not None:
+            score(with_predictions=True)
 
         for i in range(int(req.get("warmup_runs", 5))):
             infer(rows[i % len(rows)])

@@ -493,8 +493,10 @@ class Agent:
 
         The baseline (float32) variant runs first: its top-1 predictions on the sample, on this device,
         give every other variant's ``agreement`` (the samples hold the same inputs in the same order, only
-        the dtype differs). A variant whose ``min_runtime`` this device's runtime does not meet is not run:
-        its result is RUNTIME_TOO_OLD and a ``skipped`` event says so.
+        the dtype differs) — for a generic task only when output 0 is a class vector. Each variant's
+        outputs on its sample are also compared with the host's (``fidelity``; outside the variant's
+        ``output_tolerance`` → ACCURACY_MISMATCH). A variant whose ``min_runtime`` this device's runtime
+        does not meet is not run: its result is RUNTIME_TOO_OLD and a ``skipped`` event says so.
         """
         t0 = time.monotonic()
         results: list[BenchResult] = []
@@ -518,6 +520,7 @@ class Agent:
                     thermal=self.config.thermal,
                     baseline_predictions=baseline_predictions,
                     is_baseline=v.id == manifest.baseline,
+                    task=manifest.task,
                 )
                 result = run.result
                 results.append(result)

@@ -40,6 +40,8 @@ def check_health(
         memory_limit_mb=memory_limit_mb,
         stop=stop,
         tick=tick,
+        tolerance=variant.output_tolerance if variant is not None else None,
+        max_eval=cfg.max_eval,
     )
     if problem is not None or sample_path is None or variant is None or variant.reference_accuracy is None:
         return problem

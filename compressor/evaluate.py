@@ -116,8 +116,9 @@ def io_order(interpreter: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
     A Keras model converted by :func:`compressor.convert.batch1_model` names its inputs ``ef_in_<i>``,
     and the converter's signature names its outputs ``output_<j>`` in the Keras order, while the file may
-    order both differently (measured: two inputs and two outputs come out reversed). Any other file: its
-    own order.
+    order both differently (measured: two inputs and two outputs come out reversed). Outputs of any file
+    whose signature names them ``output_<j>`` follow that order; inputs not named ``ef_in_<i>``, and
+    outputs of a file without such a signature, keep the file's own order.
     """
     in_details = interpreter.get_input_details()
     out_details = interpreter.get_output_details()

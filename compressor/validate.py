@@ -245,13 +245,19 @@ def tflite_io(data: bytes, source: str = "the .tflite") -> ModelIO:
         shape = [int(x) for x in (sig if sig is not None and len(sig) == len(d["shape"]) else d["shape"])]
         return InputSpec(str(d["name"]), tuple(shape), np.dtype(d["dtype"]).name)
 
-    ins = tuple(spec(d) for d in interpreter.get_input_details())
+    from compressor.evaluate import io_order
+
+    in_order, out_order = io_order(interpreter)
+    in_details, out_details = interpreter.get_input_details(), interpreter.get_output_details()
+    ins = [spec(d) for d in in_details]
     for i in ins:
         if i.shape and i.shape[0] not in (1, -1):
             raise DataMismatchError(
                 f"{source} input {i.name!r} shape {list(i.shape)}: expected a batch-1 input"
             )
-    return ModelIO(ins, tuple(spec(d) for d in interpreter.get_output_details()))
+    logical_in = [ins[in_order.index(k)] for k in range(len(ins))]
+    logical_out = [spec(out_details[out_order[j]]) for j in range(len(out_details))]
+    return ModelIO(tuple(logical_in), tuple(logical_out))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -323,3 +323,101 @@ def test_committed_schemas_are_current() -> None:
     for name, schema in expected.items():
         committed = json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
         assert committed == schema, f"docs/schemas/{name} is stale: run edgefleet schema --out docs/schemas"
+
+
+# ------------------------------------------------------------------------------ manifest schema 1 and 2
+
+_SCHEMA2_ONLY_VARIANT_KEYS = ("output_tolerance", "required_custom_ops")
+
+
+def test_signed_schema1_manifest_still_verifies_and_decodes(
+    key: Ed25519PrivateKey, trusted: dict[str, object]
+) -> None:
+    """A manifest a schema-1 host signed (none of the schema-2 fields) verifies and decodes unchanged."""
+    obj = json.loads(make_manifest().to_json())
+    obj["schema"] = "edgefleet.manifest/1"
+    for k in ("metrics", "primary_metric"):
+        obj.pop(k, None)
+    for v in obj["variants"]:
+        for k in _SCHEMA2_ONLY_VARIANT_KEYS:
+            v.pop(k, None)
+        v["metrics"].pop("named", None)
+    assert "task" in obj  # schema 1 had the task field, fixed to classification
+    body = wire.signing_bytes(obj)
+    obj["signature"] = {
+        "alg": "ed25519",
+        "key_id": wire.key_id_for(key.public_key()),
+        "value": base64.b64encode(key.sign(body)).decode(),
+    }
+    m = wire.verify_signed(Manifest, json.dumps(obj, indent=1), trusted)  # type: ignore[arg-type]
+    assert m.schema_ == "edgefleet.manifest/1" and m.task == "classification" and m.version == 1
+    assert m.metrics == {} and m.primary_metric is None
+    for v in m.variants:
+        assert v.output_tolerance is None and v.required_custom_ops == [] and v.metrics.named == {}
+    assert m.variant("float32").metrics.value("accuracy") == 0.97
+    tampered = dict(obj, schema="edgefleet.manifest/2")  # the schema string is covered by the signature
+    with pytest.raises(wire.SignatureError):
+        wire.verify_signed(Manifest, json.dumps(tampered), trusted)  # type: ignore[arg-type]
+
+
+def test_schema2_generic_manifest_with_metrics_and_tolerance_round_trips(
+    key: Ed25519PrivateKey, trusted: dict[str, object]
+) -> None:
+    sample = BlobRef.of(b"npz bytes")
+    tol = wire.OutputTolerance(min_cosine=0.995, min_sqnr_db=25.0, max_abs=0.5)
+    named = {"cosine": 0.9991, "sqnr_db": 31.5, "max_abs": 0.02, "miou": 0.71}
+    v = make_variant(
+        "int8",
+        b"\x02" * 1000,
+        sample=sample,
+        output_tolerance=tol,
+        required_custom_ops=["TFLite_Detection_PostProcess"],
+    ).model_copy(update={"metrics": HostMetrics(size_bytes=1000, named=named)})
+    m = Manifest(
+        model="detector",
+        version=3,
+        created_at=1.0,
+        task="generic",
+        metrics={
+            "cosine": wire.MetricInfo(direction="higher"),
+            "sqnr_db": wire.MetricInfo(direction="higher"),
+            "max_abs": wire.MetricInfo(direction="lower"),
+            "miou": wire.MetricInfo(direction="higher", source="evaluator", description="mean IoU"),
+        },
+        primary_metric="cosine",
+        baseline="float32",
+        variants=[make_variant(output_tolerance=wire.OutputTolerance()), v],
+    )
+    obj = json.loads(m.to_json())
+    assert obj["schema"] == "edgefleet.manifest/2" and obj["task"] == "generic"
+    assert obj["variants"][1]["output_tolerance"] == {
+        "max_abs": 0.5,
+        "min_cosine": 0.995,
+        "min_sqnr_db": 25.0,
+    }
+    assert Manifest.from_json(m.to_json()) == m
+    signed = wire.sign(m, key)
+    back = wire.verify_signed(Manifest, signed.to_json(), trusted)  # type: ignore[arg-type]
+    assert back == signed
+    got = back.variant("int8")
+    assert got.output_tolerance == tol and got.required_custom_ops == ["TFLite_Detection_PostProcess"]
+    assert got.metrics.value("miou") == 0.71 and back.metrics["max_abs"].direction == "lower"
+    with pytest.raises(ValidationError):
+        make_variant(output_tolerance={"min_cosine": 2.0})  # out of range
+    # a device's report carries its own figures against the host's references
+    fid = wire.OutputFidelity(rows=64, cosine=0.9999, sqnr_db=wire.MAX_SQNR_DB, max_abs=0.0)
+    r = BenchResult(variant="int8", sha256="b" * 64, ok=True, latency_ms=latency(), ts=2.0, fidelity=fid)
+    report = Report(device="pi-1", model="detector", manifest_version=3, ts=2.0, results=[r])
+    assert Report.from_json(report.to_json()).results[0].fidelity == fid
+
+
+def test_fidelity_cap_matches_the_wire_and_keeps_the_child_light() -> None:
+    import subprocess
+    import sys
+
+    from agent import fidelity
+
+    assert fidelity.MAX_SQNR_DB == wire.MAX_SQNR_DB
+    code = "import sys, agent.fidelity; print('pydantic' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
