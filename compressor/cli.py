@@ -195,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"bundle: {result.out / 'manifest.json'} (recipe {result.recipe}, {result.seconds:.1f} s)")
     for f in result.failures:
-        print(f"edgefleet compress: variant {f.variant} not shipped ({f.stage}): {f.message}", file=sys.stderr)
+        print(
+            f"edgefleet compress: variant {f.variant} not shipped ({f.stage}): {f.message}", file=sys.stderr
+        )
     for line in result.merged:
         print(f"edgefleet compress: {line}", file=sys.stderr)
     return EXIT_PARTIAL if result.failures and args.strict else EXIT_OK

@@ -263,9 +263,9 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
         shapes = [a.shape[1:] for a in inputs[s]]
         ref = [a.shape[1:] for a in inputs["train"]]
         if shapes != ref:
-            got = shapes[0] if len(shapes) == 1 else shapes
-            want = ref[0] if len(ref) == 1 else ref
-            raise DataError(f"splits disagree on the sample shape: x_{s} {got}, x_train {want}")
+            shown: object = shapes[0] if len(shapes) == 1 else shapes
+            wanted: object = ref[0] if len(ref) == 1 else ref
+            raise DataError(f"splits disagree on the sample shape: x_{s} {shown}, x_train {wanted}")
     ys: dict[str, np.ndarray | None] = {}
     targets: dict[str, np.ndarray | None] = {}
     widths: dict[str, int] = {}

@@ -560,7 +560,8 @@ class _TfliteBuilder(_Builder):
             calibration = _signature_rows(
                 self.data, self.data_rows.calibration_rows, step.representative_samples
             )
-        return quantize_tflite(self.data, step.mode, calibration, int8_io=step.mode == "int8" and step.int8_io)
+        int8_io = step.mode == "int8" and step.int8_io
+        return quantize_tflite(self.data, step.mode, calibration, int8_io=int8_io)
 
 
 def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[str, np.ndarray]]:

@@ -38,7 +38,7 @@ def broken(predictions, data):
 
 
 def dataset_of(name: str, data: dict[str, np.ndarray]) -> Dataset:
-    """A compressor Dataset from a dev model's arrays (targets of single-output models kept for evaluators)."""
+    """A compressor Dataset from a dev model's arrays (single-output targets kept for evaluators)."""
     from compressor.devmodels import split_arrays
 
     def rows(split: str) -> Rows:
