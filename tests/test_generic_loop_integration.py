@@ -95,7 +95,8 @@ def test_every_variant_ships_reference_outputs(loop: tuple[object, list[str], Pa
     bundle = result.bundle  # type: ignore[attr-defined]
     manifest = json.loads((bundle / "manifest.json").read_text())
     for v in manifest["variants"]:
-        assert v["output_tolerance"]["min_cosine"] == 0.99
+        integer = v["quantization"] in ("dynamic_int8", "int8")
+        assert v["output_tolerance"]["min_cosine"] == (0.98 if integer else 0.999)
         with np.load(bundle / f"{v['id']}.sample.npz") as npz:
             assert {"x", "ref_0"} <= set(npz.files) and "y" not in npz.files
             assert npz["ref_0"].shape[1:] == tuple(v["outputs"][0]["shape"][1:])
