@@ -355,7 +355,9 @@ class TensorSpec(WireModel):
     quantization: QuantParams | None = None
 
 
-Quantization = Literal["none", "float16", "dynamic_int8", "int8", "weight_only_int8", "int16x8"]
+Quantization = Literal[
+    "none", "float16", "dynamic_int8", "int8", "weight_only_int8", "weight_only_int4", "int16x8"
+]  # weight_only_int4: int4 weights where the outputs tolerate them, int8 elsewhere (manifest schema 2)
 # Named metrics: lowercase identifiers such as accuracy, cosine, sqnr_db, max_abs, top1_agreement, miou.
 METRIC_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 MetricName = Annotated[str, StringConstraints(pattern=METRIC_PATTERN)]

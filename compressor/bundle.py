@@ -225,8 +225,29 @@ def render_report(
             if v.notes:
                 lines.append(f"- `{v.id}` ({', '.join(v.techniques) or 'no transform'}):")
                 lines += [f"  - {note}" for note in v.notes]
+    outputs = manifest.variants[0].outputs
+    if len(outputs) > 1:
+        lines += [
+            "",
+            "## Per output",
+            "",
+            "cosine / SQNR dB / max abs error against the baseline, per output:",
+            "",
+        ]
+        names = [f"{j}: `{o.name}` {o.shape}" for j, o in enumerate(outputs)]
+        lines.append("| variant | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---:|" * len(outputs))
+        for v in manifest.variants:
+            cells = []
+            for j in range(len(outputs)):
+                named = v.metrics.named
+                cells.append(
+                    f"{_fixed(named.get(f'cosine_{j}'), 5)} / {_db(named.get(f'sqnr_db_{j}'))} / "
+                    f"{_num(named.get(f'max_abs_{j}'))}"
+                )
+            lines.append(f"| `{v.id}` | " + " | ".join(cells) + " |")
     if failures:
-        lines += ["", "## Variants not built", ""]
+        lines += ["", "## Variants not shipped", ""]
         lines += [f"- `{f.variant}` ({f.stage}): {f.message}" for f in failures]
     return "\n".join(lines) + "\n"
 

@@ -177,6 +177,8 @@ def quantize_keras(model: Any, step: QuantizeStep, data: Dataset, *, seed: int =
         from compressor.tflite_quant import quantize_tflite as quantize_file
 
         return quantize_file(to_tflite(model, QuantizeStep(mode="float32")), step.mode)[0]
+    if step.mode == "weight_only_int4":
+        raise ConversionError("weight_only_int4 is searched on the float32 .tflite by the pipeline")
     rep = None
     if step.mode == "int8":
         if data.synthetic:

@@ -258,7 +258,10 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
         raise DataError(f"the splits disagree on the number of inputs ({got})")
     for s in splits:
         if "y_" + s not in arrays and any(f"y_{o}" in arrays for o in splits):
-            raise DataError(f"{str(path)!r} has labels for some splits but no y_{s}; give y for every split")
+            raise DataError(
+                f"{str(path)!r} lacks y_{s}: it has labels for some splits but not this one; give y for "
+                "every split, or for none"
+            )
     for s in splits:
         shapes = [a.shape[1:] for a in inputs[s]]
         ref = [a.shape[1:] for a in inputs["train"]]
@@ -276,7 +279,7 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
             continue
         n = len(inputs[s][0])
         if len(raw) != n:
-            raise DataError(f"x_{s} has {n} rows but y_{s} has {len(raw)}")
+            raise DataError(f"x_{s} has {n} samples but y_{s} has {len(raw)}")
         as_class = _class_labels(raw) if task != "generic" else None
         if as_class is None:
             if task == "classification":
@@ -295,7 +298,7 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
         cls = next(s for s in splits if ys[s] is not None)
         raw = arrays[f"y_{odd}"]
         raise DataError(
-            f"y_{odd} is not class indices nor one-hot rows (shape {raw.shape}, row 0 is "
+            f"y_{odd} holds neither whole class indices nor one-hot rows (shape {raw.shape}, row 0 is "
             f"{np.asarray(raw[0]).reshape(-1).tolist()[:12]}) while y_{cls} holds class indices: give every "
             "split the same kind of labels (soft labels / probabilities are not class labels)"
         )

@@ -326,7 +326,12 @@ def build_bundle(
         files[bv.file] = bv.tflite
         if bv.sample is not None:
             files[sample_file_name(bv.id)] = bv.sample
-    notes = [f"recipe: {rf.name}", f"dataset: {data.name}", *data.notes, *builder.notes, *merged]
+    rows_note = (
+        f"rows: {len(data.calibration_rows)} calibration, {len(data.val)} validation, {len(data.test)} "
+        f"held-out test rows{' (the validation rows are the test rows)' if data.test_is_val else ''}"
+        f"{' — SYNTHETIC, not real inputs' if data.synthetic else ''}"
+    )
+    notes = [f"recipe: {rf.name}", f"dataset: {data.name}", rows_note, *data.notes, *builder.notes, *merged]
     report(f"write: {out}")
     path = write_bundle(out, manifest, files, render_report(manifest, failures, notes))
     return BuildResult(manifest, path, tuple(failures), time.perf_counter() - start, rf.name, tuple(merged))
@@ -478,6 +483,13 @@ class _KerasBuilder(_Builder):
         model, notes = self.transformed(recipe.transforms)
         stage("convert")
         self.report(f"convert {recipe.id}")
+        if recipe.quantize.mode == "weight_only_int4":
+            from compressor.convert import to_tflite
+            from compressor.recipe import QuantizeStep
+
+            float_file = to_tflite(model, QuantizeStep(mode="float32"))
+            tflite, search_notes = mixed_int4(float_file, recipe.quantize, self.ctx.data, self.report)
+            return tflite, [*notes, *search_notes]
         with warnings.catch_warnings():
             # The int8 converter warns that it has no input statistics; it takes them from the
             # representative set.
@@ -550,6 +562,9 @@ class _TfliteBuilder(_Builder):
             )
         stage("convert")
         self.report(f"convert {recipe.id}")
+        if step.mode == "weight_only_int4":
+            assert self.data_rows is not None
+            return mixed_int4(self.data, step, self.data_rows, self.report)
         calibration = None
         if step.mode == "int8":
             assert self.data_rows is not None
@@ -590,6 +605,27 @@ def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[s
             }
         )
     return out
+
+
+def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) -> tuple[bytes, list[str]]:
+    """int4 weights on the least sensitive layers of ``float_file``, judged on the validation rows
+    (the worst output's cosine against the float file's outputs there); the test rows confirm later."""
+    from compressor.mixed import search_mixed_int4
+
+    reference = evaluate_tflite(
+        float_file, data.val, classification=False, latency_budget_s=0.0, min_runs=1, warmup_runs=0
+    )
+    target = step.min_cosine if step.min_cosine is not None else 0.995
+
+    def cosine(candidate: bytes) -> float:
+        ev = evaluate_tflite(
+            candidate, data.val, classification=False, latency_budget_s=0.0, min_runs=1, warmup_runs=0
+        )
+        return fidelity_metrics(reference.output_values, ev.output_values)["cosine"]
+
+    tflite, notes = search_mixed_int4(float_file, cosine, min_cosine=target, progress=report)
+    note = f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:g} against float)"
+    return tflite, [*notes, note]
 
 
 def _step_text(step: Any) -> str:
@@ -697,7 +733,9 @@ def _label_quantization(
     notes: list[str] = []
     if mode == "float32" and stats.float16_weights and not stats.int8_weights:
         label = "float16"  # an existing float16-weight file as the reference
-    if mode in INT8_MODES and not stats.int8_weights:
+    if mode == "weight_only_int4" and "INT4" not in stats.weight_types:
+        label = "weight_only_int8" if stats.int8_weights else "none"
+    elif mode in INT8_MODES and not stats.int8_weights:
         label = "float16" if stats.float16_weights else "none"
     elif mode == "float16" and not stats.float16_weights:
         label = "none"
@@ -728,7 +766,9 @@ def _check_changed(recipe: Recipe, bv: BuiltVariant, baseline: BuiltVariant | No
     stats = graph_stats(bv.tflite)
     if baseline is not None and bv.tflite == baseline.tflite:
         raise ChangedNothingError(f"{mode} changed nothing: the file is byte-identical to {baseline.id}")
-    if mode in INT8_MODES and not stats.int8_weights:
+    if mode == "weight_only_int4" and "INT4" not in stats.weight_types:
+        raise ChangedNothingError(f"{mode} changed nothing: the file has no int4 weight tensors")
+    if mode in INT8_MODES and not (stats.int8_weights or "INT4" in stats.weight_types):
         raise ChangedNothingError(
             f"{mode} changed nothing: the file has no int8 weight tensors (weights: "
             f"{', '.join(stats.weight_types) or 'none found'})"

@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.wire import Identifier
 from compressor.errors import CompressorError
 
-QuantMode = Literal["float32", "float16", "dynamic_int8", "int8", "weight_only_int8"]
+QuantMode = Literal["float32", "float16", "dynamic_int8", "int8", "weight_only_int8", "weight_only_int4"]
 # Modes whose .tflite must hold INT8 tensors (checked on the file: a variant is never labelled int8
 # when it is not).
-INT8_MODES = ("dynamic_int8", "int8", "weight_only_int8")
+INT8_MODES = ("dynamic_int8", "int8", "weight_only_int8", "weight_only_int4")
 BUILTIN_RECIPES = ("default", "demo", "tflite", "generic")
 REPRESENTATIVE_SAMPLES = 300
 
@@ -56,7 +56,8 @@ class QuantizeStep(Base):
     mode: QuantMode = Field(
         description="float32 = no quantization; dynamic_int8 = int8 weights, float activations; "
         "int8 = full integer with int8 input/output; weight_only_int8 = int8 weights dequantized "
-        "at run time (ai-edge-quantizer)"
+        "at run time (ai-edge-quantizer); weight_only_int4 = int4 weights on the layers the outputs "
+        "tolerate them on (searched against min_cosine), int8 elsewhere"
     )
     representative_samples: int | None = Field(
         default=None, ge=1, description="training samples used to calibrate int8 (required for int8)"
@@ -69,6 +70,13 @@ class QuantizeStep(Base):
         default=True,
         description="int8 only: int8 input and output tensors (false: float I/O, quantized inside)",
     )
+    min_cosine: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="weight_only_int4 only: int4 weights on the least sensitive layers while the outputs "
+        "keep this cosine with float on the validation rows (default 0.995)",
+    )
 
     @model_validator(mode="after")
     def _samples(self) -> Self:
@@ -80,6 +88,8 @@ class QuantizeStep(Base):
             raise ValueError("per_channel_dense only applies to mode 'dynamic_int8'")
         if not self.int8_io and self.mode != "int8":
             raise ValueError("int8_io only applies to mode 'int8'")
+        if self.min_cosine is not None and self.mode != "weight_only_int4":
+            raise ValueError("min_cosine only applies to mode 'weight_only_int4'")
         return self
 
     @property

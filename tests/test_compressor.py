@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from agent.wire import Manifest, TensorSpec
 from compressor import cli
 from compressor.convert import DEFAULT_VARIANTS, RECIPES, resolve_recipes
-from compressor.data import load_dataset, load_digits, load_npz, upsample
+from compressor.data import InputSpec, load_dataset, load_digits, load_npz, upsample
 from compressor.errors import BundleWriteError, ConversionError, DataError
 from compressor.evaluate import dequantize_output, quantize_input
 from compressor.recipe import QuantizeStep, Recipe, RecipeError
@@ -91,9 +92,14 @@ def _write_npz(path: Path, with_test: bool = True, **override: Any) -> Path:
     return path
 
 
-def test_npz_loads_and_adds_channel_axis(tmp_path: Path) -> None:
+def test_npz_loads_and_the_model_adds_the_channel_axis(tmp_path: Path) -> None:
+    from compressor.validate import ModelIO, fit_inputs
+
     d = load_npz(_write_npz(tmp_path / "d.npz"))
-    assert d.x_train.shape == (40, 12, 12, 1) and d.x_test.shape == (10, 12, 12, 1)
+    assert d.x_train.shape == (40, 12, 12) and d.x_test.shape == (10, 12, 12)  # any shape loads as it is
+    io = ModelIO((InputSpec("x", (-1, 12, 12, 1), "float32"),), ())
+    fitted = fit_inputs(d, io)  # ... and fits a (1, H, W, 1) input
+    assert fitted.x_train.shape == (40, 12, 12, 1) and fitted.x_test.shape == (10, 12, 12, 1)
     assert d.y_test.shape == (10,) and d.y_test.dtype == np.int64
     assert not d.test_is_val
     assert d.labels == ("0", "1", "2")
@@ -355,13 +361,7 @@ def test_a_failing_variant_is_reported_and_the_others_kept(
 
     monkeypatch.setattr(convert, "quantize_keras", flaky)
     data = load_digits()
-    small = type(data)(
-        **{
-            **{f: getattr(data, f) for f in data.__slots__},
-            "x_test": data.x_test[:64],
-            "y_test": data.y_test[:64],
-        }
-    )
+    small = dataclasses.replace(data, test=data.test.head(64))
     result = pipeline.build_bundle(
         build_seed_cnn(), small, tmp_path / "b", variants=["dynint8", "float16"], latency_budget_s=0.05
     )

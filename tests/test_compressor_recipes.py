@@ -36,7 +36,8 @@ def _error(text: str) -> str:
 def test_builtin_recipes_parse_and_default_has_every_technique() -> None:
     for name in BUILTIN_RECIPES:
         assert builtin_path(name).is_file()
-        assert load_recipe(name).variants[0].id == "float32"
+        # the recipe for an existing .tflite calls its reference what it is: the original file
+        assert load_recipe(name).variants[0].id == ("original" if name == "tflite" else "float32")
     default = load_recipe("default")
     ids = [v.id for v in default.variants]
     for vid in (
@@ -59,7 +60,13 @@ def test_builtin_recipes_parse_and_default_has_every_technique() -> None:
     # prune50 variants share their first step exactly, so the pipeline builds it once
     first = {default.variant(v).steps[0] for v in ("prune50-int8", "prune50-dynint8", "prune50-distill-int8")}
     assert len(first) == 1
-    assert [v.id for v in load_recipe("tflite").variants] == ["float32", "woint8", "dynint8"]
+    assert [v.id for v in load_recipe("tflite").variants] == [
+        "original",
+        "woint8",
+        "dynint8",
+        "int8",
+        "mixed4",
+    ]
 
 
 def test_unknown_key_is_named_with_path_and_suggestion() -> None:

@@ -134,7 +134,7 @@ def test_npz_tiny_split_soft_labels_and_one_hot_width(tmp_path: Path) -> None:
     ):
         load_npz(_npz(tmp_path / "a.npz", x_val=np.zeros((4, 12, 12)), y_val=np.arange(4) % 3))
     soft = np.full((12, 3), 1 / 3)
-    with pytest.raises(DataError, match=r"y_val is not class indices nor one-hot rows .*row 0"):
+    with pytest.raises(DataError, match=r"y_val holds neither whole class indices nor one-hot rows .*row 0"):
         load_npz(_npz(tmp_path / "b.npz", y_val=soft))
     with pytest.raises(DataError, match="one-hot label arrays disagree"):
         load_npz(
