@@ -9,7 +9,8 @@ one implementation.
   outputs give :data:`agent.wire.MAX_SQNR_DB` (JSON has no infinity), an all-zero reference with a
   non-zero error gives ``-MAX_SQNR_DB``.
 * cosine: between the flattened reference and output of each row, averaged over rows (an all-zero
-  pair counts as 1, one zero vector against a non-zero one as 0).
+  pair counts as 1, one zero vector against a non-zero one as 0); an output of one value per row is
+  compared as one vector over all rows.
 * max_abs: the largest absolute element difference.
 * top-1 agreement: where an output is a class vector (one axis of length ≥ 2 besides the batch), the
   fraction of rows whose argmax agrees.
@@ -55,9 +56,14 @@ def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
 
 
 def row_cosine(reference: np.ndarray, output: np.ndarray) -> float:
-    """Mean over rows (axis 0) of the cosine between the flattened reference and output rows."""
+    """Mean over rows (axis 0) of the cosine between the flattened reference and output rows.
+
+    An output of one value per row (a face flag, a regression score) has no direction within a row: its
+    row cosine would only say whether the sign agrees. It is compared as one vector over all rows."""
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     out = np.asarray(output, dtype=np.float64).reshape(len(output), -1)
+    if ref.shape[1] == 1:
+        ref, out = ref.reshape(1, -1), out.reshape(1, -1)
     if len(ref) == 0:
         return 1.0
     dot = np.sum(ref * out, axis=1)
