@@ -208,7 +208,12 @@ def test_tflite_input_really_quantized(built: dict[str, Any], tmp_path: Path) ->
     src.write_bytes((built["out"] / "float32.tflite").read_bytes())
     result = build_bundle(src, built["data"], tmp_path / "b", latency_budget_s=0.05)
     m = {v.id: v for v in result.manifest.variants}
-    assert list(m) == ["original", "woint8", "dynint8", "int8"] and result.failures == ()
+    assert list(m) == ["original", "woint8", "dynint8", "int8", "mixed4"] and result.failures == ()
+    # int4 weights where the outputs tolerate them: smaller than int8, and kept off tflite-runtime 2.14
+    assert m["mixed4"].quantization == "weight_only_int4"
+    assert m["mixed4"].metrics.size_bytes < m["woint8"].metrics.size_bytes
+    assert m["mixed4"].min_runtime is not None and m["mixed4"].min_runtime > "2.14.0"
+    assert m["mixed4"].metrics.named["cosine"] > 0.99
     assert m["original"].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
     for vid in ("woint8", "dynint8", "int8"):
         data = (tmp_path / "b" / f"{vid}.tflite").read_bytes()
@@ -239,7 +244,7 @@ def test_quantization_that_changes_nothing_is_not_shipped(tmp_path: Path) -> Non
     d = _small_digits()
     result = build_bundle(src, d, tmp_path / "b", latency_budget_s=0.05)
     assert [v.id for v in result.manifest.variants] == ["original"]
-    assert {f.variant for f in result.failures} == {"woint8", "dynint8", "int8"}
+    assert {f.variant for f in result.failures} == {"woint8", "dynint8", "int8", "mixed4"}
     assert all("changed nothing" in f.message for f in result.failures), result.failures
     report = (tmp_path / "b" / "report.md").read_text()
     assert "changed nothing" in report
