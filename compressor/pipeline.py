@@ -280,6 +280,8 @@ def build_bundle(
 
         try:
             tflite, stage_notes = builder.build(r, set_stage)
+            if r.id != rf.baseline:  # the reference stays as converted (or as given)
+                tflite = _stripped(tflite, stage_notes)
             set_stage("evaluate")
             bv = _measure(r, tflite, ctx, stage_notes)
             set_stage("check")
@@ -626,6 +628,16 @@ def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) ->
     tflite, notes = search_mixed_int4(float_file, cosine, min_cosine=target, progress=report)
     note = f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:g} against float)"
     return tflite, [*notes, note]
+
+
+def _stripped(tflite: bytes, notes: list[str]) -> bytes:
+    from compressor.tflite_quant import strip_tensor_names
+
+    out = strip_tensor_names(tflite)
+    if len(out) < len(tflite):
+        notes.append(f"intermediate tensor names stripped: {len(tflite)} → {len(out)} B")
+        return out
+    return tflite
 
 
 def _step_text(step: Any) -> str:

@@ -498,3 +498,27 @@ def test_mixed_int4_small_detector(mixed_search: Callable[[str], tuple[bytes, li
     assert len(q) < len(quantize_tflite(data, "weight_only_int8")[0]) and int4_weight_tensors(q) > 0
     assert _batch_evaluator(data, _image_crops(data, 6, seed=11))(q) >= 0.995  # the validation crops
     assert _batch_evaluator(data, _image_crops(data, 8, seed=22))(q) >= 0.99, notes
+
+
+def test_stripping_intermediate_names_keeps_outputs_and_io_names(keras_tflite: dict[str, bytes]) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from compressor.tflite_quant import strip_tensor_names
+
+    for kind, data in keras_tflite.items():
+        stripped = strip_tensor_names(data)
+        assert len(stripped) < len(data), kind
+        xs = _random_inputs(4, 3)
+        for a, b in zip(_run(data, xs), _run(stripped, xs), strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert np.array_equal(x, y), kind
+
+        def io_names(blob: bytes) -> list[str]:
+            it = Interpreter(model_content=blob)
+            return [d["name"] for d in it.get_input_details() + it.get_output_details()]
+
+        assert io_names(stripped) == io_names(data)
+        assert (
+            Interpreter(model_content=stripped).get_signature_list()
+            == Interpreter(model_content=data).get_signature_list()
+        )
