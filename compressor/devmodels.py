@@ -189,14 +189,20 @@ def _detector_data(seed: int) -> Data:
     return _split({"x": x, "t_0": boxes, "t_1": scores}, 1600, 400)
 
 
+def _strided_backbone(lay: Any, h: Any) -> Any:
+    """Three stride-2 3x3 convs (8, 16, 16 filters): 32 -> 16 -> 8 -> 4."""
+    for i, filters in enumerate((8, 16, 16)):
+        h = lay.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}")(h)
+    return h
+
+
 def _build_detector(seed: int) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
     h = inp
-    for i, filters in enumerate((8, 16, 16)):  # strided convs: 32 -> 16 -> 8 -> 4
-        h = lay.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}")(h)
+    h = _strided_backbone(lay, h)
     h = lay.Conv2D(32, 3, padding="same", activation="relu", name="conv4")(h)  # 4x4 grid, wider context
     boxes = lay.Conv2D(4, 1, name="box_head")(h)
     boxes = lay.Reshape((DETECTOR_ANCHORS, 4), name="boxes")(boxes)
@@ -334,8 +340,7 @@ def _build_keypoints(seed: int) -> Any:
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
     h = inp
-    for i, filters in enumerate((8, 16, 16)):  # strided convs: 32 -> 16 -> 8 -> 4
-        h = lay.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}")(h)
+    h = _strided_backbone(lay, h)
     h = lay.Flatten(name="flatten")(h)  # 4*4*16 = 256
     h = lay.Dense(32, activation="relu", name="fc")(h)
     out = lay.Dense(KEYPOINTS * 2, name="keypoints")(h)

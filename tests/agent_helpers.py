@@ -104,3 +104,15 @@ def link_sha(store: Path, model: str) -> str | None:
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     assert digest == target.stem, f"active link → {target.name} whose bytes hash to {digest[:12]}"
     return digest
+
+
+class RecordingClient:
+    """A stand-in MQTT client for unit tests of the daemon: records what it would publish."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **_k: Any) -> None:
+        self.published.append((topic, payload))
+
+    def set_birth(self, topic: str, payload: bytes) -> None: ...

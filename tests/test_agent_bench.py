@@ -19,6 +19,7 @@ from typing import Any
 import flatbuffers
 import numpy as np
 import pytest
+from agent_helpers import RecordingClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -361,16 +362,6 @@ def test_heat_is_read_around_the_run_and_cool_down_waits(
 
 
 # ------------------------------------------------------------------------------------ the daemon
-
-
-class RecordingClient:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **_k: Any) -> None:
-        self.published.append((topic, payload))
-
-    def set_birth(self, topic: str, payload: bytes) -> None: ...
 
 
 def test_daemon_runs_the_baseline_first_and_skips_what_it_cannot_run(models: Models, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_helpers import PY
+from agent_helpers import PY, RecordingClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -371,16 +371,6 @@ def test_agreement_for_a_generic_task_needs_a_class_vector(gen: Path) -> None:
         det, gen / "det.tflite", gen / "det.npz", FAST, task="generic", is_baseline=True
     )
     assert run.result.agreement == 1.0 and run.predictions is not None and len(run.predictions) == ROWS
-
-
-class RecordingClient:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **_k: Any) -> None:
-        self.published.append((topic, payload))
-
-    def set_birth(self, topic: str, payload: bytes) -> None: ...
 
 
 def test_daemon_reports_fidelity_and_no_agreement_for_a_generic_manifest(gen: Path, tmp_path: Path) -> None:
