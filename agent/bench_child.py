@@ -87,6 +87,24 @@ def _to_input(np: Any, x: Any, d: dict[str, Any]) -> Any:
     return x
 
 
+def _fit_free_dims(interp: Any, details: list[dict[str, Any]], xs: list[Any] | None) -> bool:
+    """Resize inputs with free dimensions (shape_signature -1, e.g. a sequence length) to the sample's
+    rows; the runtime reports such a dimension as 1 until then. True when something was resized."""
+    resized = False
+    for d, arr in zip(details, xs or [], strict=False):
+        sig = d.get("shape_signature")
+        want = [int(s) for s in (sig if sig is not None and len(sig) else d["shape"])]
+        row = [int(s) for s in arr.shape[1:]]
+        if -1 not in want[1:] or len(row) != len(want) - 1 or row == [int(s) for s in d["shape"][1:]]:
+            continue
+        if all(w in (-1, r) for w, r in zip(want[1:], row, strict=True)):
+            interp.resize_tensor_input(d["index"], [1, *row])
+            resized = True
+    if resized:
+        interp.allocate_tensors()
+    return resized
+
+
 def _prepare_inputs(
     np: Any, details: list[dict[str, Any]], xs: list[Any] | None, limit: int
 ) -> tuple[list[list[Any]], int]:
@@ -264,6 +282,8 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     if crash:
         os.kill(os.getpid(), int(crash))
     inputs = interp.get_input_details()
+    if _fit_free_dims(interp, inputs, sample.inputs):
+        inputs = interp.get_input_details()
     outputs = interp.get_output_details()
     health = req.get("mode") == "health"
     inferences = int(req.get("inferences", 8))

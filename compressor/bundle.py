@@ -94,7 +94,10 @@ def sample_rows(evaluation: Evaluation, count: int = SAMPLE_SIZE, max_bytes: int
     """How many held-out rows the sample ships: ``count``, fewer when inputs and outputs are large (at
     least 4, so a device always has something to compare)."""
     n = evaluation.eval_samples
-    per_row = sum(int(np.prod(s.shape[1:] or [1])) * np.dtype(s.dtype).itemsize for s in evaluation.inputs)
+    per_row = sum(
+        int(np.prod([max(d, 1) for d in s.shape[1:]] or [1])) * np.dtype(s.dtype).itemsize
+        for s in evaluation.inputs
+    )
     per_row += sum(int(np.prod(v.shape[1:] or (1,))) * 4 for v in evaluation.output_values)
     fit = max(4, max_bytes // max(per_row, 1))
     return int(min(count, n, fit))

@@ -65,13 +65,15 @@ def tensor_spec(detail: dict[str, Any]) -> TensorSpec:
     dtype = np.dtype(detail["dtype"]).name
     if dtype not in _DTYPES:
         raise EvaluationError(f"tensor {detail['name']!r} has dtype {dtype}, which the wire contract lacks")
+    sig = detail.get("shape_signature")
+    shape = sig if sig is not None and len(sig) == len(detail["shape"]) else detail["shape"]
     qp = detail.get("quantization_parameters") or {}
     scales = [float(s) for s in np.asarray(qp.get("scales", []), dtype=np.float64).reshape(-1)]
     zero_points = [int(z) for z in np.asarray(qp.get("zero_points", []), dtype=np.int64).reshape(-1)]
     quant = QuantParams(scale=scales, zero_point=zero_points) if scales else None
     return TensorSpec(
         name=str(detail["name"])[:256],
-        shape=[int(d) for d in detail["shape"]],
+        shape=[int(d) for d in shape],  # -1 where the dimension is free (a sequence length, ...)
         dtype=dtype,  # checked against the wire literal above
         quantization=quant,
     )
@@ -172,12 +174,12 @@ def evaluate_tflite(
     fed: list[np.ndarray] = []
     for k, (d, spec) in enumerate(zip(in_details, in_specs, strict=True)):
         x = rows.inputs[in_order[k]]
-        if spec.shape and spec.shape[0] != 1:
+        if spec.shape and spec.shape[0] not in (1, -1):
             raise EvaluationError(f"expected a batch-1 input, got shape {spec.shape} for {spec.name!r}")
-        if tuple(spec.shape[1:]) != tuple(x.shape[1:]):
+        if tuple(spec.shape[1:]) != tuple(x.shape[1:]) or spec.shape[:1] != [1]:
             interpreter.resize_tensor_input(d["index"], [1, *x.shape[1:]])
         fed.append(quantize_input(x, spec))
-    if any(tuple(s.shape[1:]) != tuple(f.shape[1:]) for s, f in zip(in_specs, fed, strict=True)):
+    if any(list(s.shape) != [1, *f.shape[1:]] for s, f in zip(in_specs, fed, strict=True)):
         try:
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:

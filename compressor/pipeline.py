@@ -745,8 +745,9 @@ def _label_quantization(
     notes: list[str] = []
     if mode == "float32" and stats.float16_weights and not stats.int8_weights:
         label = "float16"  # an existing float16-weight file as the reference
-    if mode == "weight_only_int4" and "INT4" not in stats.weight_types:
-        label = "weight_only_int8" if stats.int8_weights else "none"
+    if mode == "weight_only_int4":
+        if "INT4" not in stats.weight_types:
+            label = "weight_only_int8" if stats.int8_weights else "none"
     elif mode in INT8_MODES and not stats.int8_weights:
         label = "float16" if stats.float16_weights else "none"
     elif mode == "float16" and not stats.float16_weights:

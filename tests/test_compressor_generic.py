@@ -372,3 +372,64 @@ def test_model_zoo_file_with_a_folder_of_calibration_images(
         assert m[vid]["metrics"]["named"]["cosine"] >= floor, (vid, m[vid]["metrics"]["named"])
     ratio = m["original"]["size"] / m["woint8"]["size"]
     assert ratio > (3.3 if name == "iris_landmark" else 1.45)
+
+
+def test_free_sequence_length_and_integer_token_inputs(tmp_path: Path) -> None:
+    """A (None, 8) sequence input (the file reports its free dimension as 1 until resized) and an int32
+    token-id input: the host evaluates them, the manifest says -1 for the free axis, and the device's
+    benchmark and health check resize to the sample and reproduce the host's outputs."""
+    from agent import wire
+    from agent.bench import health_check, measure_variant
+    from agent.config import BenchConfig
+    from compressor._tf import keras
+    from compressor.pipeline import build_bundle
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    seq_in = k.Input((None, 8))
+    h = k.layers.GlobalMaxPooling1D()(k.layers.Conv1D(16, 3, padding="same", activation="relu")(seq_in))
+    seq = k.Model(seq_in, k.layers.Dense(2)(h))
+    xs = rng.standard_normal((90, 30, 8)).astype(np.float32)
+    rows = [Rows((xs[a:b],)) for a, b in ((0, 50), (50, 70), (70, 90))]
+    result = build_bundle(
+        seq,
+        Dataset("seq", *rows),
+        tmp_path / "seq",
+        recipe="generic",
+        variants=["float32", "int8"],
+        latency_budget_s=0.05,
+    )
+    manifest = result.manifest
+    assert [v.id for v in manifest.variants] == ["float32", "int8"], result.failures
+    assert manifest.variants[0].inputs[0].shape == [1, -1, 8]
+    cfg = BenchConfig(min_runs=5, min_seconds=0.05)
+    for v in manifest.variants:
+        sample = tmp_path / "seq" / f"{v.id}.sample.npz"
+        run = measure_variant(v, tmp_path / "seq" / v.file, sample, cfg, task=manifest.task).result
+        assert run.ok and run.fidelity is not None and run.fidelity.cosine > 0.999, run
+        assert (
+            health_check(
+                tmp_path / "seq" / v.file,
+                sample,
+                inferences=2,
+                timeout_s=60,
+                memory_limit_mb=1024,
+                tolerance=v.output_tolerance,
+            )
+            is None
+        )
+    assert isinstance(manifest, wire.Manifest)
+
+    tok_in = k.Input((12,), dtype="int32")
+    h = k.layers.GlobalAveragePooling1D()(k.layers.Embedding(300, 8)(tok_in))
+    tok = k.Model(tok_in, k.layers.Dense(3, activation="softmax")(h))
+    ids = rng.integers(0, 300, (90, 12)).astype(np.int32)
+    labels = (ids[:, 0] % 3).astype(np.int64)
+    data = Dataset.from_arrays("tok", ids[:50], labels[:50], ids[50:70], labels[50:70], ids[70:], labels[70:])
+    result = build_bundle(
+        tok, data, tmp_path / "tok", recipe="generic", variants=["float32", "int8"], latency_budget_s=0.05
+    )
+    m = _by_id(result)
+    assert m["float32"].inputs[0].dtype == "int32" and m["int8"].inputs[0].dtype == "int32"
+    assert m["int8"].metrics.named["cosine"] > 0.99 and m["int8"].metrics.accuracy is not None
