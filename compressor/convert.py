@@ -168,6 +168,8 @@ def batch1_model(model: Any) -> Any:
         for i, spec in enumerate(inputs)
     ]
     outputs = model(new_inputs[0] if len(new_inputs) == 1 else new_inputs)
+    if isinstance(outputs, dict):  # dict outputs: in the model's output order, as the data sees them
+        outputs = [outputs[name] for name in model.output_names]
     return k.Model(new_inputs[0] if len(new_inputs) == 1 else new_inputs, outputs, name=f"{model.name}_b1")
 
 
