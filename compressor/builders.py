@@ -188,15 +188,12 @@ def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[s
     """Calibration rows as the quantizer takes them: one dict per row, signature input name → batch-1
     array (the file's own input order is the data's order for a .tflite input)."""
     from compressor.convert import representative_subset
-    from compressor.evaluate import io_order, load_interpreter
+    from compressor.evaluate import io_order, load_interpreter, signature_map
 
     interpreter = load_interpreter(tflite)
     details = interpreter.get_input_details()
     in_order, _ = io_order(interpreter)
-    try:
-        sig: dict[str, Any] = next(iter((interpreter._get_full_signature_list() or {}).values()), {})
-    except (AttributeError, RuntimeError, ValueError):
-        sig = {}
+    sig: dict[str, Any] = next(iter(signature_map(interpreter).values()), {})
     by_tensor = {int(t): name for name, t in sig.get("inputs", {}).items()}
     names = [by_tensor.get(int(d["index"]), str(d["name"])) for d in details]
     logical = representative_subset(rows.inputs, count or REPRESENTATIVE_SAMPLES, 0)

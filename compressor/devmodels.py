@@ -201,8 +201,7 @@ def _build_detector(seed: int) -> Any:
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
-    h = inp
-    h = _strided_backbone(lay, h)
+    h = _strided_backbone(lay, inp)
     h = lay.Conv2D(32, 3, padding="same", activation="relu", name="conv4")(h)  # 4x4 grid, wider context
     boxes = lay.Conv2D(4, 1, name="box_head")(h)
     boxes = lay.Reshape((DETECTOR_ANCHORS, 4), name="boxes")(boxes)
@@ -339,8 +338,7 @@ def _build_keypoints(seed: int) -> Any:
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
-    h = inp
-    h = _strided_backbone(lay, h)
+    h = _strided_backbone(lay, inp)
     h = lay.Flatten(name="flatten")(h)  # 4*4*16 = 256
     h = lay.Dense(32, activation="relu", name="fc")(h)
     out = lay.Dense(KEYPOINTS * 2, name="keypoints")(h)

@@ -113,6 +113,14 @@ _IN_NAME = re.compile(r"(?:^|_)ef_in_(\d+)(?::\d+)?$")
 _OUT_NAME = re.compile(r"^output_(\d+)$")
 
 
+def signature_map(interpreter: Any) -> dict[str, Any]:
+    """The file's signatures: key → {"inputs": {name: tensor index}, "outputs": {...}}; {} without any."""
+    try:
+        return dict(interpreter._get_full_signature_list() or {})
+    except (AttributeError, RuntimeError, ValueError):
+        return {}
+
+
 def io_order(interpreter: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(logical input of each file input, file position of each logical output).
 
@@ -126,10 +134,7 @@ def io_order(interpreter: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     out_details = interpreter.get_output_details()
     identity_in = tuple(range(len(in_details)))
     identity_out = tuple(range(len(out_details)))
-    try:
-        signatures = interpreter._get_full_signature_list() or {}
-    except (AttributeError, RuntimeError, ValueError):
-        signatures = {}
+    signatures = signature_map(interpreter)
     if len(signatures) != 1:
         return identity_in, identity_out
     sig = next(iter(signatures.values()))

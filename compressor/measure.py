@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.wire import OutputTolerance, version_tuple
 from compressor.bundle import BuiltVariant, sample_accuracy, sample_npz
@@ -15,7 +14,7 @@ from compressor.compat import OLDEST_SHIPPED_RUNTIME, inspect_tflite
 from compressor.data import Dataset
 from compressor.errors import ChangedNothingError, CompressorError
 from compressor.evaluate import Evaluation, agreement, evaluate_tflite
-from compressor.graph import graph_stats
+from compressor.graph import GraphStats
 from compressor.metrics import Direction, EvalData, Evaluator, fidelity_metrics, run_evaluator
 from compressor.recipe import INT8_MODES, UNSTRUCTURED_KINDS, Recipe
 
@@ -39,14 +38,16 @@ class MeasureContext:
     user_directions: dict[str, Direction] = field(default_factory=dict)
 
 
-def measure(recipe: Recipe, tflite: bytes, ctx: MeasureContext, notes: list[str]) -> BuiltVariant:
+def measure(
+    recipe: Recipe, tflite: bytes, stats: GraphStats, ctx: MeasureContext, notes: list[str]
+) -> BuiltVariant:
+    """Evaluate ``tflite`` (whose graph ``stats`` the caller read) on the held-out rows."""
     report, data = ctx.report, ctx.data
     report(f"evaluate {recipe.id}")
     classification = data.task == "classification"
     ev = evaluate_tflite(
         tflite, data.test, classification=classification, latency_budget_s=ctx.latency_budget_s
     )
-    stats = graph_stats(tflite)
     runtime, compat_notes = min_runtime_of(tflite)
     base = ctx.baseline.evaluation if ctx.baseline is not None else ev
     named = fidelity_metrics(base.output_values, ev.output_values)
@@ -114,23 +115,29 @@ def output_tolerance(quantization: str) -> OutputTolerance:
     return INTEGER_COMPUTE_TOLERANCE if integer else FLOAT_COMPUTE_TOLERANCE
 
 
+def missing_quantization(mode: str, stats: GraphStats) -> str | None:
+    """Why the file does not hold the weights ``mode`` asks for (one phrase), or None when it does."""
+    wanted = {"weight_only_int4": "INT4", "float16": "FLOAT16"}.get(
+        mode, "INT8" if mode in INT8_MODES else None
+    )
+    if wanted is None or wanted in stats.weight_types:
+        return None
+    held = ", ".join(stats.weight_types) or "none found"
+    return f"the file has no {wanted.lower()} weight tensors (weights: {held})"
+
+
 def label_quantization(
-    recipe: Recipe, stats: Any, ev: Evaluation, baseline: BuiltVariant | None
+    recipe: Recipe, stats: GraphStats, ev: Evaluation, baseline: BuiltVariant | None
 ) -> tuple[str, list[str]]:
-    """The wire quantization label the file deserves, and notes on speed and accuracy against the
-    baseline."""
+    """The wire quantization label the file deserves (never one for weights it does not hold), and
+    notes on speed and accuracy against the baseline."""
     mode = recipe.quantize.mode
     label = recipe.quantization
     notes: list[str] = []
     if mode == "float32" and stats.float16_weights and not stats.int8_weights:
         label = "float16"  # an existing float16-weight file as the reference
-    if mode == "weight_only_int4":
-        if "INT4" not in stats.weight_types:
-            label = "weight_only_int8" if stats.int8_weights else "none"
-    elif mode in INT8_MODES and not stats.int8_weights:
-        label = "float16" if stats.float16_weights else "none"
-    elif mode == "float16" and not stats.float16_weights:
-        label = "none"
+    elif missing_quantization(mode, stats) is not None:  # what the file really holds
+        label = "weight_only_int8" if stats.int8_weights else "float16" if stats.float16_weights else "none"
     if baseline is None or mode == "float32":
         return label, notes
     base_ev = baseline.evaluation
@@ -149,24 +156,18 @@ def label_quantization(
     return label, notes
 
 
-def check_changed(recipe: Recipe, bv: BuiltVariant, baseline: BuiltVariant | None) -> None:
+def check_changed(recipe: Recipe, tflite: bytes, stats: GraphStats, baseline: BuiltVariant | None) -> None:
     """A quantized variant whose file holds none of what was asked for, or the baseline's very bytes,
-    changed nothing: it is not shipped (ChangedNothingError, recorded as a failure)."""
+    changed nothing: it is not shipped (ChangedNothingError, recorded as a failure). Checked before the
+    variant is evaluated."""
     mode = recipe.quantize.mode
     if mode == "float32" or recipe.transforms:
         return
-    stats = graph_stats(bv.tflite)
-    if baseline is not None and bv.tflite == baseline.tflite:
+    if baseline is not None and tflite == baseline.tflite:
         raise ChangedNothingError(f"{mode} changed nothing: the file is byte-identical to {baseline.id}")
-    if mode == "weight_only_int4" and "INT4" not in stats.weight_types:
-        raise ChangedNothingError(f"{mode} changed nothing: the file has no int4 weight tensors")
-    if mode in INT8_MODES and not (stats.int8_weights or "INT4" in stats.weight_types):
-        raise ChangedNothingError(
-            f"{mode} changed nothing: the file has no int8 weight tensors (weights: "
-            f"{', '.join(stats.weight_types) or 'none found'})"
-        )
-    if mode == "float16" and not stats.float16_weights:
-        raise ChangedNothingError("float16 changed nothing: the file has no float16 weight tensors")
+    missing = missing_quantization(mode, stats)
+    if missing is not None:
+        raise ChangedNothingError(f"{mode} changed nothing: {missing}")
 
 
 def compare_unstructured(built: list[BuiltVariant], recipes: list[Recipe]) -> None:

@@ -58,6 +58,7 @@ from compressor.errors import (
     EvaluationError,
     VariantFailure,
 )
+from compressor.graph import graph_stats
 from compressor.measure import MeasureContext, check_changed, compare_unstructured, measure
 from compressor.metrics import (
     Direction,
@@ -267,10 +268,11 @@ def build_bundle(
             tflite, stage_notes = builder.build(r, set_stage)
             if r.id != rf.baseline:  # the reference stays as converted (or as given)
                 tflite = strip_names(tflite, stage_notes)
-            set_stage("evaluate")
-            bv = measure(r, tflite, ctx, stage_notes)
             set_stage("check")
-            check_changed(r, bv, ctx.baseline)
+            stats = graph_stats(tflite)
+            check_changed(r, tflite, stats, ctx.baseline)
+            set_stage("evaluate")
+            bv = measure(r, tflite, stats, ctx, stage_notes)
         except Exception as err:
             if isinstance(err, EvaluatorError):
                 raise
