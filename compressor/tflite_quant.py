@@ -49,8 +49,15 @@ int8). Int4 weights everywhere but the first layer: iris_landmark 5.8x smaller (
 fidelity search (``compressor.mixed.search_mixed_int4``). ai-edge-litert runs INT4 weights;
 tflite-runtime 2.14 may compute garbage with them, and ``compressor.compat`` marks such files unsafe there.
 
+In the weight-only modes ``tensorwise_scopes`` give layers int8 weights with one scale for the tensor
+instead of one per output channel (4 bytes a channel less: most of what a 3x3 depthwise kernel weighs),
+for the layers that tolerate it (the same search). After quantizing, float32 constants whose values are
+all exact float16 numbers (what the expansion made of a float16 file and the quantizer left float:
+biases, the first layer) are stored as float16 behind a DEQUANTIZE again, as the original had them —
+not for ops that compute on int8 weights themselves (dynamic range), whose bias XNNPACK wants constant.
+
 Public API: :func:`expand_float16_weights`, :func:`quantize_tflite`, :func:`weight_scopes`,
-:func:`int8_weight_tensors`, :func:`int4_weight_tensors`.
+:func:`weight_layers`, :func:`int8_weight_tensors`, :func:`int4_weight_tensors`.
 """
 
 from __future__ import annotations
@@ -420,6 +427,95 @@ def expand_float16_weights(data: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------
+# 2. float32 constants that are exact float16 values → float16 constants again
+# --------------------------------------------------------------------------------------------------
+
+# A restored tensor costs a DEQUANTIZE op, a tensor and a buffer entry (about 100 bytes of flatbuffer):
+# smaller tensors stay float32 (64 values save 128 bytes).
+MIN_FLOAT16_ELEMENTS = 64
+_DEQUANTIZE_FLOAT16_VERSION = 3  # the DEQUANTIZE op version that reads float16 (TFLite op versioning)
+
+
+def _float16_exact(arr: np.ndarray) -> np.ndarray | None:
+    """``arr`` as float16 when every value survives the round trip exactly (NaN never does)."""
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        return None
+    half = arr.astype("<f2")
+    return half if np.array_equal(half.astype("<f4"), arr) else None
+
+
+def _dequantize_opcode(model: Any) -> int:
+    schema = _schema()
+    for i, oc in enumerate(model.operatorCodes):
+        code = max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
+        if code == _DEQUANTIZE and int(oc.version) == _DEQUANTIZE_FLOAT16_VERSION:
+            return i
+    oc = schema.OperatorCodeT()
+    oc.builtinCode = oc.deprecatedBuiltinCode = _DEQUANTIZE
+    oc.version = _DEQUANTIZE_FLOAT16_VERSION
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def _restore_float16(model: Any) -> int:
+    """Store each float32 constant an op reads whose values are all exact float16 numbers (the weights
+    :func:`_expand` made from a float16-weight file and the quantizer left float: biases, the first
+    layer, ops without a quantized kernel) as a float16 constant behind a DEQUANTIZE again, as the
+    original file did: half the bytes, the same values, so the same outputs. Float32 weights of a float32
+    file are practically never all exact float16 values and stay as they are. Returns how many tensors."""
+    schema = _schema()
+    restored = 0
+    halves: dict[int, int] = {}  # float32 buffer → float16 buffer
+    for sg in model.subgraphs:
+        read: set[int] = set()
+        for op in sg.operators:
+            ins = [t for t in op.inputs or [] if t >= 0]
+            # an op computing on int8 weights itself (dynamic range) wants its bias constant: XNNPACK
+            # refuses to delegate such a CONV_2D whose bias a DEQUANTIZE makes
+            if not any(
+                sg.tensors[t].type in (_INT8, _INT4) and _is_constant(model, sg.tensors[t]) for t in ins
+            ):
+                read.update(ins)
+        boundary = set(sg.inputs or []) | set(sg.outputs or [])
+        new_ops = []
+        for index in sorted(read - boundary):
+            tensor = sg.tensors[index]
+            if (
+                tensor.type != _FLOAT32
+                or (tensor.quantization is not None and tensor.quantization.scale is not None)
+                or tensor.sparsity is not None
+                or not _is_constant(model, tensor)
+            ):
+                continue
+            arr = _tensor_array(model, tensor)
+            if arr.size < MIN_FLOAT16_ELEMENTS:
+                continue
+            if tensor.buffer not in halves:
+                half = _float16_exact(arr)
+                if half is None:
+                    continue
+                buf = schema.BufferT()
+                buf.data = np.frombuffer(half.tobytes(), dtype=np.uint8)
+                model.buffers.append(buf)
+                halves[tensor.buffer] = len(model.buffers) - 1
+            source = schema.TensorT()
+            source.shape = list(tensor.shape) if tensor.shape is not None else None
+            source.type = _FLOAT16
+            source.buffer = halves[tensor.buffer]
+            sg.tensors.append(source)
+            tensor.buffer = 0  # now the DEQUANTIZE's output
+            op = schema.OperatorT()
+            op.opcodeIndex = _dequantize_opcode(model)
+            op.inputs, op.outputs = [len(sg.tensors) - 1], [index]
+            new_ops.append(op)
+            restored += 1
+        sg.operators = new_ops + list(sg.operators)  # constants first: the graph stays topologically sorted
+    if restored:
+        _prune(model)
+    return restored
+
+
+# --------------------------------------------------------------------------------------------------
 # 3. quantize
 # --------------------------------------------------------------------------------------------------
 
@@ -572,15 +668,16 @@ def _first_layers(model: Any) -> tuple[list[str], int]:
     return scopes, first
 
 
-def _weight_only_config(bits: int) -> Any:
+def _weight_only_config(bits: int, *, tensorwise: bool = False) -> Any:
     """The quantizer's weight-only op config (recipe_manager.add_weight_only_config): symmetric channelwise
-    int weights, explicitly dequantized, float compute."""
+    (or one scale for the tensor) int weights, explicitly dequantized, float compute."""
     qtyping = _module("ai_edge_quantizer.qtyping")
+    granularity = qtyping.QuantGranularity
     return qtyping.OpQuantizationConfig(
         weight_tensor_config=qtyping.TensorQuantizationConfig(
             num_bits=bits,
             symmetric=True,
-            granularity=qtyping.QuantGranularity.CHANNELWISE,
+            granularity=granularity.TENSORWISE if tensorwise else granularity.CHANNELWISE,
             dtype=qtyping.TensorDataType.INT,
         ),
         compute_precision=qtyping.ComputePrecision.FLOAT,
@@ -595,6 +692,18 @@ class _WeightOp:
     elements: int  # weight elements
     int4: bool  # the quantizer has a weight-only int4 config for this op (not DEPTHWISE_CONV_2D)
     weight: tuple[int, int]  # (subgraph, tensor index) of the weight
+    channels: int  # output channels: one scale each when quantized per channel
+
+
+@dataclass(frozen=True, slots=True)
+class WeightLayer:
+    """An op whose weights the weight-only modes quantize (:func:`weight_layers`)."""
+
+    scope: str  # ai-edge-quantizer's op scope: the output tensor names joined by ';', trailing ';'
+    op: str  # TFLite op name
+    elements: int  # weight elements
+    channels: int  # output channels (one float32 scale each in per-channel int8/int4)
+    int4: bool  # ai-edge-quantizer has a weight-only int4 config for the op
 
 
 def _weight_ops(model: Any) -> list[_WeightOp]:
@@ -635,9 +744,18 @@ def _weight_ops(model: Any) -> list[_WeightOp]:
                     elements=math.prod(int(d) for d in weight.shape or []),
                     int4=supported(op_name, 4),
                     weight=(sg_index, int(ins[_WEIGHT_INPUT])),
+                    channels=_channels(str(op_name.value), [int(d) for d in weight.shape or [1]]),
                 )
             )
     return out
+
+
+def _channels(op: str, shape: list[int]) -> int:
+    """The quantized (output-channel) dimension's size: last for DEPTHWISE_CONV_2D ([1, H, W, C]) and
+    BATCH_MATMUL ([..., K, N]), first otherwise (CONV_2D [O, H, W, I], FULLY_CONNECTED [O, I], ...)."""
+    if not shape:
+        return 1
+    return shape[-1] if op in ("DEPTHWISE_CONV_2D", "BATCH_MATMUL") else shape[0]
 
 
 def _prepared_model(data: bytes) -> tuple[Any, int, int]:
@@ -662,6 +780,20 @@ def weight_scopes(data: bytes, *, int4: bool = False) -> list[tuple[str, int]]:
     return sorted(((w.scope, w.elements) for w in ops), key=lambda p: -p[1])
 
 
+def weight_layers(data: bytes) -> list[WeightLayer]:
+    """The ops whose weights ``weight_only_int8`` quantizes, largest first, without the first layer the
+    weight-only modes keep in float (as :func:`quantize_tflite` sees them: op codes repaired, float16
+    weights expanded). Their scopes are what ``int4_scopes`` and ``tensorwise_scopes`` take."""
+    model, _, _ = _prepared_model(data)
+    first = set(_first_layers(model)[0])
+    layers = [
+        WeightLayer(w.scope, w.op, w.elements, w.channels, w.int4)
+        for w in _weight_ops(model)
+        if w.scope not in first
+    ]
+    return sorted(layers, key=lambda w: -w.elements)
+
+
 def _aeq_quantize(
     prepared: bytes,
     mode: str,
@@ -670,6 +802,7 @@ def _aeq_quantize(
     int8_io: bool,
     keep_float: list[str],
     int4: Sequence[str] = (),
+    tensorwise: Sequence[str] = (),
 ) -> bytes:
     quantizer = _module("ai_edge_quantizer.quantizer")
     recipe = _module("ai_edge_quantizer.recipe")
@@ -687,13 +820,18 @@ def _aeq_quantize(
         with quiet_stdout(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qz = quantizer.Quantizer(prepared, make())
-            if int4:  # one anchored alternation; later scope configs win over the '.*' int8 one
-                qz.update_quantization_recipe(
-                    "^(?:" + "|".join(re.escape(scope) for scope in int4) + ")$",
-                    qtyping.TFLOperationName.ALL_SUPPORTED,
-                    op_config=_weight_only_config(4),
-                    algorithm_key=algorithms.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
-                )
+            # one anchored alternation per setting; later scope configs win over the '.*' int8 one
+            for scopes, config in (
+                (int4, _weight_only_config(4)),
+                (tensorwise, _weight_only_config(8, tensorwise=True)),
+            ):
+                if scopes:
+                    qz.update_quantization_recipe(
+                        "^(?:" + "|".join(re.escape(scope) for scope in scopes) + ")$",
+                        qtyping.TFLOperationName.ALL_SUPPORTED,
+                        op_config=config,
+                        algorithm_key=algorithms.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
+                    )
             for scope in keep_float:
                 qz.update_quantization_recipe(
                     f"^{re.escape(scope)}$",
@@ -722,6 +860,19 @@ def _aeq_quantize(
     return bytes(result.quantized_model)
 
 
+def _known_scopes(ops: list[_WeightOp], scopes: Sequence[str], what: str) -> list[str]:
+    wanted = list(dict.fromkeys(scopes))
+    known = {w.scope for w in ops}
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        shown = ", ".join(repr(s) for s in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise ConversionError(
+            f"{what} scopes {shown} name no op with quantizable weights (see weight_layers(); a scope is "
+            "the op's output tensor names joined by ';', with a trailing ';')"
+        )
+    return wanted
+
+
 def _int4_plan(
     ops: list[_WeightOp], int4_scopes: Sequence[str] | None, keep_float: list[str]
 ) -> tuple[list[str], list[str], list[str]]:
@@ -730,14 +881,7 @@ def _int4_plan(
     if int4_scopes is None:
         chosen = [w.scope for w in ops if w.int4 and w.scope not in keep_float]
         return chosen, keep_float, []
-    wanted = list(dict.fromkeys(int4_scopes))
-    unknown = [s for s in wanted if s not in by_scope]
-    if unknown:
-        shown = ", ".join(repr(s) for s in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
-        raise ConversionError(
-            f"int4 scopes {shown} name no op with quantizable weights (see weight_scopes(); a scope is the "
-            "op's output tensor names joined by ';', with a trailing ';')"
-        )
+    wanted = _known_scopes(ops, int4_scopes, "int4")
     notes = []
     no_int4 = [s for s in wanted if not by_scope[s].int4]
     if no_int4:
@@ -757,6 +901,7 @@ def quantize_tflite(
     *,
     int8_io: bool = False,
     int4_scopes: Sequence[str] | None = None,
+    tensorwise_scopes: Sequence[str] = (),
 ) -> tuple[bytes, list[str]]:
     """Quantize an existing float .tflite with ai-edge-quantizer after repairing what blocks it.
 
@@ -764,7 +909,10 @@ def quantize_tflite(
     ``weight_only_int4`` (the same with per-channel int4 weights in the ops ``int4_scopes`` names, scopes
     from :func:`weight_scopes`; None = every op with a weight-only int4 config except the first layer;
     listed DEPTHWISE_CONV_2D ops stay int8, a listed first layer becomes int4; an unknown scope is a
-    ConversionError. Int4 tensors need a runtime newer than tflite-runtime 2.14: ``compressor.compat``),
+    ConversionError. Int4 tensors need a runtime newer than tflite-runtime 2.14: ``compressor.compat``).
+    In both weight-only modes ``tensorwise_scopes`` get int8 weights with one scale for the whole tensor
+    instead of one per output channel (4 bytes a channel less; a listed first layer is quantized too; a
+    scope both there and in ``int4_scopes`` is a ConversionError),
     ``dynamic_int8`` (per-channel int8 weights, activations quantized on the fly) or ``int8`` (static int8
     weights and activations, calibrated on ``calibration``: rows of input name → one sample, batch 1 or
     none; for a file without SignatureDef the names are the input tensor names, i.e.
@@ -783,8 +931,10 @@ def quantize_tflite(
         raise ConversionError(f"int8 I/O needs mode int8, not {mode}")
     if int4_scopes is not None and mode != "weight_only_int4":
         raise ConversionError(f"int4 scopes need mode weight_only_int4, not {mode}")
-    if isinstance(int4_scopes, str):
-        raise ConversionError("int4_scopes must be a list of op scopes, not one string")
+    if isinstance(int4_scopes, str) or isinstance(tensorwise_scopes, str):
+        raise ConversionError("int4_scopes and tensorwise_scopes are lists of op scopes, not one string")
+    if tensorwise_scopes and mode not in ("weight_only_int8", "weight_only_int4"):
+        raise ConversionError(f"tensorwise scopes need a weight-only mode, not {mode}")
     if mode == "int8" and not calibration:
         raise ConversionError("int8 (static) quantization needs calibration rows")
     t0 = time.perf_counter()
@@ -819,6 +969,10 @@ def quantize_tflite(
     if mode == "weight_only_int4":
         int4, keep_float, plan_notes = _int4_plan(weight_ops, int4_scopes, keep_float)
         notes.extend(plan_notes)
+    tensorwise = _known_scopes(weight_ops, tensorwise_scopes, "tensorwise") if tensorwise_scopes else []
+    if set(tensorwise) & set(int4):
+        raise ConversionError("a scope cannot be both int4 and tensorwise int8")
+    keep_float = [s for s in keep_float if s not in tensorwise]
     if keep_float:
         kept = {w.scope: w.elements for w in weight_ops}
         notes.append(
@@ -826,7 +980,7 @@ def quantize_tflite(
             f"{sum(kept.get(s, 0) for s in keep_float)} weights reading the graph input: int8 weights there "
             "cost the most accuracy)"
         )
-    quantized = _aeq_quantize(_serialize(model), mode, signature, rows, int8_io, keep_float, int4)
+    quantized = _aeq_quantize(_serialize(model), mode, signature, rows, int8_io, keep_float, int4, tensorwise)
     out_model = _read_model(quantized)
     _normalize_opcodes(out_model)
     if added_signature:
@@ -842,6 +996,12 @@ def quantize_tflite(
                 + ", ".join(f"{k} ×{v}" for k, v in sorted(left.items()))
             )
     after8, after4 = _int8_constants(out_model), _int8_constants(out_model, _INT4)
+    restored = _restore_float16(out_model)
+    if restored:
+        notes.append(
+            f"float16 again: {restored} weights left float hold exact float16 values (as in a float16-weight "
+            "original): stored as float16 behind DEQUANTIZE, the same values in half the bytes"
+        )
     out = _serialize(out_model)
     if out == bytes(data) or after8 + after4 == 0 or after8 + after4 <= before:
         raise ConversionError(
@@ -855,6 +1015,8 @@ def quantize_tflite(
     if len(out) >= len(data):
         notes.append("the result is not smaller than the input (sparse or float16 weights became dense int8)")
     counts = f"{after8} int8" + (f" and {after4} int4" if mode == "weight_only_int4" else "")
+    if tensorwise:
+        counts += f" ({len(tensorwise)} layers with one scale per tensor)"
     notes.append(
         f"{mode} by {AEQ_PIN}: {counts} weight tensors, {len(data)} → {len(out)} bytes "
         f"({len(data) / len(out):.2f}x smaller) in {time.perf_counter() - t0:.2f} s"
