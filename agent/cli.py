@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
+from agent.argparsing import StrictParser
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import ConfigError, ConnectionFatal
 
@@ -26,7 +27,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_FATAL_CONNECTION, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = StrictParser(
         prog="edgefleet-agent",
         description="edgefleet device agent: fetch signed TFLite variants over MQTT, benchmark them on this "
         "device, report, and activate the variant the host assigns (with health check and rollback).",
@@ -34,7 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG_PATH, help=f"agent.toml (default {DEFAULT_CONFIG_PATH})"
     )
-    p.add_argument("--check-config", action="store_true", help="validate the config and exit 0 (valid) or 1")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config, the files it names (readable by the service user), the TLS files, the "
+        "trusted keys and the store; exit 0 (OK) or 1 (one line per failure)",
+    )
+    p.add_argument(
+        "--connect",
+        action="store_true",
+        help="with --check-config (implies it): also connect to the broker with the configured credentials "
+        "and TLS and report its answer (within mqtt.connect_timeout_s)",
+    )
+    p.add_argument(
+        "--service-user",
+        metavar="USER",
+        help="with --check-config (implies it): check file access for USER (default: the current user; as "
+        "root, the unit's user 'edgefleet' when it exists)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
     p.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
     add_calibrate_parser(p)
@@ -84,23 +102,45 @@ def setup_logging(level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
+def run_check_config(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Print each failure and warning on one line (stderr), then an OK summary (stdout) or exit 1."""
+    from agent.checks import check_config, check_connect, resolve_service_user
+
+    user, results = resolve_service_user(args.service_user)
+    results += check_config(config, user)
+    if args.connect:
+        results += check_connect(config)
+    for r in results:
+        if r.level.value != "ok":
+            print(r.line(), file=sys.stderr)
+        elif args.connect and r.key == "mqtt":
+            print(r.line())  # what the broker answered
+    failures = sum(r.failed for r in results)
+    if failures:
+        print(f"{args.config}: {failures} check(s) failed", file=sys.stderr)
+        return EXIT_CONFIG
+    warnings = sum(r.level.value == "warning" for r in results)
+    print(
+        f"{args.config}: OK (device {config.device.id}, broker {config.mqtt.host}:{config.mqtt.port}; "
+        f"{len(results) - warnings} checks passed for user {user.name}, {warnings} warning(s))"
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.connect or args.service_user is not None:
+        args.check_config = True
     try:
-        config = load_config(args.config)
+        # --check-config reports every bad trusted key itself, one line each
+        config = load_config(args.config, verify_keys=not args.check_config)
     except ConfigError as err:
         print(f"edgefleet-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if getattr(args, "command", None) == "calibrate":
         return run_calibrate(args, config)
     if args.check_config:
-        from agent.daemon import default_store_ok
-
-        problem = default_store_ok(config)
-        if problem:
-            print(f"edgefleet-agent: warning: {problem}", file=sys.stderr)
-        print(f"{args.config}: OK (device {config.device.id}, broker {config.mqtt.host}:{config.mqtt.port})")
-        return EXIT_OK
+        return run_check_config(args, config)
     setup_logging(args.log_level or config.log_level)
 
     from agent.daemon import Agent

@@ -33,6 +33,7 @@ from agent.active import read_counters
 from agent.bench import measure_variant
 from agent.board import BoardInfo, HardwareError, detect_board, profile_key_for
 from agent.config import AgentConfig
+from agent.connectivity import Diagnosis
 from agent.energy import EnergyConfig, EnergyMeter, resolve_profile_file
 from agent.errors import (
     ConfigError,
@@ -151,11 +152,15 @@ class Agent:
         self.client.start()
         try:
             if not self.client.wait_connected(self.config.mqtt.connect_timeout_s):
+                # PahoBroker knows the last cause; a test double may not
+                cause = getattr(self.client, "last_failure", None)
                 log.warning(
-                    "no connection to %s:%d after %.0f s; working offline and retrying",
+                    "no connection to %s:%d after %.0f s%s; working offline and retrying with backoff "
+                    "(each attempt is logged, rate-limited)",
                     self.config.mqtt.host,
                     self.config.mqtt.port,
                     self.config.mqtt.connect_timeout_s,
+                    f" ({cause.summary()})" if isinstance(cause, Diagnosis) else "",
                 )
             self.publish_status()
             self.notifier.ready(f"device {self.device}")

@@ -7,7 +7,11 @@ The daemon talks to :class:`BrokerClient` only; tests may pass a fake. :class:`P
 * a retained Last Will (``Status(online=False)``) and a retained birth message re-published on every connect;
 * re-subscribes everything in every ``on_connect``; reconnects with paho's exponential backoff;
 * bad credentials / not authorised in a CONNACK are fatal (:class:`ConnectionFatal`), the rest transient;
-* never blocks in a callback: incoming messages go to a ``queue.Queue`` the daemon's main thread consumes.
+* while offline, logs one line per failed attempt naming the cause (:mod:`agent.connectivity`), host:port
+  and the next retry delay, rate-limited by :class:`~agent.connectivity.OfflineLog`; one line when back;
+* never blocks in a callback while connected: incoming messages go to a ``queue.Queue`` the daemon's main
+  thread consumes. Only when an attempt ended ambiguously (closed before any CONNACK) does the network
+  thread probe the port (at most ``PROBE_TIMEOUT_S`` per step), and only when that symptom is new.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
+from agent.connectivity import (
+    Cause,
+    Diagnosis,
+    OfflineLog,
+    classify_connack,
+    classify_error,
+    close_failed_socket,
+    resolve,
+    tls_context,
+)
 from agent.errors import ConnectionFatal
 
 log = logging.getLogger(__name__)
@@ -71,6 +85,22 @@ def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _Client(paho.Client):
+    """paho's client, keeping the exception of the last failed connect: paho catches it and calls
+    ``on_connect_fail`` without it."""
+
+    last_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        self.last_error = None
+        try:
+            return super().reconnect()
+        except OSError as err:
+            close_failed_socket(err)
+            self.last_error = err
+            raise
+
+
 class PahoBroker:
     """paho-mqtt 2.x client configured from ``AgentConfig.mqtt``."""
 
@@ -83,11 +113,11 @@ class PahoBroker:
         self._v5 = m.protocol == "v5"
         client_id = m.client_id or f"edgefleet-agent-{config.device.id}"
         if self._v5:
-            self._client = paho.Client(
+            self._client = _Client(
                 callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
             )
         else:
-            self._client = paho.Client(
+            self._client = _Client(
                 callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=paho.MQTTv311,
@@ -110,10 +140,14 @@ class PahoBroker:
                 c.tls_insecure_set(True)
         will_topic, will_payload = will
         c.will_set(will_topic, will_payload, qos=1, retain=True)
-        c.reconnect_delay_set(
-            min_delay=max(1, math.floor(m.reconnect_min_s)), max_delay=max(1, math.ceil(m.reconnect_max_s))
+        self._delay_min, self._delay_max = (
+            max(1, math.floor(m.reconnect_min_s)),
+            max(1, math.ceil(m.reconnect_max_s)),
         )
+        c.reconnect_delay_set(min_delay=self._delay_min, max_delay=self._delay_max)
         c.max_inflight_messages_set(64)
+        c.on_pre_connect = self._on_pre_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -125,6 +159,13 @@ class PahoBroker:
         self._fatal: str | None = None
         self._refused: dict[int, str] = {}
         self._stopping = False
+        # offline reporting; touched only by paho's network thread (last_failure is read by others)
+        self._offline = OfflineLog(m.host, m.port)
+        self._delay: int | None = None  # mirrors paho's backoff: None, then min, doubling up to max
+        self._attempt_reported = True
+        self._attempts = 0  # since start(): paho waits twice after a first attempt that raised
+        self._probed: tuple[Diagnosis, Diagnosis] | None = None  # (ambiguous symptom, what the probe found)
+        self.last_failure: Diagnosis | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,13 +260,64 @@ class PahoBroker:
             return False
         return True
 
-    # ------------------------------------------------------------------ paho callbacks (never block here)
+    # ------------------------------------------------------------------ paho callbacks (never block here,
+    # but for the bounded probe of an ambiguous failure while offline)
+
+    def _on_pre_connect(self, _client: paho.Client, _ud: Any) -> None:
+        self._attempt_reported = False
+        self._attempts += 1
+
+    def _on_connect_fail(self, _client: paho.Client, _ud: Any) -> None:
+        m = self.config.mqtt
+        err = self._client.last_error
+        if err is None:
+            found = Diagnosis(Cause.OTHER, m.host, m.port, "connect failed")
+        else:
+            found = classify_error(err, m.host, m.port, tls=m.tls is not None)
+        # paho 2.x: when connect_async's first attempt raises, loop_forever waits once in its "first
+        # connection" loop and again in its main loop before the next attempt
+        self._failed(found, waits=2 if self._attempts == 1 else 1)
+
+    def _failed(self, found: Diagnosis, waits: int = 1) -> None:
+        """One failed attempt (reported once per attempt): log it unless rate-limited."""
+        if self._attempt_reported or self._stopping or self._fatal is not None:
+            return
+        self._attempt_reported = True
+        if found.ambiguous:
+            found = self._probe(found)
+        self.last_failure = found
+        # what paho's _reconnect_wait is about to sleep: min, then doubling up to max
+        retry_in = 0
+        for _ in range(waits):
+            self._delay = self._delay_min if self._delay is None else min(self._delay * 2, self._delay_max)
+            retry_in += self._delay
+        line = self._offline.failed(found, retry_in)
+        if line is not None:
+            log.warning("%s", line)
+
+    def _probe(self, found: Diagnosis) -> Diagnosis:
+        """Why the broker closed on us; probed once per new symptom (a probe is a few round trips)."""
+        if self._probed is not None and self._probed[0] == found:
+            return self._probed[1]
+        m = self.config.mqtt
+        try:
+            ctx = (
+                None
+                if m.tls is None
+                else tls_context(m.tls.ca_file, m.tls.cert_file, m.tls.key_file, insecure=m.tls.insecure)
+            )
+        except (OSError, ValueError):
+            return found  # paho loaded the same files; nothing better to say
+        result = resolve(found, ctx)
+        self._probed = (found, result)
+        return result
 
     def _on_connect(self, client: paho.Client, _ud: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         if reason_code.is_failure:
             name = reason_code.getName()
+            m = self.config.mqtt
+            self.last_failure = classify_connack(int(reason_code.value), m.host, m.port, name)
             if name in _FATAL_CONNACK:
-                m = self.config.mqtt
                 self._fatal = (
                     f"broker {m.host}:{m.port} refused the connection: {name}. Check mqtt.username and "
                     f"mqtt.password/password_file (or the client certificate) and the broker's ACL for "
@@ -236,9 +328,13 @@ class PahoBroker:
                 self.inbox.put(Inbound("", b"", fatal=self._fatal))
                 self._connected.set()  # wake wait_connected, which raises
                 self._connected.clear()
-            else:
-                log.warning("broker refused the connection (%s); retrying with backoff", name)
+            elif self.last_failure is not None:
+                self._failed(self.last_failure)
             return
+        back = self._offline.connected()
+        if back is not None:
+            log.info("%s", back)
+        self._delay, self._probed, self.last_failure = None, None, None
         with self._lock:
             subs = list(self._subs.items())
             birth = self._birth
@@ -255,8 +351,14 @@ class PahoBroker:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was and not self._stopping:
+        if self._stopping:
+            return
+        if was:
             log.warning("disconnected from the broker (%s); reconnecting with backoff", reason_code)
+            self._offline.disconnected()
+        else:  # the attempt ended before a CONNACK: e.g. a TLS listener resetting a plain client
+            m = self.config.mqtt
+            self._failed(Diagnosis(Cause.CLOSED, m.host, m.port, f"before any CONNACK ({reason_code})"))
 
     def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))

@@ -303,7 +303,9 @@ def mapped_libraries(pid: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    ap = StrictParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--timeout", type=float, default=300.0, help="bound for each wait")
     ap.add_argument("--reps", type=int, default=7, help="fidelity repetitions per variant")

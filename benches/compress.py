@@ -247,7 +247,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="default", help="built-in recipe name or TOML (default: default)")
     parser.add_argument("--epochs", type=int, default=8, help="seed CNN training epochs (default 8)")
     parser.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,6 @@ a timeout and everything started is stopped.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import multiprocessing as mp
@@ -333,7 +332,9 @@ def selection(n: int, repeats: int = 3) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--devices", type=int, default=2000, help="fake devices publishing (default 2000)")
     parser.add_argument("--reports", type=int, default=5, help="reports per device (default 5)")
     parser.add_argument(

@@ -511,7 +511,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def main() -> int:
     argv = sys.argv[:]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(DEV_NAMES + FACE_NAMES)}")
     parser.add_argument("--out", help="keep the bundles under DIR (default: a temp dir, removed at the end)")
     parser.add_argument(

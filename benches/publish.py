@@ -11,7 +11,6 @@ Bounded: one broker on a free loopback port, three publishes, then everything st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -120,7 +119,9 @@ def run(mib: int, window: int) -> dict[str, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=100, help="bundle size in MiB (default 100)")
     parser.add_argument("--window", type=int, default=32, help="in-flight QoS1 publishes (default 32)")
     args = parser.parse_args()

@@ -25,7 +25,6 @@ Bounded: one private broker on a free loopback port, one fetch, one mosquitto_pu
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import multiprocessing as mp
@@ -350,7 +349,9 @@ def _log_tail(path: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=50, help="single-fetch model size, MiB (default 50)")
     parser.add_argument("--devices", type=int, default=50, help="concurrent fetchers (default 50)")
     parser.add_argument(

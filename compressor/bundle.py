@@ -9,8 +9,8 @@ Layout (file names are fixed; deploy reads the bundle through ``manifest.json`` 
                                     SAME inputs in the same order for every variant, so a device can
                                     compare each variant's predictions with float32's on the same sample.
     <out>/report.md                 Markdown table of the variants, notes, and any that failed
-    <out>/accuracy_vs_size.png      accuracy against file size, every point labelled
-    <out>/accuracy_vs_latency.png   accuracy against host latency (p50, 1 thread), every point labelled
+    <out>/accuracy_vs_size.png      accuracy against file size, a marker per variant (legend)
+    <out>/accuracy_vs_latency.png   accuracy against host latency (p50, 1 thread), likewise
 
 The bundle is built in a hidden sibling directory and renamed into place, with ``manifest.json``
 written last, so a half-built bundle is never mistaken for a good one. An existing ``<out>`` is
@@ -350,7 +350,7 @@ def _ms(v: float | None) -> str:
 
 
 def plot_accuracy_vs_size(manifest: Manifest, path: Path) -> None:
-    """PNG scatter of accuracy against .tflite size (KiB, log scale), each point labelled."""
+    """PNG scatter of accuracy against .tflite size (KiB, log scale), a marker per variant."""
     _plot(
         manifest,
         path,
@@ -361,7 +361,7 @@ def plot_accuracy_vs_size(manifest: Manifest, path: Path) -> None:
 
 
 def plot_accuracy_vs_latency(manifest: Manifest, path: Path) -> None:
-    """PNG scatter of accuracy against host latency (p50 ms, 1 thread, log scale), each point labelled."""
+    """PNG scatter of accuracy against host latency (p50 ms, 1 thread, log scale), a marker per variant."""
     _plot(
         manifest,
         path,
@@ -371,30 +371,47 @@ def plot_accuracy_vs_latency(manifest: Manifest, path: Path) -> None:
     )
 
 
+# One colour and marker per variant, named in a legend beside the axes: variants of almost the same
+# size or latency sit on top of each other, and text labels at the points would overlap.
+_MARKERS = "osD^v<>pP*hX"
+
+
 def _plot(manifest: Manifest, path: Path, *, x: Callable[[Variant], float], xlabel: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.2, 4.8), dpi=110)
+    fig = Figure(figsize=(8.6, 4.8), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     metric = manifest.primary_metric or "accuracy"
     scale = 100.0 if metric == "accuracy" else 1.0
-    for v in manifest.variants:
-        xv = x(v)
+    colours = matplotlib.colormaps["tab10" if len(manifest.variants) <= 10 else "tab20"]
+    for i, v in enumerate(manifest.variants):
         value = v.metrics.value(metric)
         if value is None:
             continue
         y = scale * min(value, 120.0) if metric == "sqnr_db" else scale * value
-        ax.scatter([xv], [y], s=40)
-        ax.annotate(v.id, (xv, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter(
+            [x(v)],
+            [y],
+            s=48,
+            marker=_MARKERS[i % len(_MARKERS)],
+            color=colours(i % colours.N),
+            edgecolors="black",
+            linewidths=0.4,
+            alpha=0.9,
+            label=v.id,
+            zorder=3,
+        )
     ax.set_xscale("log")
+    ax.ticklabel_format(axis="y", useOffset=False)  # accuracies as they are, not "+8.6e1"
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else f"{metric} (held-out rows)")
     ax.set_title(f"{manifest.model}: {title}")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    if ax.collections:
+        ax.legend(title="variant", fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.savefig(path, metadata={"Software": None})
 
 

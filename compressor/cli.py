@@ -4,7 +4,10 @@ Exit codes: 0 bundle written (variants that failed are listed on stderr and in r
 are kept); 1 with ``--strict`` when any variant failed; 2 nothing written (bad input, bad recipe,
 failed baseline, unwritable output). ``--check-recipe`` validates the recipe only: 0 valid, 1 invalid.
 Progress (per stage, per epoch) goes to stderr; stdout gets the summary table and the manifest path
-only (TensorFlow's own noise goes to stderr). TensorFlow is imported only when the command runs.
+only. TensorFlow is imported only when the command runs, and its own log lines (C++ logging, converter
+chatter, warnings) are kept off the terminal: ``--verbose`` keeps them in ``tensorflow.log`` in the
+bundle. The model id is ``--model-id``, else the model file's name without its extension, else
+``digits`` for ``--demo``.
 
 Recipes: ``--recipe`` takes a TOML file or a built-in name (``default``, ``demo``, ``tflite``). Without
 it, ``--demo`` and ``--model m.keras`` build the ``default`` recipe (about 2 min on 2 cores with
@@ -18,11 +21,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compressor.errors import CompressorError, DataError
+from compressor.errors import BundleWriteError, CompressorError, DataError
+
+if TYPE_CHECKING:
+    from compressor.pipeline import BuildResult
+    from compressor.recipe import RecipeFile
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+DEMO_MODEL_ID = "digits"  # the demo's model is named after its data set
+TF_LOG = "tensorflow.log"  # --verbose: TensorFlow's own output, in the bundle directory
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,7 +106,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="B", help="bundle directory to write")
     p.add_argument("--epochs", type=_positive_int, default=8, metavar="N", help="training epochs (--demo)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    p.add_argument("--model-id", default="digits", metavar="ID", help="model id in the manifest")
+    p.add_argument(
+        "--model-id",
+        default=None,
+        metavar="ID",
+        help="model id in the manifest (default: the model file's name without its extension; "
+        f"'{DEMO_MODEL_ID}' with --demo)",
+    )
     p.add_argument(
         "--variants",
         default=None,
@@ -105,6 +120,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="variant ids of the recipe to build (default: all; the float32 baseline is always built)",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 if any variant failed to build")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep TensorFlow's own log lines (hidden otherwise) in tensorflow.log in the bundle directory",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -120,9 +140,49 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def resolve_model_id(model: Path | None, model_id: str | None) -> str:
+    """``--model-id`` if given, else the model file's stem, else the demo's id; checked like the wire does.
+
+    Raises IdentifierError for a bad ``--model-id`` and DataError for a file name that is not an id.
+    """
+    from agent.wire import ID_PATTERN, IdentifierError, check_id
+
+    if model_id is not None:
+        return check_id(model_id, "model id")
+    if model is None:
+        return DEMO_MODEL_ID
+    try:
+        return check_id(model.stem, "model id")
+    except IdentifierError as err:
+        raise DataError(
+            f"the model file's name {model.stem!r} is not a valid model id (it must match {ID_PATTERN}: "
+            "lowercase letters, digits, '-' and '_'); pass --model-id ID"
+        ) from err
+
+
+def _start_tf_log(out: Path) -> Path:
+    """An empty file next to ``out`` for TensorFlow's output while the bundle is built (moved into it
+    after: the bundle directory is only written at the end)."""
+    log = out.absolute().parent / f"{out.name}.{TF_LOG}"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("", encoding="utf-8")
+    except OSError as err:
+        raise BundleWriteError(f"cannot write the TensorFlow log {str(log)!r}: {err}") from err
+    return log
+
+
+def _keep_tf_log(log: Path, bundle: Path) -> Path:
+    """Move the build's TensorFlow log into the bundle; if that fails, it stays where it is."""
+    try:
+        return log.replace(bundle / TF_LOG)
+    except OSError:
+        return log
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``compress``; returns the exit code."""
-    from agent.wire import IdentifierError, check_id
+    from agent.wire import IdentifierError
     from compressor.recipe import RecipeError, load_recipe
 
     if args.check_recipe:
@@ -136,58 +196,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"recipe {rf.name!r}: {len(rf.variants)} variants, valid")
         return EXIT_OK
 
-    from compressor.data import load_dataset
-    from compressor.pipeline import DEMO_RECIPE, BuildResult, build_bundle, build_demo
+    from compressor._tf import quiet_tensorflow
+    from compressor.pipeline import DEMO_RECIPE
 
     variants = [v for v in args.variants.split(",") if v.strip()] if args.variants else None
+    log: Path | None = None
     try:
         if args.out is None:
             raise DataError("--out is required (the bundle directory to write)")
-        check_id(args.model_id, "model id")
+        model_id = resolve_model_id(args.model, args.model_id)
         recipe = None
         if args.recipe or args.demo:
             recipe = load_recipe(args.recipe or DEMO_RECIPE)
             recipe.select(variants)  # fail on a typo before training
+        log = _start_tf_log(args.out) if args.verbose else None
         result: BuildResult
-        if args.demo:
-            if args.data not in (None, "digits"):
-                raise DataError("--demo trains on the built-in digits set; drop --data or use --model")
-            result = build_demo(
-                args.out,
-                epochs=args.epochs,
-                seed=args.seed,
-                variants=variants,
-                model_id=args.model_id,
-                progress=_progress,
-                recipe=recipe,
-            )
-        else:
-            if not args.model.is_file():
-                raise DataError(f"model file {str(args.model)!r} does not exist")
-            value_range = None
-            if args.input_range:
-                from compressor.images import parse_input_range
-
-                value_range = parse_input_range(args.input_range)
-            data = None if args.data is None else load_dataset(args.data, seed=args.seed, task=args.task)
-            result = build_bundle(
-                args.model,
-                data,
-                args.out,
-                recipe=recipe,
-                variants=variants,
-                model_id=args.model_id,
-                seed=args.seed,
-                progress=_progress,
-                calibration=args.calibration,
-                input_range=value_range,
-                layout=args.layout,
-                evaluator=args.evaluator,
-                allow_custom_ops=args.allow_custom_ops,
-                task=args.task,
-            )
+        with quiet_tensorflow(log):
+            result = _build(args, model_id, recipe, variants)
     except (CompressorError, IdentifierError) as err:
         print(f"edgefleet compress: error: {err}", file=sys.stderr)
+        if log is not None:
+            print(f"edgefleet compress: TensorFlow's log: {log}", file=sys.stderr)
         return EXIT_ERROR
 
     from compressor.bundle import summary_table
@@ -201,7 +230,54 @@ def run(args: argparse.Namespace) -> int:
         )
     for line in result.merged:
         print(f"edgefleet compress: {line}", file=sys.stderr)
+    if log is not None:
+        print(f"edgefleet compress: TensorFlow's log: {_keep_tf_log(log, result.out)}", file=sys.stderr)
     return EXIT_PARTIAL if result.failures and args.strict else EXIT_OK
+
+
+def _build(
+    args: argparse.Namespace, model_id: str, recipe: RecipeFile | None, variants: list[str] | None
+) -> BuildResult:
+    """Train (--demo) or load, then build the bundle; TensorFlow is imported here, not before."""
+    from compressor.data import load_dataset
+    from compressor.pipeline import build_bundle, build_demo
+
+    if args.demo:
+        if args.data not in (None, "digits"):
+            raise DataError("--demo trains on the built-in digits set; drop --data or use --model")
+        return build_demo(
+            args.out,
+            epochs=args.epochs,
+            seed=args.seed,
+            variants=variants,
+            model_id=model_id,
+            progress=_progress,
+            recipe=recipe,
+        )
+    if not args.model.is_file():
+        raise DataError(f"model file {str(args.model)!r} does not exist")
+    value_range = None
+    if args.input_range:
+        from compressor.images import parse_input_range
+
+        value_range = parse_input_range(args.input_range)
+    data = None if args.data is None else load_dataset(args.data, seed=args.seed, task=args.task)
+    return build_bundle(
+        args.model,
+        data,
+        args.out,
+        recipe=recipe,
+        variants=variants,
+        model_id=model_id,
+        seed=args.seed,
+        progress=_progress,
+        calibration=args.calibration,
+        input_range=value_range,
+        layout=args.layout,
+        evaluator=args.evaluator,
+        allow_custom_ops=args.allow_custom_ops,
+        task=args.task,
+    )
 
 
 # Options whose values may start with "-" ("--input-range -1,1"): argparse would take the value for an
@@ -225,7 +301,9 @@ def join_dash_values(argv: Sequence[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m compressor.cli``) for use before deploy/cli.py exists."""
-    parser = argparse.ArgumentParser(prog="edgefleet")
+    from agent.argparsing import StrictParser
+
+    parser = StrictParser(prog="edgefleet")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))

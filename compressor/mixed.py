@@ -58,8 +58,9 @@ sparse (sparse weights)
 weights become dense. Keeping them sparse in int8, a DENSIFY of a sparse int8 constant before the
 DEQUANTIZE, would take 0.6 bytes a weight at its 30 % density; TFLite's own kernels compute it exactly,
 but XNNPACK, ai-edge-litert 2.3.0's default delegate, gets it wrong (max abs error 34 on the boxes,
-per-channel and per-tensor alike), so it is not done.) Weights the quantizer leaves float in a float16 file return to float16
-(:func:`compressor.tflite_quant.quantize_tflite`), so none of this is lost on biases.
+per-channel and per-tensor alike), so it is not done.) Weights the quantizer leaves float in a float16
+file return to float16 (:func:`compressor.tflite_quant.quantize_tflite`), so none of this is lost on
+biases.
 
 Public API: :func:`search_mixed_int4`.
 """
@@ -273,9 +274,9 @@ def search_mixed_int4(
             + (": " + ", ".join(s.rstrip(";") for s in plan[setting]) if plan[setting] else "")
         )
     notes.append(
-        f"mixed search: {len(chosen)} of {len(units)} candidates changed ({len(tolerated)} tolerated a change "
-        f"alone; {good} by the prefix, {len(chosen) - good} by the fill), cosine {cos:.4f} on the validation rows (min {min_cosine:g}; int8 weights alone "
-        f"{base_cos:.4f})"
+        f"mixed search: {len(chosen)} of {len(units)} candidates changed ({len(tolerated)} tolerated a "
+        f"change alone; {good} by the prefix, {len(chosen) - good} by the fill), cosine {cos:.4f} on the "
+        f"validation rows (min {min_cosine:g}; int8 weights alone {base_cos:.4f})"
     )
     notes.append(
         f"{MODE}: {len(data)} → {len(out)} bytes ({len(data) / len(out):.2f}x smaller; weight_only_int8 "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
-from deploy.errors import PolicyError, StateError
+from deploy.errors import PolicyError
 from deploy.mqtt import Bus
 from deploy.select import Decision, Policy, select, unreachable_rules
 from deploy.state import FleetState, collect_state
@@ -36,9 +36,7 @@ class Plan:
 
 def plan(state: FleetState, model: str, policy: Policy, devices: Iterable[str] | None = None) -> Plan:
     """Select variants for ``model`` from a collected state (pure), optionally for some devices only."""
-    manifest = state.manifests.get(model)
-    if manifest is None:
-        raise StateError(f"the broker holds no manifest for model {model!r}: publish a bundle first")
+    manifest = state.manifest(model)
     unreachable = unreachable_rules(policy, manifest)
     if unreachable:
         raise PolicyError("; ".join(unreachable))

@@ -18,8 +18,12 @@
     edgefleet demo ...                               (end-to-end demo)
 
 Broker options (publish/select/assign/fleet/report/plot/rollout/cmd; rollout calls --timeout
---connect-timeout): --host, --port, --username, --password-file, --tls-ca,
---tls-cert, --tls-key, --mqtt v5|v311, --namespace.
+--connect-timeout): --config FILE, --host, --port, --username, --password-file, --tls-ca,
+--tls-cert, --tls-key, --mqtt v5|v311, --namespace. They come from the host configuration file
+(``deploy/hostconfig.py``: ``--config``, else ``$EDGEFLEET_HOST_CONFIG``, else
+``~/.config/edgefleet/host.toml``, else ``/etc/edgefleet/host.toml``; ``edgefleet broker-config`` writes
+one for the controller); a flag given on the command line overrides its key. The first line on stderr
+names the broker and where its settings came from.
 
 Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
 """
@@ -32,9 +36,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from agent import wire
+from agent.argparsing import StrictParser
 from deploy.errors import BrokerError, DeployError
 
 EXIT_OK = 0
@@ -43,12 +48,10 @@ EXIT_FAILED = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(StrictParser):
     """argparse exits 2 on usage errors; edgefleet keeps 2 for failures and uses 1 for usage."""
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    usage_exit = EXIT_USAGE
 
 
 def _err(message: str) -> None:
@@ -66,55 +69,49 @@ def _progress(message: str) -> None:
 def _broker_parent(timeout_flag: str = "--timeout") -> _Parser:
     """Broker flags; ``timeout_flag`` renames --timeout for commands that use it for something else."""
     p = _Parser(add_help=False)
-    g = p.add_argument_group("broker")
-    g.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default: %(default)s)")
-    g.add_argument("--port", type=int, default=1883, help="MQTT broker port (default: %(default)s)")
+    # Defaults are None: a flag left out must not override the host config file (deploy.hostconfig).
+    g = p.add_argument_group(
+        "broker",
+        "default: --config, else $EDGEFLEET_HOST_CONFIG, else ~/.config/edgefleet/host.toml, else "
+        "/etc/edgefleet/host.toml, else 127.0.0.1:1883; flags override the file",
+    )
+    g.add_argument("--config", type=Path, help="host config file (TOML) with the broker connection")
+    g.add_argument("--host", help="MQTT broker host (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, help="MQTT broker port (default: 8883 with TLS, else 1883)")
     g.add_argument("--username", help="MQTT user name")
     g.add_argument("--password-file", type=Path, help="file holding the MQTT password (first line)")
     g.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the broker; enables TLS")
     g.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
     g.add_argument("--tls-key", type=Path, help="client certificate's private key (PEM)")
-    g.add_argument("--mqtt", choices=["v5", "v311"], default="v5", help="protocol version (default: v5)")
+    g.add_argument("--mqtt", choices=["v5", "v311"], help="protocol version (default: v5)")
+    g.add_argument("--namespace", help=f"topic namespace (default: {wire.DEFAULT_NAMESPACE})")
     g.add_argument(
-        "--namespace", default=wire.DEFAULT_NAMESPACE, help="topic namespace (default: %(default)s)"
-    )
-    g.add_argument(
-        timeout_flag, dest="timeout", type=float, default=10.0, help="connect / ack timeout, seconds"
+        timeout_flag, dest="timeout", type=float, help="connect / ack timeout, seconds (default: 10)"
     )
     return p
 
 
-def broker_options(args: argparse.Namespace) -> Any:
-    """BrokerOptions from parsed broker arguments (reads the password file)."""
-    from deploy.mqtt import BrokerOptions
+def broker_options(args: argparse.Namespace, announce: Callable[[str], None] | None = None) -> Any:
+    """BrokerOptions from the host config file and the broker flags given (reads the password file).
 
-    password = None
-    if args.password_file is not None:
-        try:
-            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as err:
-            raise BrokerError(f"cannot read the password file {args.password_file}: {err}") from err
-    if args.tls_key and not args.tls_cert:
+    ``announce`` receives one line saying which broker, as whom, and from which file.
+    """
+    from deploy.hostconfig import resolve_broker
+
+    # A key from the command line with a certificate from the file would pair unrelated files.
+    if getattr(args, "tls_key", None) and not getattr(args, "tls_cert", None):
         raise BrokerError("--tls-key needs --tls-cert")
-    wire.check_id(args.namespace, "namespace")
-    return BrokerOptions(
-        host=args.host,
-        port=args.port,
-        username=args.username,
-        password=password,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        protocol=args.mqtt,
-        namespace=args.namespace,
-        connect_timeout_s=args.timeout,
-    )
+    resolved = resolve_broker(args)
+    if announce is not None:
+        announce(resolved.describe())
+    return resolved.options
 
 
 def _session(args: argparse.Namespace) -> Any:
     from deploy.mqtt import MqttSession
 
-    return MqttSession(broker_options(args), ack_timeout_s=max(args.timeout, 30.0))
+    options = broker_options(args, announce=_progress)  # the first progress line of every host command
+    return MqttSession(options, ack_timeout_s=max(options.connect_timeout_s, 30.0))
 
 
 # --------------------------------------------------------------------------------------------------------

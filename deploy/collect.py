@@ -506,28 +506,18 @@ def _same(found: str, expected: str | None, what: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def broker_options_from_args(args: argparse.Namespace, client_id: str | None = None) -> BrokerOptions:
-    """BrokerOptions from the common broker flags, whichever of them the parser defined."""
-    password = None
-    password_file: Path | None = getattr(args, "password_file", None)
-    if password_file is not None:
-        try:
-            password = Path(password_file).read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, IndexError) as err:
-            raise BrokerError(f"cannot read the password file {password_file}: {err}") from err
-    return BrokerOptions(
-        host=getattr(args, "host", None) or "127.0.0.1",
-        port=getattr(args, "port", None) or 1883,
-        username=getattr(args, "username", None),
-        password=password,
-        tls_ca=getattr(args, "tls_ca", None),
-        tls_cert=getattr(args, "tls_cert", None),
-        tls_key=getattr(args, "tls_key", None),
-        protocol=getattr(args, "mqtt", None) or "v5",
-        namespace=getattr(args, "namespace", None) or wire.DEFAULT_NAMESPACE,
-        client_id=client_id,
-        connect_timeout_s=getattr(args, "timeout", None) or 10.0,
-    )
+def broker_options_from_args(
+    args: argparse.Namespace,
+    client_id: str | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> BrokerOptions:
+    """BrokerOptions from the host config file (deploy.hostconfig) and the broker flags that were given."""
+    from deploy.hostconfig import resolve_broker
+
+    resolved = resolve_broker(args, client_id=client_id)
+    if announce is not None:
+        announce(resolved.describe())
+    return resolved.options
 
 
 @contextlib.contextmanager
@@ -562,7 +552,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
             telemetry_retention_s=args.telemetry_retention_days * 86400,
             session_expiry_s=args.session_expiry,
         )
-        broker = broker_options_from_args(args, client_id=options.client_id)
+        broker = broker_options_from_args(args, client_id=options.client_id, announce=log.info)
     except (ValueError, DeployError) as err:
         print(f"edgefleet collect: {err}", flush=True)
         return 2

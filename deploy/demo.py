@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from deploy.publish import publish_bundle
 from deploy.select import Decision, Policy, select
 
 Progress = Callable[[str], None]
+
+DEMO_MODEL = "digits"  # the model id of the demo's seed CNN, named after its data set
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +196,15 @@ def _compress(
     if settings.compress_args:
         cmd += list(settings.compress_args)
     else:
-        cmd += ["--demo", "--recipe", settings.recipe, "--epochs", str(settings.epochs)]
+        cmd += [
+            "--demo",
+            "--model-id",
+            DEMO_MODEL,
+            "--recipe",
+            settings.recipe,
+            "--epochs",
+            str(settings.epochs),
+        ]
     if settings.variants:
         cmd += ["--variants", ",".join(settings.variants)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **settings.extra_env}
@@ -507,7 +518,14 @@ def register(sub: Any) -> None:
     """Add ``edgefleet demo`` to the host CLI."""
     p = sub.add_parser("demo", help="run the whole loop on this machine (broker, compress, agents, select)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    p.add_argument("--workdir", type=Path, help="where to keep the files (default: a new temp dir)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="where to keep the files (default: a temporary directory, removed at the end unless --keep)",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary work directory (bundle, logs, stores)"
+    )
     p.add_argument(
         "--epochs", type=int, default=DemoSettings.epochs, help="training epochs (default: %(default)s)"
     )
@@ -521,28 +539,44 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def remove_workdir(workdir: Path, keep: bool) -> bool:
+    """Remove the demo's work directory unless ``keep``; True if it is gone."""
+    if keep:
+        return False
+    shutil.rmtree(workdir, ignore_errors=True)
+    return not workdir.exists()
+
+
 def _cmd_demo(args: Any) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    settings = DemoSettings(
-        workdir=args.workdir, epochs=args.epochs, timeout_s=args.timeout, broker=args.broker
-    )
+    # A --workdir the user chose is theirs: only the temporary one is removed.
+    keep = bool(args.keep or args.workdir is not None)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    settings = DemoSettings(workdir=workdir, epochs=args.epochs, timeout_s=args.timeout, broker=args.broker)
     try:
         result = run_demo(settings, progress)
     except KeyboardInterrupt:
-        progress("interrupted: stopped the agents and the broker")
+        where = "" if remove_workdir(workdir, keep) else f"; files in {workdir}"
+        progress(f"interrupted: stopped the agents and the broker{where}")
         return 130
+    # On a failure the work directory stays: the error names a log in it.
+    removed = remove_workdir(workdir, keep)
     if args.json:
-        print(json.dumps(result.as_json(), indent=2, sort_keys=True))
+        print(json.dumps({**result.as_json(), "workdir_kept": not removed}, indent=2, sort_keys=True))
         return 0
     print(format_table(result))
     print()
     for d in result.devices:
         print(f"{d['device']}: {d['why']}")
     print()
-    print(f"bundle:  {result.bundle} (manifest.json, *.tflite, report.md)")
-    print(f"devices: {result.workdir / 'devices'} (agent.toml, agent.log, store/ per device)")
-    print(f"policy:  {result.workdir / 'policy.toml'}")
+    if removed:
+        print(f"work directory {workdir} removed (--keep keeps the bundle, logs and device stores)")
+    else:
+        print(f"kept:    {result.workdir}")
+        print(f"bundle:  {result.bundle} (manifest.json, *.tflite, report.md)")
+        print(f"devices: {result.workdir / 'devices'} (agent.toml, agent.log, store/ per device)")
+        print(f"policy:  {result.workdir / 'policy.toml'}")
     print(f"done in {result.seconds:.0f} s; broker and agents stopped")
     return 0

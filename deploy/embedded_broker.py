@@ -20,7 +20,6 @@ amqtt 0.12.1's limits (FACTS.md) and how the demo lives with them:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from agent.argparsing import StrictParser
 from deploy.broker import BrokerProcess, MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError
 
@@ -242,7 +242,7 @@ async def _serve(config: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.embedded_broker", description=__doc__)
+    parser = StrictParser(prog="python -m deploy.embedded_broker", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", type=Path, required=True, help="JSON written by AmqttBroker")
     parser.add_argument("--log", type=Path, required=True, help="log file (readiness is announced there)")

@@ -4,7 +4,9 @@ One :class:`MqttSession` wraps one paho client running its network loop in a bac
 
 * ``connect()`` waits for the CONNACK with a timeout. A refused connection (bad credentials, not
   authorised) is fatal and raised as :class:`BrokerError`; the client is never considered connected
-  after a refused CONNACK.
+  after a refused CONNACK. Failures name their cause (``agent.connectivity``: unknown host, refused,
+  TLS expected, TLS handshake failed, not authorized, timeout, ...) and what to do; an unknown host or
+  a refused port fails at once, a plain client at a TLS port within about 2 s.
 * ``publish()`` keeps at most ``window`` QoS1 messages unacknowledged. Each slot is released in
   ``on_publish`` (paho's network thread), so memory stays flat however many chunks are sent; the
   caller blocks for a free slot, at most ``ack_timeout_s`` without any progress. A v5 PUBACK with a
@@ -48,6 +50,17 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import wire
+from agent.connectivity import (
+    PROBE_TIMEOUT_S,
+    Cause,
+    Diagnosis,
+    classify_connack,
+    classify_error,
+    close_failed_socket,
+    diagnose,
+    resolve,
+    tls_context,
+)
 from deploy.errors import BrokerError, PublishError
 
 Protocol = Literal["v5", "v311"]
@@ -56,10 +69,12 @@ _REFUSALS = {
     0x84: "unsupported protocol version (try --mqtt v311)",
     0x85: "client identifier not valid",
     0x86: "bad user name or password",
-    0x87: "not authorized (check the user name, password or client certificate)",
+    0x87: "not authorized",
     0x88: "server unavailable",
     0x8A: "banned",
 }
+# A plain client still waiting for its CONNACK after this long asks the port whether it speaks TLS.
+_TLS_SUSPICION_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -236,30 +251,70 @@ class MqttSession:
     def connect(self) -> MqttSession:
         opts = self.options
         try:
-            self._client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)
-        except (OSError, ssl.SSLError, ValueError) as err:
+            self._client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)  # resolve, TCP, TLS
+        except OSError as err:  # ssl.SSLError and socket.gaierror included
+            close_failed_socket(err)
+            found = resolve(classify_error(err, opts.host, opts.port, tls=self._tls), self._probe_context())
+            raise BrokerError(found.describe("host")) from err
+        except ValueError as err:
             raise BrokerError(f"cannot connect to {self.address}: {err}") from err
         self._client.loop_start()
-        deadline = time.monotonic() + opts.connect_timeout_s
-        with self._cond:
-            while self._connack is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            connack = self._connack
+        start = time.monotonic()
+        deadline = start + opts.connect_timeout_s
+        suspicious_at = start + _TLS_SUSPICION_S if not self._tls else float("inf")
+        probed: Diagnosis | None = None
+        while True:
+            with self._cond:  # until a CONNACK, a close, the deadline, or time to suspect TLS
+                while self._connack is None and self._disconnect_reason is None:
+                    left = min(deadline, suspicious_at) - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                connack, closed = self._connack, self._disconnect_reason
+            now = time.monotonic()
+            if connack is not None or closed is not None or now >= deadline:
+                break
+            # A TLS listener usually resets a plain client at once; this catches one that does not.
+            suspicious_at = float("inf")
+            probed = diagnose(opts.host, opts.port, timeout=min(PROBE_TIMEOUT_S, deadline - now))
+            if probed is not None and probed.cause is Cause.TLS_EXPECTED:
+                break
+            probed = None
         if connack is None:
             self._shutdown()
-            raise BrokerError(
-                f"cannot connect to {self.address}: no answer (CONNACK) within {opts.connect_timeout_s:g} s"
-            )
+            if probed is not None:
+                found = probed
+            elif closed is not None:
+                found = Diagnosis(Cause.CLOSED, opts.host, opts.port, f"before any CONNACK ({closed})")
+                found = resolve(found, self._probe_context())
+            else:
+                found = Diagnosis(
+                    Cause.TIMEOUT,
+                    opts.host,
+                    opts.port,
+                    f"no answer (CONNACK) within {opts.connect_timeout_s:g} s",
+                )
+            raise BrokerError(found.describe("host"))
         if connack != 0:
             self._shutdown()
             text = _REFUSALS.get(connack, f"reason code 0x{connack:02x}")
             if connack in (0x04, 0x05):  # MQTT 3.1.1 codes
                 text = "bad user name or password" if connack == 0x04 else "not authorized"
-            raise BrokerError(f"broker refused: {text} ({self.address})")
+            refused = classify_connack(connack, opts.host, opts.port)
+            advice = f"; {refused.advice('host')}" if refused is not None else ""
+            raise BrokerError(f"broker refused: {text} ({self.address}){advice}")
         return self
+
+    @property
+    def _tls(self) -> bool:
+        return bool(self.options.tls_ca or self.options.tls_cert)
+
+    def _probe_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of this session, for a diagnosis probe (None: plain MQTT)."""
+        if not self._tls:
+            return None
+        o = self.options
+        return tls_context(o.tls_ca, o.tls_cert, o.tls_key)
 
     def close(self) -> None:
         self._shutdown()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import wire
+from agent.argparsing import closest
 from deploy.errors import RolloutError
 from deploy.rollout import Rollout, RolloutController, RolloutStore, default_state_db
 from deploy.rollout import RolloutState as S
@@ -157,13 +158,18 @@ def _cmd_run(args: argparse.Namespace, model: str) -> int:
     return 0
 
 
+ACTIONS = ("status", "abort")  # `edgefleet rollout ACTION MODEL`; one word alone is a model
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     words: list[str] = args.words
-    if len(words) == 2 and words[0] in ("status", "abort"):
+    if len(words) == 2 and words[0] in ACTIONS:
         model = wire.check_id(words[1], "model")
         return _cmd_status(args, model) if words[0] == "status" else _cmd_abort(args, model)
     if len(words) != 1:
-        print("edgefleet rollout: expected MODEL, `status MODEL` or `abort MODEL`", file=sys.stderr)
+        guess = closest(words[0], ACTIONS) if len(words) == 2 else None
+        hint = f"; did you mean `{guess} {words[1]}`?" if guess else ""
+        print(f"edgefleet rollout: expected MODEL, `status MODEL` or `abort MODEL`{hint}", file=sys.stderr)
         return 1
     if args.canary is not None and args.canary_percent is not None:
         print("edgefleet rollout: give --canary or --canary-percent, not both", file=sys.stderr)

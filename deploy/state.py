@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
+from deploy.errors import StateError
 from deploy.mqtt import Bus, decode_all
 
 
@@ -36,6 +37,17 @@ class FleetState:
     @property
     def devices(self) -> list[str]:
         return sorted(set(self.statuses) | {d for d, _ in self.reports} | {d for d, _ in self.assignments})
+
+    def manifest(self, model: str) -> wire.Manifest:
+        """The manifest of ``model``; StateError naming the published models if the broker has none."""
+        manifest = self.manifests.get(model)
+        if manifest is None:
+            known = ", ".join(sorted(self.manifests))
+            published = (
+                f"models published: {known}" if known else "no model is published yet (edgefleet publish)"
+            )
+            raise StateError(f"no manifest for model {model!r} on the broker; {published}")
+        return manifest
 
 
 def collect_state(
@@ -56,7 +68,7 @@ def state_filters(topics: wire.Topics, model: str | None = None) -> list[str]:
     if model is not None:
         wire.check_id(model, "model")
         return [
-            topics.manifest(model),
+            topics.all_manifests(),  # every model's: an unknown model's error lists the published ones
             topics.all_statuses(),
             f"{ns}/devices/+/reports/{model}",
             f"{ns}/devices/+/assign/{model}",

@@ -234,7 +234,9 @@ def run_agent_bench(bundle: Path, variants: list[dict[str, Any]], args: Any) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    ap = StrictParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--inputs", help=".npy of fixed inputs used instead of each variant's sample")
     ap.add_argument("--max-samples", type=int, default=0, help="rows per variant (0 = all)")

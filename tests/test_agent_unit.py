@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import queue
 import subprocess
 import sys
@@ -402,7 +403,8 @@ def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     bad = tmp_path / "bad.toml"
     bad.write_text('[device]\nid = "pi"\n[trust]\npublic_keys = []\n', encoding="utf-8")
-    assert cli.main(["--config", str(good), "--check-config"]) == 0
+    me = ["--service-user", pwd.getpwuid(os.getuid()).pw_name]  # the store lies in this user's temp dir
+    assert cli.main(["--config", str(good), "--check-config", *me]) == 0
     assert cli.main(["--config", str(bad), "--check-config"]) == 1
     assert "at least one trusted public key" in capsys.readouterr().err
     assert cli.main(["--config", str(tmp_path / "missing.toml"), "--check-config"]) == 1
