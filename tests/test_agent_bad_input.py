@@ -1,4 +1,4 @@
-"""Bad input from the hardware (issue 5): an energy sensor that disappears while the sampler runs, and a
+"""Bad input from the hardware: an energy sensor that disappears while the sampler runs, and a
 ``vcgencmd`` that prints something unexpected. Neither may crash a run; each says why in the log."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Chaos against the real agent process (issue 4): random kill -9, a broker restart mid-fetch, forged
+"""Chaos against the real agent process: random kill -9, a broker restart mid-fetch, forged
 assignments, and a hypothesis barrage of garbage on every topic the agent subscribes to.
 
 All of it drives ``python -m agent`` subprocesses against private mosquittos (never the system broker).

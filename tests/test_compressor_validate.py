@@ -1,4 +1,4 @@
-"""Bad input (issue 3): a clear error naming the problem, before any training starts.
+"""Bad input: a clear error naming the problem, before any training starts.
 
 Tiny models, no training: every check runs before the first transform, which is proven by timing the
 refusal and by the progress lines (no ``epoch`` line, no ``transform`` line, nothing written).

@@ -1,4 +1,4 @@
-"""A staged rollout over THREE REAL AGENTS (issue 6): the canary's health check fails, it rolls back on its
+"""A staged rollout over THREE REAL AGENTS: the canary's health check fails, it rolls back on its
 own, the controller halts, and the two other agents never see the new assignment.
 
 Three ``python -m agent`` subprocesses (each its own store and config) share one private mosquitto; the
