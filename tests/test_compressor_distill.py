@@ -34,7 +34,7 @@ def _reference_loss(y: np.ndarray, t: np.ndarray, s: np.ndarray, temp: float, ha
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
 
     ps = softmax(s)
     ce = -np.log(ps[np.arange(len(y)), y])
@@ -71,7 +71,8 @@ def teacher(digits: tuple[np.ndarray, ...]) -> Any:
         name="teacher",
     )
     xtr, ytr, _, _ = digits
-    fine_tune(model, (xtr, ytr), 8, learning_rate=1e-3)
+    # peak of the warm-up + cosine schedule (a constant 1e-3 reached the same accuracy before)
+    fine_tune(model, (xtr, ytr), 8, learning_rate=3e-3)
     return model
 
 
@@ -146,6 +147,8 @@ def test_distill_after_structured_pruning(teacher: Any, digits: tuple[np.ndarray
     fine_tune(pruned, (xtr, ytr), 1)
     student = make_student(pruned, 0.5)  # a quarter of the teacher's widths
     assert student.get_layer("conv").filters == 4
-    student, report = distill(pruned, student, (xtr, ytr), 4, learning_rate=3e-3)
+    # learning_rate is now the peak of a warm-up + cosine schedule: with a 3e-3 peak this student
+    # reached 0.58 after 4 epochs (0.86 at the old constant 3e-3); the default peak (1e-2) is used
+    student, report = distill(pruned, student, (xtr, ytr), 4)
     assert report.student_params < pruned.count_params()
-    assert _accuracy(student, xte, yte) >= 0.75  # measured ≈ 0.86
+    assert _accuracy(student, xte, yte) >= 0.75  # measured 0.889
