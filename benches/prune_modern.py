@@ -24,6 +24,8 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from agent.argparsing import StrictParser  # noqa: E402
+
 
 def _copy(model: Any) -> Any:
     from compressor.sparsity import _copy as copy
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-epochs", type=int, default=30)
     parser.add_argument("--prune-epochs", type=int, default=4)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
-from deploy.errors import PolicyError
+from deploy.errors import PolicyError, StateError
 from deploy.mqtt import Bus
 from deploy.select import Decision, Policy, select, unreachable_rules
 from deploy.state import FleetState, collect_state
@@ -51,9 +51,21 @@ def plan(state: FleetState, model: str, policy: Policy, devices: Iterable[str] |
     return Plan(manifest, decisions, state, missing)
 
 
-def collect_plan(session: Bus, model: str, policy: Policy, devices: Iterable[str] | None = None) -> Plan:
-    """Read the retained state of ``model`` from the broker, then :func:`plan`."""
-    return plan(collect_state(session, model), model, policy, devices)
+def collect_plan(
+    session: Bus,
+    model: str,
+    policy: Policy,
+    devices: Iterable[str] | None = None,
+    allow_partial: bool = False,
+) -> Plan:
+    """Read the retained state of ``model`` from the broker, then :func:`plan`.
+
+    A burst that looks cut (:attr:`deploy.state.FleetState.cut`) is refused unless ``allow_partial``.
+    """
+    state = collect_state(session, model)
+    if state.cut and not allow_partial:
+        raise StateError(state.cut_message())
+    return plan(state, model, policy, devices)
 
 
 def make_assignment(

@@ -343,8 +343,11 @@ topic write {ns}/devices/+/cmd
 topic read {ns}/devices/#
 topic read $SYS/broker/#
 
-# The collector only reads device topics (shared subscriptions included).
+# The collector reads what the fleet says and what it was told (shared subscriptions included): the
+# decisions read its database (manifests and assignments too).
 user {_check_user(collector)}
+topic read {ns}/models/+/manifest
+topic read {ns}/devices/+/assign/+
 topic read {ns}/devices/+/status
 topic read {ns}/devices/+/reports/+
 topic read {ns}/devices/+/events

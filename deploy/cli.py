@@ -7,6 +7,7 @@
     edgefleet publish BUNDLE [--key K]               verify, sign and publish a bundle (chunks, then manifest)
     edgefleet select --model M [--policy P] [--json] show what the policy would choose per device
     edgefleet assign --model M [--policy P] [--device D ...] [--key K] [--dry-run]
+                     (both: [--db PATH | --from-broker] [--allow-partial], see "Where the fleet is read")
     edgefleet fleet [--model M] [--json] [--db PATH] devices, active variants, state, latency, energy
     edgefleet report DEVICE [--model M] [--json] [--db PATH]   every benchmark result of one device
     edgefleet plot MODEL --out FILE.png              latency (p50, log) vs host accuracy per device
@@ -24,6 +25,12 @@ Broker options (publish/select/assign/fleet/report/plot/rollout/cmd; rollout cal
 ``~/.config/edgefleet/host.toml``, else ``/etc/edgefleet/host.toml``; ``edgefleet broker-config`` writes
 one for the controller); a flag given on the command line overrides its key. The first line on stderr
 names the broker and where its settings came from.
+
+Where the fleet is read (select, assign, fleet, report): ``--db PATH``, the collector's database; else
+``$EDGEFLEET_COLLECTOR_DB`` or ``/var/lib/edgefleet-collector/fleet.db`` when it exists (a stderr line
+says so); else, or with ``--from-broker``, the broker's retained messages, a burst the broker cuts past
+its queue limit: a burst that looks cut is named on stderr, and select/assign/rollout then refuse to
+decide (exit 2) unless ``--allow-partial`` (see ``deploy/state.py``).
 
 Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
 """
@@ -183,11 +190,48 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace, session: Any) -> Any:
-    from deploy.assign import collect_plan
+    """Read the fleet (the collector's database with --db, else the broker's retained burst), then select.
+
+    A burst that looks cut is refused unless --allow-partial: deciding on it would silently leave out
+    the devices the broker dropped.
+    """
+    from deploy.assign import plan
+    from deploy.errors import StateError
     from deploy.select import load_policy
+    from deploy.state import collect_state, state_from_store
 
     policy = load_policy(args.policy)
-    return collect_plan(session, wire.check_id(args.model, "model"), policy, args.device or None)
+    model = wire.check_id(args.model, "model")
+    if args.db is not None:
+        state = state_from_store(args.db, model)
+        if model not in state.manifests:
+            # The collector's ACL may not let it read manifests; the manifests alone are never cut.
+            try:
+                if session is None:
+                    with _session(args) as own:
+                        state.manifests.update(_broker_manifests(own))
+                else:
+                    state.manifests.update(_broker_manifests(session))
+            except BrokerError as err:
+                raise StateError(
+                    f"{args.db} holds no manifest for model {model!r} and the broker could not be read "
+                    f"for it: {err}"
+                ) from err
+    else:
+        state = collect_state(session, model)
+        if state.cut:
+            if not args.allow_partial:
+                raise StateError(f"{state.cut_message()}; --allow-partial decides on what arrived")
+            _err(f"warning: {state.cut_message()} (--allow-partial: deciding on what arrived)")
+    return plan(state, model, policy, args.device or None)
+
+
+def _broker_manifests(session: Any) -> dict[str, wire.Manifest]:
+    """Every manifest the broker holds retained (a few messages: never cut)."""
+    from deploy.state import parse_state
+
+    raw = session.collect_retained([session.topics.all_manifests()])
+    return dict(parse_state(raw, session.topics).manifests)
 
 
 def _print_plan(plan: Any, as_json: bool) -> None:
@@ -209,8 +253,14 @@ def _print_plan(plan: Any, as_json: bool) -> None:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    with _session(args) as session:
-        plan = _plan(args, session)
+    from deploy.views import chosen_db
+
+    args.db = chosen_db(args)
+    if args.db is not None:
+        plan = _plan(args, None)  # the store alone: the broker only if it lacks the manifest
+    else:
+        with _session(args) as session:
+            plan = _plan(args, session)
     _print_plan(plan, args.json)
     return EXIT_OK
 
@@ -218,8 +268,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
 def _cmd_assign(args: argparse.Namespace) -> int:
     from deploy.assign import assign
     from deploy.keys import load_signing_key
+    from deploy.views import chosen_db
 
     key = None if args.dry_run else load_signing_key(args.key)
+    args.db = chosen_db(args)
     with _session(args) as session:
         plan = _plan(args, session)
         _print_plan(plan, args.json)
@@ -307,10 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=_cmd_publish)
 
     def model_args(p: argparse.ArgumentParser) -> None:
+        from deploy.views import source_args
+
         p.add_argument("--model", required=True, help="model id")
         p.add_argument("--policy", type=Path, help="policy TOML (default: highest accuracy, no limits)")
         p.add_argument("--device", action="append", help="only this device (repeatable)")
         p.add_argument("--json", action="store_true", help="decisions as JSON")
+        source_args(p, "decide")
+        p.add_argument(
+            "--allow-partial",
+            action="store_true",
+            help="decide even when the broker's retained burst looks cut (devices may be missing)",
+        )
 
     sel = sub.add_parser("select", parents=[broker], help="show the variant the policy picks per device")
     model_args(sel)

@@ -1,4 +1,6 @@
-"""``edgefleet collect``: a long-running collector of statuses, reports, events (and sampled telemetry).
+"""``edgefleet collect``: a long-running collector of statuses, reports, events (and sampled telemetry),
+and of the manifests and assignments the controller published, so that ``select``/``assign``/``fleet``
+``--db`` read the whole fleet from the store (a broker's retained burst is cut past its queue limit).
 
 ::
 
@@ -18,6 +20,9 @@ How it loses nothing:
   mosquitto 2.0.11 does not always honour it under load, so a full queue makes paho's callback wait
   for the writer (backpressure) rather than drop the message (which, unacknowledged, would only come
   back in the next session). Only when stopping is a message left unacknowledged (``overflow``).
+* Keep it running while the devices publish: it then receives every message live. When it subscribes,
+  the retained copies it catches up on come in one burst, which mosquitto cuts past
+  ``max_queued_messages`` like any other subscriber's (the rest arrives as devices publish again).
 * ``--share GROUP`` subscribes through ``$share/GROUP/...`` so several collectors split the load
   (MQTT v5 / mosquitto ≥ 2.0). Shared subscriptions receive no retained messages (MQTT v5 §4.8.2),
   so at least one collector of a fleet should run without ``--share`` or rely on its session.
@@ -121,6 +126,8 @@ class _Inbound:
 def subscriptions(topics: wire.Topics, options: CollectorOptions) -> list[tuple[str, int]]:
     """The (filter, QoS) list the collector subscribes to, shared if ``options.share`` is set."""
     filters = [(topics.all_statuses(), 1), (topics.all_reports(), 1), (topics.all_events(), 1)]
+    # What the controller published, so that select/assign/fleet --db decide from the store alone.
+    filters += [(topics.all_manifests(), 1), (f"{topics.ns}/devices/+/assign/+", 1)]
     if options.telemetry:
         filters.append((topics.all_telemetry(), 0))
     if options.share:
@@ -382,12 +389,23 @@ class Collector:
     def _ingest(self, store: FleetStore, item: _Inbound) -> tuple[str, str | None]:
         """Store one message; returns (the stats field it counts under, its topic kind)."""
         if not item.payload:
-            return "cleared", None  # a deleted retained message
+            with contextlib.suppress(wire.WireError):  # a deleted retained message
+                store.clear_retained(self._topic(item.topic))
+            return "cleared", None
         kind: wire.TopicKind | None = None
         try:
             parsed = self._topic(item.topic)
             kind = parsed.kind
-            if kind is wire.TopicKind.STATUS:
+            if kind is wire.TopicKind.MANIFEST:
+                manifest = _decode(wire.Manifest, item.payload)
+                _same(manifest.model, parsed.model, "model")
+                new = store.ingest_manifest(manifest, item.received_at, raw=item.payload)
+            elif kind is wire.TopicKind.ASSIGN:
+                assignment = _decode(wire.Assignment, item.payload)
+                _same(assignment.device, parsed.device, "device")
+                _same(assignment.model, parsed.model, "model")
+                new = store.ingest_assignment(assignment, item.received_at, raw=item.payload)
+            elif kind is wire.TopicKind.STATUS:
                 status = _decode(wire.Status, item.payload)
                 _same(status.device, parsed.device, "device")
                 new = store.ingest_status(status, item.received_at)

@@ -540,14 +540,20 @@ class RolloutController:
         canaries: int | None = None,
         canary_percent: float | None = None,
         canary_devices: Sequence[str] = (),
+        allow_partial: bool = False,
     ) -> PlanResult:
-        """Select per device, freeze the decisions, persist a ``planned`` rollout (None: nothing to do)."""
-        from deploy.assign import make_assignment, plan
-        from deploy.state import parse_state, state_filters
+        """Select per device, freeze the decisions, persist a ``planned`` rollout (None: nothing to do).
 
-        topics = self.bus.topics
-        raw = self.bus.collect_retained(state_filters(topics, model))
-        state = parse_state(raw, topics)
+        A retained burst that looks cut (``deploy.state``) is refused unless ``allow_partial``.
+        """
+        from deploy.assign import make_assignment, plan
+        from deploy.state import collect_state
+
+        state = collect_state(self.bus, model)
+        if state.cut:
+            if not allow_partial:
+                raise RolloutError(f"{state.cut_message()}; --allow-partial decides on what arrived")
+            self.progress(f"warning: {state.cut_message()} (--allow-partial: deciding on what arrived)")
         p = plan(state, model, policy)
         skipped: dict[str, str] = {d: "no report for this manifest version" for d in p.devices_without_report}
         targets = []
@@ -581,6 +587,7 @@ class RolloutController:
             d = by_device[dev]
             signed = make_assignment(d, self.key, issued_at=now, rollout=rollout.id)
             status = state.statuses.get(dev)
+            prior = state.assignments.get((dev, model))
             devices.append(
                 RolloutDevice(
                     rollout=rollout.id,
@@ -592,7 +599,7 @@ class RolloutController:
                     manifest_version=d.manifest_version,
                     why=d.why,
                     assignment=signed.to_json(),
-                    previous=raw.get(topics.assign(dev, model)),
+                    previous=prior.to_json() if prior is not None else None,
                     baseline_status_ts=status.ts if status else None,
                 )
             )

@@ -134,6 +134,7 @@ def _cmd_run(args: argparse.Namespace, model: str) -> int:
                 canaries=args.canary,
                 canary_percent=args.canary_percent,
                 canary_devices=args.canary_device or (),
+                allow_partial=args.allow_partial,
             )
             for device, why in sorted(result.skipped.items()):
                 _progress(f"  {device}: not in the rollout: {why}")
@@ -220,4 +221,9 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
         "--resume", action="store_true", help="continue the model's unfinished rollout (error if none)"
     )
     p.add_argument("--json", action="store_true", help="print the rollout as JSON")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="plan even when the broker's retained burst looks cut (devices may be missing)",
+    )
     p.set_defaults(func=_cmd_rollout)

@@ -16,6 +16,11 @@ creates a second row:
   in two different byte forms (key order, whitespace) now gets two history rows. The digest is internal
   to this database (not part of the wire contract), hence no schema version bump. Callers without the
   raw payload (tests, tools) get the canonical JSON as the payload;
+* manifests / assignments (what the controller published, as signed and received): the newest per
+  model (by version) and per device+model (by issue time); an empty retained payload (the topic was
+  cleared) deletes the row, as it deletes the broker's copy. Signatures are checked when read
+  (:func:`deploy.state.state_from_store`), with the same code as a broker read. Tables added to schema
+  version 1 (``CREATE TABLE IF NOT EXISTS``): an older database simply has none yet;
 * telemetry: at most one row per device per ``telemetry_every_s``, rows older than the retention
   window are deleted by :meth:`FleetStore.prune_telemetry`.
 
@@ -115,6 +120,20 @@ CREATE TABLE IF NOT EXISTS telemetry (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS telemetry_device_ts ON telemetry (device, ts);
+CREATE TABLE IF NOT EXISTS manifests (
+    model TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    device TEXT NOT NULL,
+    model TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (device, model)
+);
 CREATE TABLE IF NOT EXISTS malformed (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -394,6 +413,49 @@ class FleetStore:
         self._touch_device(sample.device, now)
         return True
 
+    def ingest_manifest(
+        self, manifest: wire.Manifest, received_at: float | None = None, raw: bytes | None = None
+    ) -> bool:
+        """Keep the newest manifest version per model (signed payload as received); True if stored."""
+        now = time.time() if received_at is None else received_at
+        text, _ = _keyed(manifest, raw)
+        cur = self._conn.execute(
+            "INSERT INTO manifests (model, version, payload, received_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (model) DO UPDATE SET version = excluded.version, payload = excluded.payload, "
+            "received_at = excluded.received_at "
+            "WHERE excluded.version >= manifests.version AND excluded.payload != manifests.payload",
+            (manifest.model, manifest.version, text, now),
+        )
+        return cur.rowcount > 0
+
+    def ingest_assignment(
+        self, assignment: wire.Assignment, received_at: float | None = None, raw: bytes | None = None
+    ) -> bool:
+        """Keep the newest assignment per device+model (signed payload as received); True if stored."""
+        now = time.time() if received_at is None else received_at
+        text, _ = _keyed(assignment, raw)
+        cur = self._conn.execute(
+            "INSERT INTO assignments (device, model, issued_at, payload, received_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (device, model) DO UPDATE SET issued_at = excluded.issued_at, "
+            "payload = excluded.payload, received_at = excluded.received_at "
+            "WHERE excluded.issued_at >= assignments.issued_at AND excluded.payload != assignments.payload",
+            (assignment.device, assignment.model, assignment.issued_at, text, now),
+        )
+        self._touch_device(assignment.device, now)
+        return cur.rowcount > 0
+
+    def clear_retained(self, parsed: wire.ParsedTopic) -> bool:
+        """A retained manifest or assignment was cleared on the broker: forget it too; True if deleted."""
+        if parsed.kind is wire.TopicKind.MANIFEST and parsed.model:
+            cur = self._conn.execute("DELETE FROM manifests WHERE model = ?", (parsed.model,))
+        elif parsed.kind is wire.TopicKind.ASSIGN and parsed.device and parsed.model:
+            cur = self._conn.execute(
+                "DELETE FROM assignments WHERE device = ? AND model = ?", (parsed.device, parsed.model)
+            )
+        else:
+            return False
+        return cur.rowcount > 0
+
     def record_malformed(self, topic: str, error: str, size: int, received_at: float | None = None) -> None:
         now = time.time() if received_at is None else received_at
         self._conn.execute(
@@ -441,6 +503,44 @@ class FleetStore:
         ).fetchall()
         return {(device, model): wire.Report.from_json(payload) for device, model, payload in rows}
 
+    def retained_payloads(self, topics: wire.Topics, model: str | None = None) -> dict[str, bytes]:
+        """What the broker would hold retained, as {topic: payload}: every manifest and status, the latest
+        report and assignment per device (of ``model`` only, if given). Feeds ``deploy.state.parse_state``.
+        """
+        if model is not None:
+            wire.check_id(model, "model")
+        out: dict[str, bytes] = {}
+        for device, payload in self._conn.execute("SELECT device, payload FROM statuses"):
+            out[topics.status(device)] = payload.encode()
+        rows = self._conn.execute(
+            "SELECT device, model, payload FROM reports WHERE ?1 IS NULL OR model = ?1", (model,)
+        )
+        for device, m, payload in rows:
+            out[topics.report(device, m)] = payload.encode()
+        if self._has_table("assignments"):
+            rows = self._conn.execute(
+                "SELECT device, model, payload FROM assignments WHERE ?1 IS NULL OR model = ?1", (model,)
+            )
+            for device, m, payload in rows:
+                out[topics.assign(device, m)] = payload.encode()
+        if self._has_table("manifests"):
+            for m, payload in self._conn.execute("SELECT model, payload FROM manifests"):
+                out[topics.manifest(m)] = payload.encode()
+        return out
+
+    def last_received(self) -> float | None:
+        """When the collector last stored a status or report (host time), None if it never did."""
+        row = self._conn.execute(
+            "SELECT max(t) FROM (SELECT max(received_at) AS t FROM statuses "
+            "UNION ALL SELECT max(received_at) FROM reports)"
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def _has_table(self, name: str) -> bool:
+        """Whether the table exists (a database written by an older collector lacks the newer ones)."""
+        row = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return row.fetchone() is not None
+
     def report_history(self, device: str, model: str, limit: int = 100) -> list[wire.Report]:
         """Distinct reports of ``device`` for ``model``, newest first."""
         rows = self._conn.execute(
@@ -484,5 +584,15 @@ class FleetStore:
 
     def counts(self) -> dict[str, int]:
         """Rows per table (for logs and tests)."""
-        tables = ("devices", "statuses", "reports", "report_history", "events", "telemetry", "malformed")
+        tables = (
+            "devices",
+            "statuses",
+            "reports",
+            "report_history",
+            "events",
+            "telemetry",
+            "malformed",
+            "manifests",
+            "assignments",
+        )
         return {t: int(self._conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}  # noqa: S608

@@ -2,15 +2,17 @@
 
 ::
 
-    edgefleet fleet [--model M] [--json] [--db PATH]      one row per device and model
-    edgefleet report DEVICE [--model M] [--json] [--db PATH]   every benchmark result of one device
+    edgefleet fleet [--model M] [--json] [--db PATH | --from-broker]      one row per device and model
+    edgefleet report DEVICE [--model M] [--json] [--db PATH | --from-broker]   every result of one device
     edgefleet plot MODEL --out FILE.png                   latency (p50, log) vs host accuracy, per device
 
-Without ``--db`` they read what the broker holds retained (manifests, statuses, reports,
-assignments). With ``--db`` they read the collector's SQLite database (``edgefleet collect``), which
-has statuses and reports but no manifests or assignments: host accuracy and "assigned" are then
-empty unless the view also reaches the broker (``report`` does not need it; ``plot`` always reads
-the broker). Energy figures that come from the utilisation model are always marked "(modelled)".
+With ``--db``, or without it when the collector's database exists at the default path
+(:func:`deploy.state.default_db`), they read that SQLite database (``edgefleet collect``): statuses,
+latest reports, manifests and assignments (a collector older than the manifest and assignment tables,
+or one whose ACL does not let it read them, leaves host accuracy and "assigned" empty). Otherwise, or
+with ``--from-broker``, they read what the broker holds retained, and print one warning line when that
+burst looks cut (the broker's queue limit; see :mod:`deploy.state`). ``plot`` always reads the broker.
+Energy figures that come from the utilisation model are always marked "(modelled)".
 """
 
 from __future__ import annotations
@@ -28,26 +30,53 @@ from deploy.state import FleetState
 
 
 def state_from_db(path: Path, model: str | None = None) -> FleetState:
-    """A FleetState from the collector database (statuses and latest reports; no manifests)."""
-    from deploy.store import FleetStore
+    """A FleetState from the collector database (see :func:`deploy.state.state_from_store`)."""
+    from deploy.state import state_from_store
 
-    if not path.exists():
-        raise StateError(f"collector database {path} does not exist (run `edgefleet collect --db {path}`)")
-    with FleetStore(path, readonly=True) as store:
-        state = FleetState(statuses=store.latest_statuses(), reports=store.all_latest_reports())
-    if model is not None:
-        state.reports = {k: v for k, v in state.reports.items() if k[1] == model}
-    return state
+    return state_from_store(path, model)
+
+
+def source_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--db PATH`` and ``--from-broker``: where a command reads the fleet (see :func:`choose_db`)."""
+    from deploy.state import DB_ENV, DEFAULT_DB
+
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--db",
+        type=Path,
+        help=f"{what} from the collector database (edgefleet collect --db); default: ${DB_ENV}, else "
+        f"{DEFAULT_DB}, when it exists",
+    )
+    g.add_argument(
+        "--from-broker",
+        action="store_true",
+        help="read the broker's retained messages instead (lab mode: the broker cuts that burst past "
+        "its queue limit, which is detected and reported)",
+    )
+
+
+def chosen_db(args: argparse.Namespace) -> Path | None:
+    """The database the command reads (None: the broker); says so on stderr when it is the default one."""
+    from deploy.state import choose_db
+
+    path, note = choose_db(getattr(args, "db", None), getattr(args, "from_broker", False))
+    if note:
+        print(f"edgefleet: {note}", file=sys.stderr, flush=True)
+    return path
 
 
 def _read_state(args: argparse.Namespace, model: str | None) -> FleetState:
-    if getattr(args, "db", None) is not None:
-        return state_from_db(args.db, model)
+    db = chosen_db(args)
+    if db is not None:
+        return state_from_db(db, model)
     from deploy.cli import _session
     from deploy.state import collect_state
 
     with _session(args) as session:
-        return collect_state(session, model)
+        state = collect_state(session, model)
+    if state.cut:
+        print(f"edgefleet: warning: {state.cut_message()}", file=sys.stderr, flush=True)
+    return state
 
 
 def _warn_skipped(state: FleetState) -> None:
@@ -95,7 +124,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from deploy.plot import plot_model
 
     model = wire.check_id(args.model, "model")
-    args.db = None
+    args.db, args.from_broker = None, True
     state = _read_state(args, model)
     print(plot_model(state, model, args.out))
     _warn_skipped(state)
@@ -104,20 +133,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add ``fleet``, ``report`` and ``plot`` to the ``edgefleet`` command line."""
-    db_help = "read the collector database (edgefleet collect --db) instead of the broker"
     fl = subparsers.add_parser(
         "fleet", parents=list(parents), help="devices, active variants, state, latest latency and energy"
     )
     fl.add_argument("--model", help="only this model")
     fl.add_argument("--json", action="store_true", help="rows as JSON")
-    fl.add_argument("--db", type=Path, help=db_help)
+    source_args(fl, "read")
     fl.set_defaults(func=_cmd_fleet)
 
     rp = subparsers.add_parser("report", parents=list(parents), help="every benchmark result of one device")
     rp.add_argument("device", help="device id")
     rp.add_argument("--model", help="only this model")
     rp.add_argument("--json", action="store_true", help="rows as JSON")
-    rp.add_argument("--db", type=Path, help=db_help)
+    source_args(rp, "read")
     rp.set_defaults(func=_cmd_report)
 
     pl = subparsers.add_parser(
