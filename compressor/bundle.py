@@ -195,7 +195,10 @@ def render_report(
     manifest: Manifest,
     failures: Sequence[VariantFailure] = (),
     notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> str:
+    """The report; ``sections`` are extra Markdown lines (the budget and candidates) put before the
+    variants that were not shipped."""
     lines = [
         f"# Bundle `{manifest.model}` version {manifest.version}",
         "",
@@ -249,6 +252,7 @@ def render_report(
                     f"{_num(named.get(f'max_abs_{j}'))}"
                 )
             lines.append(f"| `{v.id}` | " + " | ".join(cells) + " |")
+    lines += list(sections)
     if failures:
         lines += ["", "## Variants not shipped", ""]
         lines += [f"- `{f.variant}` ({f.stage}): {f.message}" for f in failures]

@@ -9,6 +9,15 @@ chatter, warnings) are kept off the terminal: ``--verbose`` keeps them in ``tens
 bundle. The model id is ``--model-id``, else the model file's name without its extension, else
 ``digits`` for ``--demo``.
 
+Budget: ``--max-drop POINTS`` (accuracy points below float32) or ``--min-metric NAME=VALUE`` (any named
+metric, in its direction) keeps every variant outside it on the validation split, or not confirmed on
+the test split, out of the manifest (report.md says why; ``--keep-all`` ships them anyway). float32
+always ships. When no other variant meets it, one line names the closest and ``--strict`` exits 1.
+Searched chains (``keep = "search"``) try at most ``--search-trials`` settings and start none after
+``--time-budget`` minutes; ``--trial-cache DIR`` keeps every trained chain's file so that a rerun
+continues. Without a budget flag every built variant ships (as before) and searched
+chains are not built.
+
 Recipes: ``--recipe`` takes a TOML file or a built-in name (``default``, ``demo``, ``tflite``). Without
 it, ``--demo`` and ``--model m.keras`` build the ``default`` recipe (about 2 min on 2 cores with
 ``--demo``; ``--recipe demo`` is the fast subset), ``--model m.tflite`` the ``tflite`` recipe
@@ -119,7 +128,54 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="a,b,c",
         help="variant ids of the recipe to build (default: all; the float32 baseline is always built)",
     )
-    p.add_argument("--strict", action="store_true", help="exit 1 if any variant failed to build")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--max-drop",
+        type=_points,
+        default=None,
+        metavar="POINTS",
+        help="ship only variants whose accuracy is at most POINTS percentage points below float32 on "
+        "the validation split and, confirmed, on the test split (classification)",
+    )
+    budget.add_argument(
+        "--min-metric",
+        default=None,
+        metavar="NAME=VALUE",
+        help="ship only variants whose named metric (e.g. cosine=0.99, or a --evaluator metric) is "
+        "within VALUE in the metric's direction, on validation and test",
+    )
+    p.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="with a budget: ship the variants outside it too (the report still says why)",
+    )
+    p.add_argument(
+        "--search-trials",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help='with a budget: at most N trials per searched chain (keep/width = "search"; default 5)',
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_minutes,
+        default=None,
+        metavar="MINUTES",
+        help="with a budget: start no new search trial after MINUTES (the report says so)",
+    )
+    p.add_argument(
+        "--trial-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep each trained chain's .tflite in DIR (keyed by model, data, seed and steps) so that a "
+        "rerun continues without training again",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if any variant failed to build, or if no variant besides float32 meets the budget",
+    )
     p.add_argument(
         "--verbose",
         action="store_true",
@@ -133,6 +189,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _points(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of points, got {text}")
+    return value
+
+
+def _minutes(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
     return value
 
 
@@ -230,9 +300,14 @@ def run(args: argparse.Namespace) -> int:
         )
     for line in result.merged:
         print(f"edgefleet compress: {line}", file=sys.stderr)
+    for line in result.not_shipped:
+        print(f"edgefleet compress: {line.replace('`', '')}", file=sys.stderr)
+    if result.closest:
+        print(f"edgefleet compress: {result.closest}", file=sys.stderr)
     if log is not None:
         print(f"edgefleet compress: TensorFlow's log: {_keep_tf_log(log, result.out)}", file=sys.stderr)
-    return EXIT_PARTIAL if result.failures and args.strict else EXIT_OK
+    missed = result.budget_met is False
+    return EXIT_PARTIAL if (result.failures or missed) and args.strict else EXIT_OK
 
 
 def _build(
@@ -242,6 +317,14 @@ def _build(
     from compressor.data import load_dataset
     from compressor.pipeline import build_bundle, build_demo
 
+    budget: dict[str, Any] = {
+        "max_drop": args.max_drop,
+        "min_metric": args.min_metric,
+        "keep_all": args.keep_all,
+        "search_trials": args.search_trials,
+        "time_budget_s": None if args.time_budget is None else 60.0 * args.time_budget,
+        "trial_cache": args.trial_cache,
+    }
     if args.demo:
         if args.data not in (None, "digits"):
             raise DataError("--demo trains on the built-in digits set; drop --data or use --model")
@@ -253,6 +336,7 @@ def _build(
             model_id=model_id,
             progress=_progress,
             recipe=recipe,
+            **budget,
         )
     if not args.model.is_file():
         raise DataError(f"model file {str(args.model)!r} does not exist")
@@ -277,6 +361,7 @@ def _build(
         evaluator=args.evaluator,
         allow_custom_ops=args.allow_custom_ops,
         task=args.task,
+        **budget,
     )
 
 

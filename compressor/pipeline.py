@@ -15,7 +15,11 @@ with the seed into calibration and held-out rows), both, or neither (synthetic r
    intermediate tensor names are stripped, and :mod:`compressor.measure` evaluates it as the .tflite
    on the held-out rows and checks it: a variant that changed nothing is not shipped, one byte-identical
    to a kept variant is merged into it;
-4. the manifest (task, named metrics with directions, primary metric) and the bundle are written.
+4. with a budget (``max_drop`` / ``min_metric``, :mod:`compressor.budget`), every variant is also
+   evaluated on the validation rows; searched chains (``keep = "search"``) are bisected there; a
+   variant ships only when it is within the budget on validation and on test (``keep_all``: always),
+   the rest are listed in report.md with why. Without a budget every built variant ships;
+5. the manifest (task, named metrics with directions, primary metric) and the bundle are written.
 
 Progress lines go to the ``progress`` callback, never to stdout. A variant that fails (an
 UnsupportedLayerError, a converter crash, anything) is recorded and the others are still built; only the
@@ -25,6 +29,7 @@ baseline is mandatory. A failing user evaluator stops the build (EvaluatorError)
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +37,22 @@ from pathlib import Path
 from typing import Any
 
 from agent.wire import HostMetrics, Manifest, MetricInfo, Variant, blob_fields
+from compressor.budget import (
+    KEEP_GRID,
+    MAX_TRIALS,
+    WIDTH_GRID,
+    Budget,
+    Candidate,
+    Judgement,
+    Trial,
+    TrialCache,
+    accuracy_intervals,
+    bisect_strongest,
+    closest,
+    judge,
+    make_budget,
+    render_candidates,
+)
 from compressor.builders import Builder, KerasBuilder, TfliteBuilder, strip_names
 from compressor.bundle import (
     BuiltVariant,
@@ -58,8 +79,15 @@ from compressor.errors import (
     EvaluationError,
     VariantFailure,
 )
+from compressor.evaluate import Evaluation
 from compressor.graph import graph_stats
-from compressor.measure import MeasureContext, check_changed, compare_unstructured, measure
+from compressor.measure import (
+    MeasureContext,
+    check_changed,
+    compare_unstructured,
+    evaluate_on_val,
+    measure,
+)
 from compressor.metrics import (
     Direction,
     Evaluator,
@@ -68,6 +96,7 @@ from compressor.metrics import (
     load_evaluator,
 )
 from compressor.recipe import (
+    Recipe,
     RecipeFile,
     load_recipe,
 )
@@ -95,6 +124,11 @@ class BuildResult:
     seconds: float
     recipe: str = "default"
     merged: tuple[str, ...] = ()
+    # With a budget: whether any variant besides the baseline met it, the one-line closest candidate
+    # when none did, and one line per variant kept out of the manifest.
+    budget_met: bool | None = None
+    closest: str = ""
+    not_shipped: tuple[str, ...] = ()
 
 
 def _noop(_: str) -> None:
@@ -140,10 +174,17 @@ def build_demo(
     latency_budget_s: float = 0.5,
     recipe: RecipeSpec = None,
     deterministic: bool = True,
+    max_drop: float | None = None,
+    min_metric: str | None = None,
+    keep_all: bool = False,
+    search_trials: int = MAX_TRIALS,
+    time_budget_s: float | None = None,
+    trial_cache: Path | None = None,
 ) -> BuildResult:
     """Like :func:`build_demo_bundle` but also returns the failures and the wall time.
 
-    The recipe defaults to :data:`DEMO_RECIPE`; ``recipe="demo"`` is the fast subset.
+    The recipe defaults to :data:`DEMO_RECIPE`; ``recipe="demo"`` is the fast subset. The budget
+    arguments are :func:`build_bundle`'s.
     """
     from compressor.models import build_seed_cnn, train
 
@@ -169,10 +210,14 @@ def build_demo(
         progress=progress,
         latency_budget_s=latency_budget_s,
         deterministic=deterministic,
+        max_drop=max_drop,
+        min_metric=min_metric,
+        keep_all=keep_all,
+        search_trials=search_trials,
+        time_budget_s=time_budget_s,
+        trial_cache=trial_cache,
     )
-    return BuildResult(
-        result.manifest, result.out, result.failures, time.perf_counter() - start, result.recipe
-    )
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
 
 def build_bundle(
@@ -195,8 +240,22 @@ def build_bundle(
     evaluator: str | Evaluator | None = None,
     allow_custom_ops: bool = False,
     task: str | None = None,
+    max_drop: float | None = None,
+    min_metric: str | None = None,
+    keep_all: bool = False,
+    search_trials: int = MAX_TRIALS,
+    time_budget_s: float | None = None,
+    trial_cache: Path | None = None,
 ) -> BuildResult:
     """Build, evaluate and write every selected variant of ``recipe``.
+
+    Budget (:mod:`compressor.budget`): ``max_drop`` (accuracy points) or ``min_metric``
+    (``"NAME=VALUE"``) keeps out of the manifest every variant outside it on the validation split or,
+    confirmed, on the test split (``keep_all``: shipped anyway; the report still says why); searched
+    chains (``keep = "search"``) try at most ``search_trials`` settings each, none started after
+    ``time_budget_s``. Without a budget every built variant ships and searched chains are not built.
+    ``trial_cache``: a directory keeping the .tflite of every transformed chain (keyed by model, data,
+    seed and steps), so that a rerun continues without training again.
 
     ``model``: a Keras model, a ``.keras`` path, or a ``.tflite`` path (then the default recipe is the
     built-in ``tflite`` one). ``data``: labelled or unlabelled splits (:func:`compressor.data.load_npz`)
@@ -255,24 +314,51 @@ def build_bundle(
         output_names=[o.name for o in io.outputs],
     )
 
+    wants_budget = max_drop is not None or min_metric is not None
+    skipped_search = [r.id for r in recipes if r.search_steps and not wants_budget]
+    recipes = [r for r in recipes if not (r.search_steps and not wants_budget)]
     built: list[BuiltVariant] = []
     failures: list[VariantFailure] = []
     merged: list[str] = []
-    for r in recipes:
+    val_named: dict[str, dict[str, float]] = {}
+    base_val: Evaluation | None = None
+    budget: Budget | None = None
+    candidates: list[Candidate] = []
+    search_notes: list[str] = []
+    settings: dict[str, str] = {}  # a searched variant's chosen setting, for the report
+    cache = None
+    if trial_cache is not None and isinstance(builder, KerasBuilder):
+        cache = TrialCache(trial_cache, model, data, seed)
+
+    def build_one(r: Recipe) -> BuiltVariant | None:
+        """Build, check and measure one chain; a non-baseline failure is recorded and gives None."""
+        nonlocal base_val
         stage = ["transform"]  # where this variant is, for the failure record
 
         def set_stage(name: str, box: list[str] = stage) -> None:
             box[0] = name
 
         try:
-            tflite, stage_notes = builder.build(r, set_stage)
-            if r.id != rf.baseline:  # the reference stays as converted (or as given)
-                tflite = strip_names(tflite, stage_notes)
+            key = json.dumps([st.model_dump_json() for st in r.steps])
+            hit = cache.get(key) if cache is not None and r.transforms else None
+            if hit is not None:
+                tflite, stage_notes = hit[0], [*hit[1], "reused from the trial cache (not trained again)"]
+                report(f"cache {r.id}: reusing the file already built for these steps")
+            else:
+                tflite, stage_notes = builder.build(r, set_stage)
+                if r.id != rf.baseline:  # the reference stays as converted (or as given)
+                    tflite = strip_names(tflite, stage_notes)
+                if cache is not None and r.transforms:
+                    cache.put(key, tflite, stage_notes)
             set_stage("check")
             stats = graph_stats(tflite)
             check_changed(r, tflite, stats, ctx.baseline)
             set_stage("evaluate")
             bv = measure(r, tflite, stats, ctx, stage_notes)
+            if wants_budget:
+                val_ev, val_named[r.id] = evaluate_on_val(tflite, ctx, base_val, r.id)
+                if r.id == rf.baseline:
+                    base_val = val_ev
         except Exception as err:
             if isinstance(err, EvaluatorError):
                 raise
@@ -284,7 +370,38 @@ def build_bundle(
             message = str(err) if isinstance(err, CompressorError) else f"{type(err).__name__}: {err}"
             failures.append(VariantFailure(r.id, where, message))
             report(f"{'SKIPPED' if where == 'skipped' else 'FAILED'} {r.id} ({where}): {message}")
-            continue
+            return None
+        return bv
+
+    def judged(bv: BuiltVariant) -> Judgement | None:
+        if budget is None or bv.id == rf.baseline:
+            return None
+        base = built[0]
+        base_v = val_named.get(rf.baseline, {})
+        m = budget.metric
+        return judge(
+            budget, bv.id, val_named.get(bv.id, {}).get(m), bv.named.get(m), base_v.get(m), base.named.get(m)
+        )
+
+    def time_left() -> str:
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            return f"time budget of {time_budget_s / 60:g} min reached"
+        return ""
+
+    for r in recipes:
+        if r.search_steps:
+            chosen = _search(
+                r, build_one, judged, candidates, val_named, settings, search_trials, time_left, report
+            )
+            search_notes.append(chosen[1])
+            if chosen[0] is None:
+                continue
+            bv = chosen[0]
+        else:
+            maybe = build_one(r)
+            if maybe is None:
+                continue
+            bv = maybe
         twin = next((b for b in built if b.tflite == bv.tflite), None)
         if twin is not None:  # same bytes as a variant already kept: one variant, both names noted
             twin.notes.append(
@@ -295,9 +412,83 @@ def build_bundle(
             continue
         if r.id == rf.baseline:
             ctx.baseline = bv
+            if wants_budget:
+                available = sorted(set(bv.named) | set(ctx.user_directions))
+                budget = make_budget(max_drop, min_metric, data.task, available, ctx.user_directions)
+                report(f"budget: {budget.describe() if budget else 'none'}")
         built.append(bv)
 
     compare_unstructured(built, recipes)
+    # Which variants ship: all without a budget; with one, those within it on validation and test.
+    shipped: list[BuiltVariant] = []
+    outside: list[str] = []
+    met: bool | None = None
+    closest_line = ""
+    judgements: list[Judgement] = []
+    for bv in built:
+        j = judged(bv)
+        ok = j is None or (j.passes_val and j.passes_test)
+        if j is not None:
+            judgements.append(j)
+            j.shipped = ok or keep_all
+            if not ok:
+                line = f"`{bv.id}` {j.why}" + ("; shipped anyway (--keep-all)" if keep_all else "")
+                outside.append(line)
+                if keep_all:
+                    bv.notes.append(f"outside the budget, shipped because of --keep-all: {j.why}")
+        if j is None or j.shipped:
+            shipped.append(bv)
+    if budget is not None:
+        met = any(j.passes_val and j.passes_test for j in judgements)
+        trial_judgements = [c.judgement for c in candidates if c.judgement is not None]
+        near = closest(judgements + trial_judgements)
+        if not met:
+            closest_line = f"no variant meets the budget ({budget.describe()})" + (
+                f"; closest: {near.id}, {near.why}" if near is not None else ""
+            )
+            report(closest_line)
+    shipped_ids = {bv.id for bv in shipped}
+    candidates = [*_variant_candidates(built, judgements, val_named, shipped_ids, settings), *candidates]
+    metric_infos, primary = _metric_catalogue(shipped, data.task, ctx.user_directions)
+    metric_name = budget.metric if budget is not None else primary
+    direction: Direction = (
+        budget.direction
+        if budget is not None
+        else metric_infos[primary].direction
+        if primary in metric_infos
+        else "higher"
+    )
+    base_v = val_named.get(rf.baseline, {}).get(metric_name)
+    sections: list[str] = []
+    intervals = accuracy_intervals(candidates) if budget is None else ""
+    if budget is not None:
+        sections += render_candidates(
+            candidates,
+            metric_name,
+            direction,
+            budget,
+            base_v,
+            built[0].named.get(metric_name),
+            val_rows=len(data.val),
+        )
+        sections += [
+            "",
+            "## Budget",
+            "",
+            f"- budget: {budget.describe()}{' (--keep-all: everything ships)' if keep_all else ''}",
+        ]
+        sections += [f"- {line}" for line in search_notes]
+        if closest_line:
+            sections.append(f"- **{closest_line}**; only what meets it ships besides `{rf.baseline}`")
+        if outside:
+            sections += [
+                "",
+                "### Outside the budget"
+                + (" (shipped: --keep-all)" if keep_all else " (not in the manifest)"),
+                "",
+            ]
+            sections += [f"- {line}" for line in outside]
+    built = shipped
     created = time.time() if created_at is None else created_at
     metric_infos, primary = _metric_catalogue(built, data.task, ctx.user_directions)
     manifest = make_manifest(
@@ -321,9 +512,26 @@ def build_bundle(
         f"{' — SYNTHETIC, not real inputs' if data.synthetic else ''}"
     )
     notes = [f"recipe: {rf.name}", f"dataset: {data.name}", rows_note, *data.notes, *builder.notes, *merged]
+    notes += [intervals] if intervals else []
+    if cache is not None:
+        notes.append(f"trial cache {trial_cache}: {cache.hits} chain(s) reused, not trained again")
+    notes += [
+        f"`{vid}` searches a setting and is built only with a budget (--max-drop / --min-metric)"
+        for vid in skipped_search
+    ]
     report(f"write: {out}")
-    path = write_bundle(out, manifest, files, render_report(manifest, failures, notes))
-    return BuildResult(manifest, path, tuple(failures), time.perf_counter() - start, rf.name, tuple(merged))
+    path = write_bundle(out, manifest, files, render_report(manifest, failures, notes, sections))
+    return BuildResult(
+        manifest,
+        path,
+        tuple(failures),
+        time.perf_counter() - start,
+        rf.name,
+        tuple(merged),
+        met,
+        closest_line,
+        tuple(outside),
+    )
 
 
 def _assemble_data(
@@ -394,6 +602,97 @@ def _metric_catalogue(
     else:
         primary = "cosine"
     return infos, primary
+
+
+def _search(
+    r: Recipe,
+    build_one: Callable[[Recipe], BuiltVariant | None],
+    judged: Callable[[BuiltVariant], Judgement | None],
+    candidates: list[Candidate],
+    val_named: dict[str, dict[str, float]],
+    settings: dict[str, str],
+    max_trials: int,
+    should_stop: Callable[[], str],
+    report: Progress,
+) -> tuple[BuiltVariant | None, str]:
+    """Bisect the searched setting of ``r``; the strongest trial within the budget, renamed to ``r.id``,
+    and one line for the report. Every trial becomes a candidate row."""
+    (index,) = r.search_steps
+    kind = r.steps[index].kind
+    name = "keep" if kind == "prune" else "width"
+    grid = KEEP_GRID if kind == "prune" else WIDTH_GRID
+    results: dict[float, BuiltVariant] = {}
+
+    def trial(value: float) -> Trial:
+        t = r.with_setting(value)
+        report(f"search {r.id}: trial {name} {value:g}")
+        bv = build_one(t)
+        if bv is None:
+            return Trial(value, False, "failed to build")
+        j = judged(bv)
+        passed = j is not None and j.passes_val
+        results[value] = bv
+        candidates.append(
+            Candidate(
+                id=t.id,
+                chain=r.id,
+                setting=f"{name} {value:g}",
+                size_bytes=bv.evaluation.size_bytes,
+                macs=bv.macs,
+                latency_ms=bv.evaluation.latency_ms_p50,
+                val=dict(val_named.get(t.id, {})),
+                test=dict(bv.named),
+                test_rows=bv.evaluation.eval_samples,
+                judgement=j,
+                shipped=False,
+                trial=True,
+            )
+        )
+        report(f"search {r.id}: {name} {value:g} {'passes' if passed else 'fails'} on validation")
+        return Trial(value, passed)
+
+    outcome = bisect_strongest(grid, trial, max_trials, should_stop)
+    tried = ", ".join(f"{t.setting:g} {'pass' if t.passed else 'fail'}" for t in outcome.trials)
+    stopped = f"; stopped: {outcome.stopped}" if outcome.stopped else ""
+    if outcome.best is None:
+        return None, f"`{r.id}`: no {name} within the budget (trials: {tried or 'none'}){stopped}"
+    best = results[outcome.best]
+    trial_id = r.with_setting(outcome.best).id
+    for c in candidates:
+        if c.id == trial_id and c.judgement is not None:
+            c.judgement.why += f"; chosen: becomes `{r.id}`"
+    line = f"`{r.id}`: {name} {outcome.best:g} chosen by bisection (trials: {tried}){stopped}"
+    chosen = dataclasses.replace(best, id=r.id, notes=[*best.notes, line.replace(f"`{r.id}`: ", "")])
+    # The variant is judged again under its own id, on the chosen trial's figures.
+    val_named[r.id] = val_named.get(trial_id, {})
+    settings[r.id] = f"{name} {outcome.best:g} (searched)"
+    return chosen, line
+
+
+def _variant_candidates(
+    built: list[BuiltVariant],
+    judgements: list[Judgement],
+    val_named: dict[str, dict[str, float]],
+    shipped: set[str],
+    settings: dict[str, str],
+) -> list[Candidate]:
+    by_id = {j.id: j for j in judgements}
+    return [
+        Candidate(
+            id=bv.id,
+            chain=bv.id,
+            setting=settings.get(bv.id, ""),
+            size_bytes=bv.evaluation.size_bytes,
+            macs=bv.macs,
+            latency_ms=bv.evaluation.latency_ms_p50,
+            val=val_named.get(bv.id, {}),
+            test=dict(bv.named),
+            test_rows=bv.evaluation.eval_samples,
+            judgement=by_id.get(bv.id),
+            shipped=bv.id in shipped,
+        )
+        for bv in built
+    ]
 
 
 def _stage_of(err: BaseException, stage: str) -> str:

@@ -14,6 +14,21 @@ model in order; the chain ends with exactly one ``quantize`` step, which convert
       { kind = "quantize", mode = "int8", representative_samples = 300 },
     ]
 
+A budget (``compress --max-drop POINTS`` or ``--min-metric NAME=VALUE``, :mod:`compressor.budget`)
+can search one setting of a chain instead of fixing it: ``keep = "search"`` on a ``prune`` step,
+``width = "search"`` on a ``distill`` step (at most one per chain). The pipeline bisects over the grid
+``compressor.budget.KEEP_GRID`` / ``WIDTH_GRID`` (at most ``--search-trials`` trials, 5 by default),
+each trial fine-tuned, converted by the chain's quantize step and evaluated on the validation rows; the
+strongest setting within the budget becomes the variant (its id unchanged). Without a budget, searched
+chains are not built (there is nothing to search for) and the report says so::
+
+    [[variants]]
+    id = "prune-search-int8"
+    steps = [
+      { kind = "prune", keep = "search", fine_tune_epochs = 4 },
+      { kind = "quantize", mode = "int8", representative_samples = 300 },
+    ]
+
 Built-in recipes live in ``compressor/recipes/*.toml`` (package data): ``default`` (every technique),
 ``demo`` (the fast subset ``compress --demo`` uses) and ``tflite`` (for an existing float .tflite with
 no Keras source: ai-edge-quantizer only). Errors name the key path, the value and, for a typo, the
@@ -103,11 +118,20 @@ class PruneStep(Base):
 
     kind: Literal["prune"]
     keep: float = Field(gt=0, le=1, description="fraction of Conv2D filters / Dense units kept")
+    search: bool = Field(
+        default=False,
+        description='keep = "search": the smallest keep of compressor.budget.KEEP_GRID within the budget',
+    )
     criterion: Literal["l1", "taylor"] = "l1"
     fine_tune_epochs: int = Field(default=4, ge=0)
     # Peak of the warm-up + cosine schedule (compressor.finetune.DEFAULT_LEARNING_RATE): the old fixed
     # 5e-4 did not recover a pruned BN/depthwise network in 4 epochs.
     learning_rate: float = Field(default=1e-2, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _search(cls, raw: Any) -> Any:
+        return _searched(raw, "keep")
 
 
 class MagnitudePruneStep(Base):
@@ -145,12 +169,29 @@ class DistillStep(Base):
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.3, ge=0, le=1, description="weight of the hard CE term")
     epochs: int = Field(default=10, ge=1)
+    search: bool = Field(
+        default=False,
+        description='width = "search": the narrowest width of compressor.budget.WIDTH_GRID within the budget',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _search(cls, raw: Any) -> Any:
+        return _searched(raw, "width")
 
     @model_validator(mode="after")
     def _one_student(self) -> Self:
         if self.width is not None and self.student is not None:
             raise ValueError("give width or student, not both")
         return self
+
+
+def _searched(raw: Any, key: str) -> Any:
+    """``key = "search"`` → ``search = true`` with a placeholder setting (1.0, never built: the pipeline
+    builds each trial with a concrete setting)."""
+    if isinstance(raw, dict) and raw.get(key) == "search":
+        return {**raw, key: 1.0, "search": True}
+    return raw
 
 
 AnyStep = Annotated[
@@ -180,6 +221,26 @@ class Recipe(Base):
         if kinds.count("quantize") != 1 or kinds[-1] != "quantize":
             raise ValueError(f"the chain must end with exactly one quantize step; got {kinds}")
         return self
+
+    @model_validator(mode="after")
+    def _one_search(self) -> Self:
+        if len(self.search_steps) > 1:
+            raise ValueError("at most one step of a chain can be searched")
+        return self
+
+    @property
+    def search_steps(self) -> list[int]:
+        """Indices of the steps whose setting is searched (``keep``/``width = "search"``)."""
+        return [i for i, s in enumerate(self.steps) if getattr(s, "search", False)]
+
+    def with_setting(self, value: float) -> Recipe:
+        """This chain with its searched step set to ``value`` (a trial), the id suffixed by it."""
+        (index,) = self.search_steps
+        step = self.steps[index]
+        key = "keep" if step.kind == "prune" else "width"
+        steps = list(self.steps)
+        steps[index] = step.model_copy(update={key: value, "search": False})
+        return self.model_copy(update={"id": f"{self.id}-{round(value * 1000):04d}", "steps": steps})
 
     @property
     def quantize(self) -> QuantizeStep:

@@ -637,3 +637,26 @@ def test_int4_and_one_scale_layers_are_clipped(keras_tflite: dict[str, bytes]) -
     assert not any("clipped" in n for n in notes8)  # per-channel int8: min-max, untouched
     xs = _random_inputs(3, seed=10)
     assert min(_cosines(_run(data, xs), _run(q, xs))) >= 0.98
+
+
+def test_mixed_file_with_one_scale_layers_only_ships_as_int8(keras_tflite: dict[str, bytes]) -> None:
+    """The mixed search may change layers to one int8 scale and none to int4: that smaller file is not
+    'changed nothing'; it carries the weight_only_int8 label, never an int4 one."""
+    from types import SimpleNamespace
+
+    from compressor.graph import graph_stats
+    from compressor.measure import ChangedNothingError, check_changed, label_quantization
+
+    data = keras_tflite["float32"]
+    scopes = [w.scope for w in weight_layers(data)]
+    q, _ = quantize_tflite(data, "weight_only_int4", int4_scopes=[], tensorwise_scopes=scopes[:2])
+    stats = graph_stats(q)
+    assert "INT4" not in stats.weight_types and stats.int8_weights
+    recipe = SimpleNamespace(
+        quantize=SimpleNamespace(mode="weight_only_int4"), transforms=[], quantization="weight_only_int4"
+    )
+    check_changed(recipe, q, stats, None)  # type: ignore[arg-type]  # no ChangedNothingError
+    label, _ = label_quantization(recipe, stats, None, None)  # type: ignore[arg-type]
+    assert label == "weight_only_int8"
+    with pytest.raises(ChangedNothingError):
+        check_changed(recipe, data, graph_stats(data), None)  # type: ignore[arg-type]
