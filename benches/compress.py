@@ -27,6 +27,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def print_json_only(produce: Callable[[], dict[str, Any]]) -> None:
+    """Run ``produce`` with everything it writes, C-level writes to fd 1 by TensorFlow included, sent to
+    stderr; then print its JSON object alone on stdout."""
+    sys.stdout.flush()
+    json_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = produce()
+    finally:
+        sys.stdout.flush()
+        os.dup2(json_fd, 1)
+        os.close(json_fd)
+    print(json.dumps(report, indent=2))
+
+
 def main() -> int:
     from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
 
@@ -257,17 +273,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed invocations per variant per round")
     args = parser.parse_args()
 
-    # Everything but the final JSON goes to stderr, including C-level writes to fd 1 by TensorFlow.
-    sys.stdout.flush()
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        report = run(args)
-    finally:
-        sys.stdout.flush()
-        os.dup2(json_fd, 1)
-        os.close(json_fd)
-    print(json.dumps(report, indent=2))
+    print_json_only(lambda: run(args))
     return 0
 
 

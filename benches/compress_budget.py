@@ -323,17 +323,7 @@ def main() -> int:
         args.recipe, args.epochs, args.mobilenet_epochs = "demo", 2, 4
         args.search_trials, args.rounds, args.runs = 2, 2, 50
 
-    # Everything but the final JSON goes to stderr, including C-level writes to fd 1 by TensorFlow.
-    sys.stdout.flush()
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        report = run(args)
-    finally:
-        sys.stdout.flush()
-        os.dup2(json_fd, 1)
-        os.close(json_fd)
-    print(json.dumps(report, indent=2))
+    _B.print_json_only(lambda: run(args))
     return 0
 
 

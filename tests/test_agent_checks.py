@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broker_helpers import generated_tls_broker
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +25,6 @@ from agent import cli
 from agent.checks import Level, ServiceUser, check_config, check_connect, resolve_service_user
 from agent.config import load_config
 from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import BrokerSpec, write_broker_config
 
 LOOP = "127.0.0.1"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create files another user cannot read")
@@ -296,21 +296,7 @@ def test_bad_public_keys_one_line_each(tmp_path: Path, capsys: pytest.CaptureFix
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MosquittoBroker, Path]]:
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    tmp = tmp_path_factory.mktemp("chk")
-    out, state = tmp / "broker", tmp / "state"
-    state.mkdir()
-    port = free_port()
-    spec = BrokerSpec(
-        install_dir=out,
-        port=port,
-        bind=LOOP,
-        tls=True,
-        state_dir=state,
-        log_dest=f"file {state / 'mosquitto.log'}",
-        extra=["user root"] if os.geteuid() == 0 else [],
-    )
-    write_broker_config(out, spec, devices=["pi-a"], server_names=["localhost", LOOP])
-    with MosquittoBroker(port=port, state_dir=state, config=(out / "mosquitto.conf").read_text()) as b:
+    with generated_tls_broker(tmp_path_factory.mktemp("chk"), ["pi-a"]) as (b, out, _):
         yield b, out
 
 

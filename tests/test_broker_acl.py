@@ -27,6 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from broker_helpers import generated_tls_broker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
@@ -46,21 +47,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MosquittoBroker, Path]]:
-    tmp = tmp_path_factory.mktemp("acl")
-    out, state = tmp / "broker", tmp / "state"
-    state.mkdir()
-    port = free_port()
-    spec = BrokerSpec(
-        install_dir=out,
-        port=port,
-        bind="127.0.0.1",
-        tls=True,
-        state_dir=state,
-        log_dest=f"file {state / 'mosquitto.log'}",
-        extra=["user root"] if os.geteuid() == 0 else [],
-    )
-    write_broker_config(out, spec, devices=["pi-a", "pi-b"], server_names=["localhost", "127.0.0.1"])
-    with MosquittoBroker(port=port, state_dir=state, config=(out / "mosquitto.conf").read_text()) as b:
+    with generated_tls_broker(tmp_path_factory.mktemp("acl"), ["pi-a", "pi-b"]) as (b, out, _):
         yield b, out
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broker_helpers import generated_tls_broker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -38,7 +39,7 @@ from agent.connectivity import (
     tls_context,
 )
 from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import BrokerSpec, create_ca, write_broker_config
+from deploy.brokerconf import create_ca
 from deploy.errors import BrokerError
 from deploy.mqtt import BrokerOptions, MqttSession
 
@@ -69,23 +70,10 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
     tmp = tmp_path_factory.mktemp("conn")
-    out, state = tmp / "broker", tmp / "state"
-    state.mkdir()
-    port = free_port()
-    spec = BrokerSpec(
-        install_dir=out,
-        port=port,
-        bind=LOOP,
-        tls=True,
-        state_dir=state,
-        log_dest=f"file {state / 'mosquitto.log'}",
-        extra=["user root"] if os.geteuid() == 0 else [],
-    )
-    write_broker_config(out, spec, devices=["pi-a"], server_names=["localhost", LOOP])
     wrong = tmp / "other-ca.crt"
     wrong.write_bytes(create_ca("some other CA").cert_pem())
-    password = (out / "credentials" / "pi-a.password").read_text().strip()
-    with MosquittoBroker(port=port, state_dir=state, config=(out / "mosquitto.conf").read_text()) as b:
+    with generated_tls_broker(tmp, ["pi-a"]) as (b, out, _):
+        password = (out / "credentials" / "pi-a.password").read_text().strip()
         yield TlsBroker(b, out, out / "ca.crt", wrong, "pi-a", password)
 
 

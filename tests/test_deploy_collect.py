@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from broker_helpers import RunningCollector
 
 from agent import wire
 from deploy.broker import MosquittoBroker, find_mosquitto
-from deploy.collect import Collector, CollectorOptions, subscriptions
+from deploy.collect import CollectorOptions, subscriptions
 from deploy.mqtt import BrokerOptions, MqttSession
 from deploy.store import FleetStore
 
@@ -94,29 +95,9 @@ def broker() -> Iterator[MosquittoBroker]:
         yield b
 
 
-class Running:
-    """A collector running in a thread until stopped."""
-
-    def __init__(self, broker: MosquittoBroker, db: Path, **options: object) -> None:
-        opts = BrokerOptions(host=broker.host, port=broker.port)
-        self.collector = Collector(opts, db, CollectorOptions(**options))  # type: ignore[arg-type]
-        self.ready = threading.Event()
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.code = self.collector.run(duration_s=60, ready=self.ready)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        assert self.ready.wait(10), "collector did not subscribe"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.collector.stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-        assert self.code == 0, self.collector.fatal
+def Running(broker: MosquittoBroker, db: Path, **options: Any) -> RunningCollector:
+    """A collector on the test broker, running in a thread until the ``with`` block ends."""
+    return RunningCollector(BrokerOptions(host=broker.host, port=broker.port), db, **options)
 
 
 def device_session(broker: MosquittoBroker) -> MqttSession:

@@ -7,20 +7,19 @@ Integration tests run a private mosquitto with ``max_queued_messages 100`` (mosq
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from broker_helpers import RunningCollector
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_deploy import make_manifest, make_report, make_status, make_variant, ok_result
 
 from agent import wire
 from deploy import cli
 from deploy.broker import MosquittoBroker, find_mosquitto
-from deploy.collect import Collector, CollectorOptions
 from deploy.keys import init_keys, load_signing_key, trusted_keys
 from deploy.mqtt import BrokerOptions, MqttSession, Watch
 from deploy.select import Decision, Policy, load_policy, select
@@ -394,30 +393,6 @@ def test_a_cut_burst_is_refused_then_allowed_and_warned(
     assert "edgefleet: warning: the broker's retained burst looks cut" in captured.err
 
 
-class RunningCollector:
-    """The collector class in a thread, storing from the test broker until stopped."""
-
-    def __init__(self, broker: MosquittoBroker, ns: str, db: Path) -> None:
-        self.collector = Collector(options(broker, ns), db, CollectorOptions(name="t"))
-        self.ready = threading.Event()
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.code = self.collector.run(duration_s=120, ready=self.ready)
-
-    def __enter__(self) -> RunningCollector:
-        self.thread.start()
-        assert self.ready.wait(10), "collector did not subscribe"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.collector.stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-        assert self.code == 0, self.collector.fatal
-
-
 def count(db: Path, table: str) -> int:
     with FleetStore(db, readonly=True) as store:
         return store.counts()[table]
@@ -441,7 +416,7 @@ def test_the_collectors_store_decides_every_device_the_burst_cannot(
     truth = as_json(select(m, reports, statuses, load_policy(policy)))
     assert len(truth) == n and len({d["variant"] for d in truth}) > 1
 
-    with RunningCollector(broker, ns, db):
+    with RunningCollector(options(broker, ns), db, duration_s=120, name="t"):
         with MqttSession(options(broker, ns)) as s:
             # Devices publish while the collector runs; each slice (80 messages) fits the broker's queue.
             publish_fleet(

@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broker_helpers import generated_tls_broker
 
 from agent import wire
 from deploy import cli, collect, hostconfig
 from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import CONTROLLER_USER, BrokerSpec, write_broker_config
+from deploy.brokerconf import CONTROLLER_USER
 from deploy.hostconfig import HostConfigError, find_config, load_host_config, resolve_broker
 from deploy.mqtt import BrokerOptions, MqttSession
 
@@ -208,23 +209,8 @@ def generated_broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Path]]:
     """mosquitto on broker-config's own output (TLS + passwords), with its controller/host.toml."""
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    out, state = tmp_path / "broker", tmp_path / "state"
-    state.mkdir()
-    port = free_port()
-    spec = BrokerSpec(
-        install_dir=out,
-        port=port,
-        bind="127.0.0.1",
-        tls=True,
-        state_dir=state,
-        log_dest=f"file {state / 'mosquitto.log'}",
-        extra=["user root"] if os.geteuid() == 0 else [],  # pytest's tmp_path is closed to "mosquitto"
-    )
-    files = write_broker_config(
-        out, spec, devices=["pi-1"], server_names=["localhost", "127.0.0.1"], controller_host="127.0.0.1"
-    )
-    assert files.host_config == out / "controller" / "host.toml"
-    with MosquittoBroker(port=port, state_dir=state, config=(out / "mosquitto.conf").read_text()) as b:
+    with generated_tls_broker(tmp_path, ["pi-1"], controller_host="127.0.0.1") as (b, out, files):
+        assert files.host_config == out / "controller" / "host.toml"
         yield b, out
 
 
