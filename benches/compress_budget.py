@@ -8,16 +8,22 @@ every SHIPPED variant timed again on the host, interleaved (1 thread; the helper
   best shipped variant ≥ 30× smaller than float32, ≥ 5× fewer MACs, ≥ 3× faster, test drop ≤ 0.5 points;
 * ``w1``: the MobileNet-style model at width 1.0 (≈ 9.9k parameters) on digits 32×32, ``--max-drop 1``;
   floors: every shipped variant within 1 point on test, the smallest ≥ 2× smaller than float32;
-* ``w4``: the same model at width 4.0 (≈ 119k parameters), ``--max-drop 1``; floors: int8 ≥ 3.5×
+* ``w6``: the same model at width 6.0 (≈ 258k parameters), ``--max-drop 1``; floors: int8 ≥ 3.5×
   smaller within 0.5 points, the best shipped variant within 1 point ≥ 6× smaller, every shipped
-  variant within 1 point on test.
+  variant within 1 point on test. Any ``wN`` runs width N; the int8 and best floors apply from 100k
+  parameters (the issue's "widened to at least 100k parameters"). Why 6.0 and not 4.0: full-integer
+  int8 stores a float32 scale and an int64 zero point per output channel for every weight and bias
+  tensor (the TFLite schema; zero-point vectors are shared where equal), about 15 KB of the 136 KB
+  int8 file at width 4.0 (119k parameters), which caps int8 at 3.40× there whatever the weights; the
+  ratio is structural (measured on the converted files: 3.40× at width 4, 3.51× at 5, 3.59× at 6,
+  3.69× at 8).
 
 Each run reports its wall time (training, every transform, search trial, conversion and evaluation;
 the interleaved timing afterwards is not included) against 10 minutes. ONE JSON object on stdout;
 progress on stderr, including one ``RUN-RESULT {...}`` line per finished run (so a run cut short
 still leaves the earlier ones).
 
-    python benches/compress_budget.py [--runs seed,w1,w4] [--search-trials 5] [--quick]
+    python benches/compress_budget.py [--runs seed,w1,w6] [--search-trials 5] [--quick]
 """
 
 from __future__ import annotations
@@ -55,9 +61,10 @@ ratio = _B.ratio
 interleaved_latency = _B.interleaved_latency
 
 RUN_MAX_S = 600.0
-RUNS = ("seed", "w1", "w4")  # smaller first
+RUNS = ("seed", "w1", "w6")  # smaller first; any wN is accepted
+WIDE_PARAMS = 100_000  # the int8 and best floors apply from here
 SEED_FLOORS = {"size_x": 30.0, "macs_x": 5.0, "latency_x": 3.0, "drop_points": 0.5}
-W4_INT8 = {"size_x": 3.5, "drop_points": 0.5}
+WIDE_INT8 = {"size_x": 3.5, "drop_points": 0.5}
 W4_BEST = {"size_x": 6.0, "drop_points": 1.0}
 W1_SMALLEST_SIZE_X = 2.0
 
@@ -212,14 +219,14 @@ def run_mobilenet(args: argparse.Namespace, tmp: Path, width: float) -> dict[str
     run["train_seconds"] = round(train_s, 1)
     floors: dict[str, Any] = {"all_within_budget": _all_within(run, max_drop)}
     rows = _non_baseline(run)
-    if width >= 4.0:
+    if params >= WIDE_PARAMS:
         int8 = rows.get("int8")
         if int8 is None:
             floors["int8"] = {"pass": False, "error": "int8 not shipped (see not_shipped / failures)"}
         else:
             checks = {
-                "size_x": _check(int8["size_x"], W4_INT8["size_x"], upper=False),
-                "drop_points": _check(int8["drop_points"], W4_INT8["drop_points"], upper=True),
+                "size_x": _check(int8["size_x"], WIDE_INT8["size_x"], upper=False),
+                "drop_points": _check(int8["drop_points"], WIDE_INT8["drop_points"], upper=True),
             }
             floors["int8"] = {**checks, "pass": all(c["pass"] for c in checks.values())}
         limit = W4_BEST["drop_points"]
@@ -252,11 +259,20 @@ def run_mobilenet(args: argparse.Namespace, tmp: Path, width: float) -> dict[str
     return run
 
 
+def _width(name: str) -> float | None:
+    """``w4`` → 4.0, ``w0.5`` → 0.5; None for anything else."""
+    try:
+        width = float(name[1:]) if name.startswith("w") else 0.0
+    except ValueError:
+        return None
+    return width if width > 0 else None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     wanted = [r.strip() for r in args.runs_list.split(",") if r.strip()]
-    unknown = [r for r in wanted if r not in RUNS]
+    unknown = [r for r in wanted if r != "seed" and _width(r) is None]
     if unknown:
-        raise SystemExit(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+        raise SystemExit(f"--runs: unknown {', '.join(unknown)}; choose from seed and wN (width N: w1, w6)")
     load_before = os.getloadavg()
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-budget-") as tmp_name:
@@ -272,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "seed":
                     runs[name] = run_seed(args, tmp)
                 else:
-                    runs[name] = run_mobilenet(args, tmp, 1.0 if name == "w1" else 4.0)
+                    runs[name] = run_mobilenet(args, tmp, _width(name) or 1.0)
             except Exception as err:  # one failed run must not lose the others
                 runs[name] = {"error": f"{type(err).__name__}: {err}", "pass": False}
             runs[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
@@ -307,7 +323,7 @@ def main() -> int:
     from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
 
     parser = StrictParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", dest="runs_list", default=",".join(RUNS), help="seed,w1,w4 (this order)")
+    parser.add_argument("--runs", dest="runs_list", default=",".join(RUNS), help="seed,w1,w6 (wN: width N)")
     parser.add_argument("--recipe", default="default", help="built-in recipe name or TOML (default: default)")
     parser.add_argument("--epochs", type=int, default=8, help="seed CNN training epochs (default 8)")
     parser.add_argument("--mobilenet-epochs", type=int, default=30, help="MobileNet training epochs")

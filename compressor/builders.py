@@ -23,6 +23,8 @@ from compressor.graph import graph_stats
 from compressor.metrics import fidelity_metrics
 from compressor.recipe import REPRESENTATIVE_SAMPLES, Recipe
 
+GPTQ_ROWS = 64  # calibration rows whose layer inputs GPTQ rounds int4 weights against
+
 Progress = Callable[[str], None]
 
 
@@ -184,29 +186,37 @@ class TfliteBuilder(Builder):
         return quantize_tflite(self.data, step.mode, calibration, int8_io=int8_io)
 
 
-def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[str, np.ndarray]]:
-    """Calibration rows as the quantizer takes them: one dict per row, signature input name → batch-1
-    array (the file's own input order is the data's order for a .tflite input)."""
+def _file_order_rows(tflite: bytes, rows: Rows, count: int | None) -> list[list[np.ndarray]]:
+    """``count`` rows (a fixed-seed subset) as the file takes them: per row one batch-1 array per input of
+    the FILE, in its input order and dtype (the converter may not keep the data's input order)."""
     from compressor.convert import representative_subset
-    from compressor.evaluate import io_order, load_interpreter, signature_map
+    from compressor.evaluate import io_order, load_interpreter
 
     interpreter = load_interpreter(tflite)
     details = interpreter.get_input_details()
     in_order, _ = io_order(interpreter)
+    logical = representative_subset(rows.inputs, count or REPRESENTATIVE_SAMPLES, 0)
+    arrays = [logical[in_order[k]] for k in range(len(details))]
+    return [
+        [
+            np.ascontiguousarray(a[i : i + 1], dtype=np.dtype(d["dtype"]))
+            for a, d in zip(arrays, details, strict=True)
+        ]
+        for i in range(len(arrays[0]))
+    ]
+
+
+def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[str, np.ndarray]]:
+    """Calibration rows as the quantizer takes them: one dict per row, signature input name → batch-1
+    array, in the file's own input order (:func:`_file_order_rows`)."""
+    from compressor.evaluate import load_interpreter, signature_map
+
+    interpreter = load_interpreter(tflite)
+    details = interpreter.get_input_details()
     sig: dict[str, Any] = next(iter(signature_map(interpreter).values()), {})
     by_tensor = {int(t): name for name, t in sig.get("inputs", {}).items()}
     names = [by_tensor.get(int(d["index"]), str(d["name"])) for d in details]
-    logical = representative_subset(rows.inputs, count or REPRESENTATIVE_SAMPLES, 0)
-    arrays = [logical[in_order[k]] for k in range(len(details))]  # the file's input order
-    out = []
-    for i in range(len(arrays[0])):
-        out.append(
-            {
-                n: np.ascontiguousarray(a[i : i + 1], dtype=np.dtype(d["dtype"]))
-                for n, a, d in zip(names, arrays, details, strict=True)
-            }
-        )
-    return out
+    return [dict(zip(names, row, strict=True)) for row in _file_order_rows(tflite, rows, count)]
 
 
 def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) -> tuple[bytes, list[str]]:
@@ -225,9 +235,18 @@ def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) ->
         )
         return fidelity_metrics(reference.output_values, ev.output_values)["cosine"]
 
-    tflite, notes = search_mixed_int4(float_file, cosine, min_cosine=target, progress=report)
+    gptq_notes: list[str] = []
+    int4_weights: dict[str, np.ndarray] = {}
+    if not data.synthetic:  # random rows say nothing about the inputs a layer really sees
+        from compressor.gptq import gptq_int4_weights
+
+        rows = _file_order_rows(float_file, data.calibration_rows, GPTQ_ROWS)
+        int4_weights, gptq_notes = gptq_int4_weights(float_file, rows)
+    tflite, notes = search_mixed_int4(
+        float_file, cosine, min_cosine=target, progress=report, int4_weights=int4_weights
+    )
     note = f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:g} against float)"
-    return tflite, [*notes, note]
+    return tflite, [*gptq_notes, *notes, note]
 
 
 def strip_names(tflite: bytes, notes: list[str]) -> bytes:

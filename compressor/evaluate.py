@@ -48,12 +48,24 @@ class Evaluation:
     output_order: tuple[int, ...] = ()
 
 
-def load_interpreter(data: bytes, *, threads: int = 1) -> Any:
-    """An allocated ai-edge-litert Interpreter for ``data``; a load failure is an EvaluationError."""
-    from ai_edge_litert.interpreter import Interpreter
+def load_interpreter(data: bytes, *, threads: int = 1, preserve_all_tensors: bool = False) -> Any:
+    """An allocated ai-edge-litert Interpreter for ``data``; a load failure is an EvaluationError.
+    ``preserve_all_tensors``: every intermediate tensor stays readable after ``invoke`` (TFLite's own
+    kernels, no XNNPACK: a delegate keeps its intermediates to itself)."""
+    import warnings
 
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kwargs: dict[str, Any] = {}
+    if preserve_all_tensors:
+        kwargs = {
+            "experimental_preserve_all_tensors": True,
+            "experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        }
     try:
-        interpreter = Interpreter(model_content=data, num_threads=threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "intended for debugging": it is what we want
+            interpreter = Interpreter(model_content=data, num_threads=threads, **kwargs)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as err:
         raise EvaluationError(f"the interpreter cannot load this .tflite: {err}") from err

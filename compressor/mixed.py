@@ -69,8 +69,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from compressor.errors import ConversionError
 from compressor.tflite_quant import AEQ_PIN, WeightLayer, quantize_tflite, weight_layers
@@ -164,6 +166,7 @@ def search_mixed_int4(
     min_cosine: float = 0.995,
     max_candidates: int = 24,
     progress: Callable[[str], None] | None = None,
+    int4_weights: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[bytes, list[str]]:
     """Weight-only int8 with the longest run of least-sensitive layers made smaller (int4 weights, or one
     int8 scale per tensor) that keeps the cosine at or above ``min_cosine`` (module docstring: the
@@ -171,9 +174,11 @@ def search_mixed_int4(
 
     ``evaluate(tflite_bytes)`` returns the worst-output cosine of a candidate file against the float
     reference on the caller's validation rows (a non-finite value counts as 0). ``progress`` gets one line
-    per evaluated file. Returns the chosen file and notes (layers changed and how, the cosine reached,
-    the size, the number of quantizer calls). Raises ConversionError when the input cannot be quantized,
-    when the baseline already fails ``min_cosine``, or when no layer tolerates either setting within it.
+    per evaluated file. ``int4_weights``: the int4 layers' weights already rounded to the int4 grid
+    (:func:`compressor.gptq.gptq_int4_weights`), used wherever a layer is made int4. Returns the chosen
+    file and notes (layers changed and how, the cosine reached, the size, the number of quantizer calls).
+    Raises ConversionError when the input cannot be quantized, when the baseline already fails
+    ``min_cosine``, or when no layer tolerates either setting within it.
     """
     if not 0.0 < min_cosine <= 1.0:
         raise ConversionError(f"min_cosine {min_cosine} must be in (0, 1]")
@@ -186,7 +191,9 @@ def search_mixed_int4(
         nonlocal calls
         calls += 1
         plan = _plan(choices)
-        out, notes = quantize_tflite(data, MODE, int4_scopes=plan[INT4], tensorwise_scopes=plan[TENSORWISE])
+        out, notes = quantize_tflite(
+            data, MODE, int4_scopes=plan[INT4], tensorwise_scopes=plan[TENSORWISE], int4_weights=int4_weights
+        )
         cos = float(evaluate(out))
         cos = cos if math.isfinite(cos) else 0.0
         if progress is not None:

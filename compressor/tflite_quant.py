@@ -888,11 +888,16 @@ def _least_error_clip(groups: np.ndarray, qmax: int) -> np.ndarray:
 
 
 def _clip_for_quantization(
-    model: Any, ops: list[_WeightOp], int4: Sequence[str], tensorwise: Sequence[str]
+    model: Any,
+    ops: list[_WeightOp],
+    int4: Sequence[str],
+    tensorwise: Sequence[str],
+    prepared: Mapping[str, np.ndarray],
 ) -> int:
     """Clip the float weights of the int4 and one-scale layers to their least-error range (per channel
-    for int4, per tensor for one scale), so that the quantizer's min-max scale is that range. Returns how
-    many weight tensors changed."""
+    for int4, per tensor for one scale), so that the quantizer's min-max scale is that range; int4 layers
+    in ``prepared`` take those weights (already on the int4 grid) instead. Returns how many weight
+    tensors changed."""
     schema = _schema()
     changed = 0
     wanted = {**{s: 7 for s in int4}, **{s: 127 for s in tensorwise}}
@@ -906,13 +911,19 @@ def _clip_for_quantization(
         shape = [int(d) for d in tensor.shape or []]
         arr = _tensor_array(model, tensor).reshape(shape)
         axis = len(shape) - 1 if w.op in ("DEPTHWISE_CONV_2D", "BATCH_MATMUL") else 0
-        moved = np.moveaxis(arr, axis, 0)
-        groups = moved.reshape(1 if w.scope in tensorwise else moved.shape[0], -1).astype(np.float64)
-        bound = _least_error_clip(groups, wanted[w.scope])
-        clipped = np.clip(groups, -bound, bound)
-        if np.array_equal(clipped, groups):
-            continue
-        out = np.moveaxis(clipped.reshape(moved.shape), 0, axis).astype("<f4")
+        if w.scope in int4 and w.scope in prepared:
+            given = np.asarray(prepared[w.scope], dtype="<f4")
+            if list(given.shape) != shape:
+                raise ConversionError(f"int4 weights for {w.scope!r} have shape {given.shape}, not {shape}")
+            out = given
+        else:
+            moved = np.moveaxis(arr, axis, 0)
+            groups = moved.reshape(1 if w.scope in tensorwise else moved.shape[0], -1).astype(np.float64)
+            bound = _least_error_clip(groups, wanted[w.scope])
+            clipped = np.clip(groups, -bound, bound)
+            if np.array_equal(clipped, groups):
+                continue
+            out = np.moveaxis(clipped.reshape(moved.shape), 0, axis).astype("<f4")
         buf = schema.BufferT()  # a buffer of its own: another tensor may share the old one
         buf.data = np.frombuffer(out.tobytes(), dtype=np.uint8)
         model.buffers.append(buf)
@@ -965,6 +976,7 @@ def quantize_tflite(
     int8_io: bool = False,
     int4_scopes: Sequence[str] | None = None,
     tensorwise_scopes: Sequence[str] = (),
+    int4_weights: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[bytes, list[str]]:
     """Quantize an existing float .tflite with ai-edge-quantizer after repairing what blocks it.
 
@@ -975,7 +987,9 @@ def quantize_tflite(
     ConversionError. Int4 tensors need a runtime newer than tflite-runtime 2.14: ``compressor.compat``).
     In both weight-only modes ``tensorwise_scopes`` get int8 weights with one scale for the whole tensor
     instead of one per output channel (4 bytes a channel less; a listed first layer is quantized too; a
-    scope both there and in ``int4_scopes`` is a ConversionError),
+    scope both there and in ``int4_scopes`` is a ConversionError); ``int4_weights`` (scope → float32
+    weights already on the int4 grid, :func:`compressor.gptq.gptq_int4_weights`) replace the clipped
+    weights of the int4 scopes they name,
     ``dynamic_int8`` (per-channel int8 weights, activations quantized on the fly) or ``int8`` (static int8
     weights and activations, calibrated on ``calibration``: rows of input name → one sample, batch 1 or
     none; for a file without SignatureDef the names are the input tensor names, i.e.
@@ -1037,7 +1051,7 @@ def quantize_tflite(
         raise ConversionError("a scope cannot be both int4 and tensorwise int8")
     keep_float = [s for s in keep_float if s not in tensorwise]
     if int4 or tensorwise:
-        clipped = _clip_for_quantization(model, weight_ops, int4, tensorwise)
+        clipped = _clip_for_quantization(model, weight_ops, int4, tensorwise, int4_weights or {})
         notes.append(
             f"weights clipped to the range of least quantization error before quantizing: {clipped} of "
             f"{len(set(int4) | set(tensorwise))} int4 / one-scale layers"
