@@ -1,26 +1,31 @@
-"""Model transfer: the agent's chunk fetcher versus mosquitto_pub/mosquitto_sub, and 50 devices at once.
+"""Model transfer: the agent's chunk fetcher versus mosquitto_pub/mosquitto_sub, and 50 / 500 devices at once.
 
 Prints one JSON object on stdout (progress on stderr):
 
-* ``single``: a ``--mib`` MiB random "model" in a valid bundle, signed and published as retained
-  256 KiB chunks with :func:`deploy.publish.publish_bundle` to a private mosquitto, then fetched by the
-  agent's :class:`agent.fetch.Fetcher` with a real :class:`agent.store.Store` (temp dir) and the real
-  paho seam :class:`agent.mqtt.PahoBroker`. The fetcher is driven exactly as ``agent.daemon.Daemon``
-  drives it (verify the signed manifest, ``add`` + ``pump``, then per inbox message ``Topics.parse`` →
-  ``on_chunk``, ``check_timeouts`` as ``tick`` does, and ``Store.assemble`` once complete), in this
-  process, so the figure is the fetcher's and not the daemon's benchmarking/status work. Timed: from
-  the manifest in hand to the verified blob renamed into ``blobs/`` (fsynced).
-* ``mosquitto``: the same bytes as one retained QoS1 message, ``mosquitto_pub -f FILE -r -q 1`` then
-  ``mosquitto_sub -C 1 -q 1`` (to a file). ``fetch_ratio`` = agent fetch MiB/s / mosquitto_sub MiB/s
-  (both read a retained payload already on the broker; target >= 1.0); ``end_to_end_ratio`` compares
-  publish_bundle + fetch with mosquitto_pub + mosquitto_sub.
-* ``concurrent``: ``--devices`` processes (each its own paho client, store and fetcher, as on real
-  devices) fetch one ``--concurrent-mib`` MiB variant at the same moment; total and per-fetcher p50/max.
+* ``single`` (``--reps`` repetitions, default 5, the agent fetch and mosquitto_pub/sub alternating, each
+  figure reported as median, min, max and spread = (max - min) / median, because one sample read 0.80x and
+  1.20x of mosquitto_sub on two runs of the same code): a ``--mib`` MiB random "model" in a valid bundle,
+  signed and published as retained 256 KiB chunks with :func:`deploy.publish.publish_bundle` to a private
+  mosquitto, then fetched by the agent's :class:`agent.fetch.Fetcher` with a real
+  :class:`agent.store.Store` (temp dir) and the real paho seam :class:`agent.mqtt.PahoBroker`. The fetcher
+  is driven exactly as ``agent.daemon.Daemon`` drives it (verify the signed manifest, ``add`` + ``pump``,
+  then per inbox message ``Topics.parse`` → ``on_chunk``, ``check_timeouts`` as ``tick`` does, and
+  ``Store.assemble`` once complete), in this process, so the figure is the fetcher's and not the daemon's
+  benchmarking/status work. Timed: from the manifest in hand to the verified blob renamed into ``blobs/``
+  (fsynced).
+  Against it, the same bytes as one retained QoS1 message, ``mosquitto_pub -f FILE -r -q 1`` then
+  ``mosquitto_sub -C 1 -q 1`` (to a file). ``fetch_ratio`` = mosquitto_sub seconds / agent fetch seconds
+  per repetition (both read a retained payload already on the broker; target: median >= 1.0);
+  ``end_to_end_ratio`` compares publish_bundle + fetch with mosquitto_pub + mosquitto_sub.
+* ``concurrent``: for each count in ``--devices`` (default 50 and 500), that many fetchers (each its own
+  paho client, store and fetcher, as on real devices; threads spread over ``--procs`` processes) fetch
+  one ``--concurrent-mib`` MiB variant at the same moment; total and per-fetcher p50/max, and the
+  broker's CPU seconds (/proc utime + stime) per MiB delivered: the cost that grows with the fleet.
 
-    python benches/transfer.py [--mib 50] [--devices 50] [--concurrent-mib 10]
+    python benches/transfer.py [--mib 50] [--reps 5] [--devices 50,500] [--procs 8] [--concurrent-mib 10]
 
-Bounded: one private broker on a free loopback port, one fetch, one mosquitto_pub/sub pair, one round of
-``--devices`` fetchers; every wait has a timeout, every process started is stopped.
+Bounded: two private brokers on free loopback ports, ``--reps`` fetches and mosquitto_pub/sub pairs, one
+round per ``--devices`` count; every wait has a timeout, every process started is stopped.
 """
 
 from __future__ import annotations
@@ -177,11 +182,43 @@ def fetch_blob(
             say(f"{device}: PahoBroker.stop raised {err!r} (paho loop_stop race); fetch result kept")
 
 
-def _worker(args: tuple[Any, ...], start: Any, results: Any) -> None:
+def _worker(jobs: list[tuple[Any, ...]], start: Any, results: Any) -> None:
+    """One process running several fetchers, one thread each (500 processes would not fit 2 cores)."""
+
+    def one(args: tuple[Any, ...]) -> None:
+        try:
+            results.put(fetch_blob(*args, start=start))
+        except Exception as err:  # reported in the JSON, never hangs the parent
+            results.put({"device": args[0], "error": f"{type(err).__name__}: {err}"})
+
+    threads = [threading.Thread(target=one, args=(job,), daemon=True) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process, from /proc (None when it cannot be read)."""
+    if pid is None:
+        return None
     try:
-        results.put(fetch_blob(*args, start=start))
-    except Exception as err:  # reported in the JSON, never hangs the parent
-        results.put({"device": args[0], "error": f"{type(err).__name__}: {err}"})
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and (max - min) / median of repeated samples."""
+    med = statistics.median(values)
+    return {
+        "median": round(med, 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "spread": round((max(values) - min(values)) / med, 3) if med else None,
+        "samples": [round(v, 3) for v in values],
+    }
 
 
 # ------------------------------------------------------------------------------------------ mosquitto
@@ -216,99 +253,129 @@ def mosquitto_pair(port: int, data_file: Path, out_file: Path, timeout_s: float)
 # ------------------------------------------------------------------------------------------ run
 
 
-def run(mib: int, devices: int, concurrent_mib: int, timeout_s: float) -> dict[str, Any]:
+def run(
+    mib: int, reps: int, devices: list[int], concurrent_mib: int, procs: int, timeout_s: float
+) -> dict[str, Any]:
     key = Ed25519PrivateKey.generate()
     pubkey = pub_b64(key)
     out: dict[str, Any] = {
         "bench": "transfer",
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version()},
         "mib": mib,
+        "repetitions": reps,
         "chunk_kib": wire.DEFAULT_CHUNK_SIZE // 1024,
         "fetch_window": 32,
-        "method": "in-process Fetcher + Store + PahoBroker driven like agent.daemon (see docstring)",
+        "method": "in-process Fetcher + Store + PahoBroker driven like agent.daemon (see docstring); the "
+        "agent fetch and mosquitto_pub/sub alternate, one of each per repetition",
     }
     with tempfile.TemporaryDirectory(prefix="edgefleet-transfer-") as tmp, MosquittoBroker() as broker:
         tmpd = Path(tmp)
         options = BrokerOptions(host=broker.host, port=broker.port)
-
-        # ---- single: publish_bundle then the agent's fetcher
         say(f"publishing a {mib} MiB bundle to 127.0.0.1:{broker.port}")
         data = make_bundle(tmpd / "big", "big", mib * MIB, seed=1)
         with MqttSession(options) as session:
             published = publish_bundle(tmpd / "big", key, session)
-        say(f"published in {published.seconds:.2f} s; fetching with the agent's fetcher")
-        res = fetch_blob(
-            "bench-single",
-            broker.port,
-            tmpd / "store-single",
-            published.manifest.to_json(),
-            pubkey,
-            timeout_s,
-        )
-        single: dict[str, Any] = {"publish_seconds": round(published.seconds, 3)}
-        if "error" in res:
-            single["error"] = res["error"]
-        else:
-            blob = Store(tmpd / "store-single").blob_path(published.manifest.variants[0].sha256)
-            single.update(
-                fetch_seconds=round(res["seconds"], 3),
-                assemble_seconds=round(res["assemble_seconds"], 3),
-                fetch_mib_per_s=round(mib / res["seconds"], 1),
-                publish_plus_fetch_mib_per_s=round(mib / (res["seconds"] + published.seconds), 1),
-                chunks_received=res["chunks_received"],
-                verified=bool(res["verified"]) and blob.read_bytes() == data,
-            )
-        out["single"] = single
-        shutil.rmtree(tmpd / "store-single", ignore_errors=True)
-
-        # ---- mosquitto_pub / mosquitto_sub of the same bytes
-        say("mosquitto_pub -f → mosquitto_sub of the same bytes")
         whole = tmpd / "big" / "m.tflite"
-        try:
-            # the product broker config caps packets at 16 MiB; the whole-file message needs a second
-            # private broker, identical but for max_packet_size
-            with MosquittoBroker(extra_config=f"max_packet_size {_MAX_PACKET}\n") as whole_broker:
-                out["mosquitto"] = mosquitto_pair(whole_broker.port, whole, tmpd / "sub.out", 60.0)
-        except (subprocess.SubprocessError, OSError) as err:
-            out["mosquitto"] = {"error": str(err)}
-        (tmpd / "sub.out").unlink(missing_ok=True)
-        m = out["mosquitto"]
-        if "fetch_mib_per_s" in single and "sub_mib_per_s" in m:
-            out["fetch_ratio"] = round(single["fetch_mib_per_s"] / m["sub_mib_per_s"], 2)
-            out["end_to_end_ratio"] = round(
-                single["publish_plus_fetch_mib_per_s"] / m["pub_plus_sub_mib_per_s"], 2
-            )
-            out["target_met"] = out["fetch_ratio"] >= 1.0
+        fetch_s: list[float] = []
+        sub_s: list[float] = []
+        pair_s: list[float] = []
+        errors: list[str] = []
+        verified = True
+        # the product broker config caps packets at 16 MiB; the whole-file message needs a second
+        # private broker, identical but for max_packet_size
+        with MosquittoBroker(extra_config=f"max_packet_size {_MAX_PACKET}\n") as whole_broker:
+            for rep in range(reps):
+                say(f"repetition {rep + 1}/{reps}: agent fetch, then mosquitto_pub/sub")
+                store_dir = tmpd / f"store-single-{rep}"
+                res = fetch_blob(
+                    f"bench-single-{rep}",
+                    broker.port,
+                    store_dir,
+                    published.manifest.to_json(),
+                    pubkey,
+                    timeout_s,
+                )
+                if "error" in res:
+                    errors.append(f"fetch {rep}: {res['error']}")
+                else:
+                    fetch_s.append(res["seconds"])
+                    blob = Store(store_dir).blob_path(published.manifest.variants[0].sha256)
+                    verified = verified and bool(res["verified"]) and blob.read_bytes() == data
+                shutil.rmtree(store_dir, ignore_errors=True)
+                try:
+                    m = mosquitto_pair(whole_broker.port, whole, tmpd / "sub.out", 60.0)
+                except (subprocess.SubprocessError, OSError) as err:
+                    m = {"error": str(err)}
+                (tmpd / "sub.out").unlink(missing_ok=True)
+                if "error" in m:
+                    errors.append(f"mosquitto {rep}: {m['error']}")
+                else:
+                    sub_s.append(m["sub_seconds"])
+                    pair_s.append(m["pub_seconds"] + m["sub_seconds"])
         del data
+        single: dict[str, Any] = {"publish_seconds": round(published.seconds, 3), "verified": verified}
+        if fetch_s:
+            single["fetch_seconds"] = spread(fetch_s)
+            single["fetch_mib_per_s_median"] = round(mib / statistics.median(fetch_s), 1)
+        if sub_s:
+            single["mosquitto_sub_seconds"] = spread(sub_s)
+            single["mosquitto_sub_mib_per_s_median"] = round(mib / statistics.median(sub_s), 1)
+        if fetch_s and sub_s:
+            ratios = [s_ / f for f, s_ in zip(fetch_s, sub_s, strict=False)]  # >1: the agent is faster
+            single["fetch_ratio"] = spread(ratios)
+            single["fetch_ratio_rule"] = (
+                "per repetition: mosquitto_sub seconds / agent fetch seconds (both read a retained payload "
+                "already on the broker; >= 1.0: the agent is at least as fast); median over repetitions"
+            )
+            e2e = [(p_) / (f + published.seconds) for f, p_ in zip(fetch_s, pair_s, strict=False)]
+            single["end_to_end_ratio"] = spread(e2e)
+            single["target_met"] = statistics.median(ratios) >= 1.0
+        single["errors"] = errors
+        out["single"] = single
 
-        # ---- concurrent: N device processes fetching one variant
-        say(f"publishing a {concurrent_mib} MiB variant for {devices} concurrent fetchers")
+        # ---- concurrent: N devices fetching one variant at once; the broker's CPU per MiB delivered
+        say(f"publishing a {concurrent_mib} MiB variant for the concurrent fetchers")
         make_bundle(tmpd / "small", "small", concurrent_mib * MIB, seed=2)
         with MqttSession(options) as session:
             small = publish_bundle(tmpd / "small", key, session)
-        out["concurrent"] = concurrent(
-            devices, broker.port, tmpd, small.manifest.to_json(), pubkey, concurrent_mib, timeout_s
-        )
+        out["concurrent"] = [
+            concurrent(n, broker, tmpd, small.manifest.to_json(), pubkey, concurrent_mib, procs, timeout_s)
+            for n in devices
+        ]
         out["broker_log_tail"] = _log_tail(broker.log_path)
     return out
 
 
 def concurrent(
-    n: int, port: int, tmpd: Path, manifest: bytes, pubkey: str, mib: int, timeout_s: float
+    n: int,
+    broker: MosquittoBroker,
+    tmpd: Path,
+    manifest: bytes,
+    pubkey: str,
+    mib: int,
+    procs: int,
+    timeout_s: float,
 ) -> dict[str, Any]:
+    """``n`` fetchers (threads spread over ``procs`` processes, each its own paho client and store, as
+    on real devices) fetch one variant at the same moment."""
     ctx = mp.get_context("fork")  # no thread is alive in this process here (the publish session closed)
     start = ctx.Event()
     results: Any = ctx.Queue()
-    procs = []
-    for i in range(n):
-        args = (f"bench-dev-{i:03d}", port, tmpd / f"store-{i:03d}", manifest, pubkey, timeout_s)
-        p = ctx.Process(target=_worker, args=(args, start, results), daemon=True)
+    jobs = [
+        (f"bench-{n}-{i:04d}", broker.port, tmpd / f"store-{n}-{i:04d}", manifest, pubkey, timeout_s)
+        for i in range(n)
+    ]
+    workers = []
+    for k in range(min(procs, n)):
+        p = ctx.Process(target=_worker, args=(jobs[k::procs], start, results), daemon=True)
         p.start()
-        procs.append(p)
+        workers.append(p)
     got: list[dict[str, Any]] = []
+    cpu0 = cpu1 = None
     try:
-        time.sleep(1.0)  # let every client connect (each waits for CONNACK before waiting on start)
-        say(f"{n} fetchers started; go")
+        time.sleep(2.0 + n / 100)  # let every client connect (each waits for CONNACK before waiting on start)
+        say(f"{n} fetchers started in {len(workers)} processes; go")
+        cpu0 = cpu_seconds(broker.pid)
         t0 = time.monotonic()
         start.set()
         deadline = t0 + timeout_s + 30
@@ -316,27 +383,36 @@ def concurrent(
             try:
                 got.append(results.get(timeout=1.0))
             except queue.Empty:
-                if not any(p.is_alive() for p in procs):
+                if not any(p.is_alive() for p in workers):
                     break
+        cpu1 = cpu_seconds(broker.pid)
     finally:
-        for p in procs:
-            p.join(timeout=5)
+        for p in workers:
+            p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        for i in range(n):
+            shutil.rmtree(tmpd / f"store-{n}-{i:04d}", ignore_errors=True)
     ok = [r for r in got if "error" not in r and r.get("verified")]
     errors = [r for r in got if "error" in r][:5]
-    out: dict[str, Any] = {"devices": n, "mib": mib, "completed_verified": len(ok), "errors": errors}
+    out: dict[str, Any] = {"devices": n, "processes": len(workers), "mib": mib, "completed_verified": len(ok)}
+    out["errors"] = errors
     if ok:
         secs = sorted(r["seconds"] for r in ok)
         total = max(r["end"] for r in ok) - min(r["start"] for r in ok)
+        delivered = len(ok) * mib
         out.update(
             total_seconds=round(total, 2),
             per_fetcher_p50_s=round(statistics.median(secs), 2),
             per_fetcher_max_s=round(secs[-1], 2),
             per_fetcher_min_s=round(secs[0], 2),
-            aggregate_mib_per_s=round(len(ok) * mib / total, 1),
+            aggregate_mib_per_s=round(delivered / total, 1),
+            mib_delivered=delivered,
         )
+        if cpu0 is not None and cpu1 is not None:
+            out["broker_cpu_seconds"] = round(cpu1 - cpu0, 2)
+            out["broker_cpu_ms_per_mib"] = round(1000 * (cpu1 - cpu0) / delivered, 2)
     return out
 
 
@@ -353,7 +429,11 @@ def main() -> int:
 
     parser = StrictParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=50, help="single-fetch model size, MiB (default 50)")
-    parser.add_argument("--devices", type=int, default=50, help="concurrent fetchers (default 50)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the single fetch (5)")
+    parser.add_argument(
+        "--devices", default="50,500", help="concurrent fetcher counts, comma-separated (default 50,500)"
+    )
+    parser.add_argument("--procs", type=int, default=8, help="processes the concurrent fetchers share (8)")
     parser.add_argument(
         "--concurrent-mib", type=int, default=10, help="variant size for them, MiB (default 10)"
     )
@@ -361,7 +441,12 @@ def main() -> int:
     args = parser.parse_args()
     if threading.active_count() != 1:
         say("warning: threads alive at start")
-    print(json.dumps(run(args.mib, args.devices, args.concurrent_mib, args.timeout), indent=2))
+    devices = [int(d) for d in args.devices.split(",") if d.strip()]
+    if args.reps < 1 or not devices or min(devices) < 1:
+        parser.error("--reps and every --devices count must be at least 1")
+    print(
+        json.dumps(run(args.mib, args.reps, devices, args.concurrent_mib, args.procs, args.timeout), indent=2)
+    )
     return 0
 
 
