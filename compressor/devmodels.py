@@ -88,7 +88,7 @@ class DevModelSpec:
     name: str
     task: str  # "classification" | "generic"
     description: str
-    build: Callable[[int], Any]  # seed -> keras.Model (not compiled)
+    build: Callable[[int, float], Any]  # (seed, width) -> keras.Model (not compiled)
     data: Callable[[int], Data]  # seed -> arrays (see the module docstring)
     train: Callable[[Any, Data, int, int], dict[str, list[float]]]  # (model, data, epochs, seed) -> history
     epochs: int  # default number of training epochs
@@ -102,6 +102,11 @@ class DevModelSpec:
 
 def _seed(seed: int) -> None:
     keras().utils.set_random_seed(seed)
+
+
+def _n(units: int, width: float) -> int:
+    """A layer's filters/units at ``width`` (1.0 = the tests' tiny size)."""
+    return max(1, round(units * width))
 
 
 def _split(arrays: dict[str, np.ndarray], n_train: int, n_val: int) -> Data:
@@ -193,20 +198,24 @@ def _detector_data(seed: int) -> Data:
     return _split({"x": x, "t_0": boxes, "t_1": scores}, 1600, 400)
 
 
-def _strided_backbone(lay: Any, h: Any) -> Any:
-    """Three stride-2 3x3 convs (8, 16, 16 filters): 32 -> 16 -> 8 -> 4."""
+def _strided_backbone(lay: Any, h: Any, width: float) -> Any:
+    """Three stride-2 3x3 convs (8, 16, 16 filters at width 1): 32 -> 16 -> 8 -> 4."""
     for i, filters in enumerate((8, 16, 16)):
-        h = lay.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}")(h)
+        h = lay.Conv2D(
+            _n(filters, width), 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}"
+        )(h)
     return h
 
 
-def _build_detector(seed: int) -> Any:
+def _build_detector(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
-    h = _strided_backbone(lay, inp)
-    h = lay.Conv2D(32, 3, padding="same", activation="relu", name="conv4")(h)  # 4x4 grid, wider context
+    h = _strided_backbone(lay, inp, width)
+    h = lay.Conv2D(_n(32, width), 3, padding="same", activation="relu", name="conv4")(
+        h
+    )  # 4x4 grid, wider context
     boxes = lay.Conv2D(4, 1, name="box_head")(h)
     boxes = lay.Reshape((DETECTOR_ANCHORS, 4), name="boxes")(boxes)
     scores = lay.Conv2D(1, 1, activation="sigmoid", name="score_head")(h)
@@ -288,19 +297,21 @@ def _segmenter_data(seed: int) -> Data:
     return _split({"x": x, "t": mask}, 800, 200)
 
 
-def _build_segmenter(seed: int) -> Any:
+def _build_segmenter(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
-    e1 = lay.Conv2D(8, 3, padding="same", activation="relu", name="enc1")(inp)  # 32x32x8
-    e2 = lay.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="down1")(e1)  # 16x16x16
-    h = lay.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="down2")(e2)  # 8x8x32
-    h = lay.Conv2D(32, 3, padding="same", activation="relu", name="bottleneck")(h)
-    h = lay.Conv2DTranspose(16, 2, strides=2, activation="relu", name="up2")(h)  # 16x16x16
+    e1 = lay.Conv2D(_n(8, width), 3, padding="same", activation="relu", name="enc1")(inp)  # 32x32x8
+    e2 = lay.Conv2D(_n(16, width), 3, strides=2, padding="same", activation="relu", name="down1")(
+        e1
+    )  # 16x16x16
+    h = lay.Conv2D(_n(32, width), 3, strides=2, padding="same", activation="relu", name="down2")(e2)  # 8x8x32
+    h = lay.Conv2D(_n(32, width), 3, padding="same", activation="relu", name="bottleneck")(h)
+    h = lay.Conv2DTranspose(_n(16, width), 2, strides=2, activation="relu", name="up2")(h)  # 16x16x16
     h = lay.Concatenate(name="skip2")([h, e2])
-    h = lay.Conv2D(16, 3, padding="same", activation="relu", name="dec2")(h)
-    h = lay.Conv2DTranspose(8, 2, strides=2, activation="relu", name="up1")(h)  # 32x32x8
+    h = lay.Conv2D(_n(16, width), 3, padding="same", activation="relu", name="dec2")(h)
+    h = lay.Conv2DTranspose(_n(8, width), 2, strides=2, activation="relu", name="up1")(h)  # 32x32x8
     h = lay.Concatenate(name="skip1")([h, e1])
     out = lay.Conv2D(1, 1, activation="sigmoid", name="mask")(h)
     return k.Model(inp, out, name="segmenter")
@@ -337,14 +348,14 @@ def _keypoints_data(seed: int) -> Data:
     return _split({"x": x, "t": coords.reshape(n, KEYPOINTS * 2).astype(np.float32)}, 1400, 300)
 
 
-def _build_keypoints(seed: int) -> Any:
+def _build_keypoints(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(32, 32, 3), name="image")
-    h = _strided_backbone(lay, inp)
-    h = lay.Flatten(name="flatten")(h)  # 4*4*16 = 256
-    h = lay.Dense(32, activation="relu", name="fc")(h)
+    h = _strided_backbone(lay, inp, width)
+    h = lay.Flatten(name="flatten")(h)  # 4*4*16 = 256 at width 1
+    h = lay.Dense(_n(32, width), activation="relu", name="fc")(h)
     out = lay.Dense(KEYPOINTS * 2, name="keypoints")(h)
     return k.Model(inp, out, name="keypoints")
 
@@ -371,17 +382,17 @@ def _audio_data(seed: int) -> Data:
     return _split({"x": x.astype(np.float32), "y": y.astype(np.int64)}, 1000, 300)
 
 
-def _build_audio(seed: int) -> Any:
+def _build_audio(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(AUDIO_SAMPLES,), name="waveform")
     h = lay.Reshape((AUDIO_SAMPLES, 1), name="to_channels")(inp)
-    h = lay.Conv1D(8, 9, strides=2, padding="same", activation="relu", name="conv1")(h)  # 128
+    h = lay.Conv1D(_n(8, width), 9, strides=2, padding="same", activation="relu", name="conv1")(h)  # 128
     h = lay.MaxPooling1D(2, name="pool1")(h)  # 64
-    h = lay.Conv1D(16, 7, padding="same", activation="relu", name="conv2")(h)
+    h = lay.Conv1D(_n(16, width), 7, padding="same", activation="relu", name="conv2")(h)
     h = lay.MaxPooling1D(2, name="pool2")(h)  # 32
-    h = lay.Conv1D(16, 7, padding="same", activation="relu", name="conv3")(h)
+    h = lay.Conv1D(_n(16, width), 7, padding="same", activation="relu", name="conv3")(h)
     h = lay.GlobalAveragePooling1D(name="gap")(h)
     out = lay.Dense(len(AUDIO_BANDS), activation="softmax", name="probs")(h)
     return k.Model(inp, out, name="audio")
@@ -404,13 +415,13 @@ def _tabular_data(seed: int) -> Data:
     return _split({"x": x.astype(np.float32), "y": y}, n_train, n_val)
 
 
-def _build_tabular(seed: int) -> Any:
+def _build_tabular(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     inp = k.Input(shape=(30,), name="features")
-    h = lay.Dense(32, activation="relu", name="fc1")(inp)
-    h = lay.Dense(16, activation="relu", name="fc2")(h)
+    h = lay.Dense(_n(32, width), activation="relu", name="fc1")(inp)
+    h = lay.Dense(_n(16, width), activation="relu", name="fc2")(h)
     out = lay.Dense(2, activation="softmax", name="probs")(h)
     return k.Model(inp, out, name="tabular")
 
@@ -438,19 +449,19 @@ def _multi_input_data(seed: int) -> Data:
     return _split({"x_0": img, "x_1": vec, "y": y.astype(np.int64)}, 1400, 300)
 
 
-def _build_multi_input(seed: int) -> Any:
+def _build_multi_input(seed: int, width: float = 1.0) -> Any:
     k = keras()
     _seed(seed)
     lay = k.layers
     image = k.Input(shape=(16, 16, 1), name="image")
     vector = k.Input(shape=(8,), name="vector")
-    h = lay.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(image)
+    h = lay.Conv2D(_n(8, width), 3, padding="same", activation="relu", name="conv1")(image)
     h = lay.MaxPooling2D(2, name="pool1")(h)
-    h = lay.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(h)
+    h = lay.Conv2D(_n(8, width), 3, padding="same", activation="relu", name="conv2")(h)
     h = lay.GlobalMaxPooling2D(name="gmp")(h)
-    v = lay.Dense(16, activation="relu", name="vec_fc")(vector)
+    v = lay.Dense(_n(16, width), activation="relu", name="vec_fc")(vector)
     h = lay.Concatenate(name="join")([h, v])
-    h = lay.Dense(16, activation="relu", name="fc")(h)
+    h = lay.Dense(_n(16, width), activation="relu", name="fc")(h)
     out = lay.Dense(4, activation="softmax", name="probs")(h)
     return k.Model([image, vector], out, name="multi_input")
 
@@ -519,14 +530,18 @@ DEV_MODELS: dict[str, DevModelSpec] = {
 }
 
 
-def make(name: str, seed: int = 0, epochs: int | None = None) -> tuple[Any, Data]:
-    """Build, train (``epochs`` or the model's default) and return ``(model, data)`` for a dev model."""
+def make(name: str, seed: int = 0, epochs: int | None = None, width: float = 1.0) -> tuple[Any, Data]:
+    """Build, train (``epochs`` or the model's default) and return ``(model, data)`` for a dev model.
+    ``width`` multiplies every hidden layer's filters/units (1.0: the tests' tiny size, 1.5k-10k weights;
+    benches/models.py uses 4.0, where the graph's own bytes no longer dominate the file)."""
+    if not width > 0:
+        raise ValueError(f"width {width} must be positive")
     try:
         spec = DEV_MODELS[name]
     except KeyError:
         raise KeyError(f"unknown dev model {name!r}; known: {', '.join(DEV_MODELS)}") from None
     data = spec.data(seed)
-    model = spec.build(seed)
+    model = spec.build(seed, width)
     spec.train(model, data, spec.epochs if epochs is None else epochs, seed)
     return model, data
 
