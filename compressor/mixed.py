@@ -39,20 +39,22 @@ in mode ``weight_only_int4`` (``int4_scopes`` and ``tensorwise_scopes``) and sco
 Work: at most ``1 + 2 * max_candidates + 1 + ceil(log2(max_candidates))`` quantizer calls and as many
 ``evaluate`` calls; the notes give the count and the time.
 
-Measured by ``benches/models.py`` (defaults: min_cosine 0.995 on 30 validation rows; size against the
-original file and cosine on the held-out rows; 2-core x86 VM):
+Measured by ``benches/models.py`` (defaults: min_cosine 0.995 on 30 validation rows; int4 weights rounded
+by GPTQ on 64 calibration crops, :mod:`compressor.gptq`; size against the original file and cosine on the
+held-out rows; 2-core x86 VM, shared). Before GPTQ (nearest rounding after clipping): short_range 1.80x,
+back 1.73x, full_range 2.27x, sparse 1.46x.
 
-=========================== ======= ======================== ============ ========= ======= =====
-file                        weights int4 / one-scale layers  size ratio   cosine    calls   time
-=========================== ======= ======================== ============ ========= ======= =====
-iris_landmark               float32 most int4                5.91x        0.9984
-face_landmark               float32 most int4                6.25x        0.9953
-face_detection_full_range   float16                          2.27x        0.9963
-face_detection_short_range  float16 2 / 14 of 36             1.80x        0.9952    45      6 s
-face_detection_back         float16 1 / 11 of 68             1.73x        0.9960    48      20 s
-face_detection_full_range_  float16 11 / 0 of 91             1.46x        0.9953    32      27 s
+=========================== ======= ============ =========
+file                        weights size ratio   cosine
+=========================== ======= ============ =========
+iris_landmark               float32 5.91x        0.9997
+face_landmark               float32 6.25x        0.9973
+face_detection_full_range   float16 2.87x        0.9957
+face_detection_short_range  float16 1.94x        0.9953
+face_detection_back         float16 1.89x        0.9951
+face_detection_full_range_  float16 1.65x        0.9950
 sparse (sparse weights)
-=========================== ======= ======================== ============ ========= ======= =====
+=========================== ======= ============ =========
 
 (Per-channel int8 weights alone: 1.57x short_range, 1.58x back, 1.05x sparse — its sparse float16
 weights become dense. Keeping them sparse in int8, a DENSIFY of a sparse int8 constant before the
