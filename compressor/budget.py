@@ -368,8 +368,10 @@ class TrialCache:
     """Built .tflite files of transformed chains, on disk, so that a rerun continues where it stopped.
 
     A file's key hashes the model (architecture and weights, or the file's bytes), every row of the
-    data, the seed and the chain's exact steps: another model, other data or another setting never
-    reuses it. The cache holds only what training made; evaluation always runs again.
+    data, the seed, the chain's exact steps and the versions of what computes them (edgefleet,
+    TensorFlow, Keras, ai-edge-quantizer, ai-edge-litert: :data:`CACHE_PACKAGES`): another model, other
+    data, another setting or an upgraded toolchain never reuses it. The cache holds only what training
+    made; evaluation always runs again.
     """
 
     def __init__(self, root: Path, model: Any, data: Dataset, seed: int) -> None:
@@ -383,6 +385,7 @@ class TrialCache:
                     h.update(f"{a.dtype}{a.shape}".encode())
                     h.update(a.tobytes())
         h.update(f"seed={seed}".encode())
+        h.update(toolchain_versions().encode())
         self.prefix = h.hexdigest()
         self.hits = 0
 
@@ -411,6 +414,22 @@ class TrialCache:
             tmp.replace(path)  # the .tflite last: a half-written entry is never read
         except OSError:
             return
+
+
+CACHE_PACKAGES = ("edgefleet", "tensorflow", "keras", "ai-edge-quantizer", "ai-edge-litert")
+
+
+def toolchain_versions() -> str:
+    """``name=version`` of every package whose code a cached file depends on (missing: ``none``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in CACHE_PACKAGES:
+        try:
+            parts.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name}=none")
+    return ";".join(parts)
 
 
 def _model_digest(model: Any) -> bytes:

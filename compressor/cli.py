@@ -206,10 +206,6 @@ def _minutes(text: str) -> float:
     return value
 
 
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def resolve_model_id(model: Path | None, model_id: str | None) -> str:
     """``--model-id`` if given, else the model file's stem, else the demo's id; checked like the wire does.
 
@@ -316,6 +312,9 @@ def _build(
     """Train (--demo) or load, then build the bundle; TensorFlow is imported here, not before."""
     from compressor.data import load_dataset
     from compressor.pipeline import build_bundle, build_demo
+    from compressor.progress import TerminalProgress
+
+    progress = TerminalProgress(sys.stderr)  # lines in a log, an in-place bar per training on a terminal
 
     budget: dict[str, Any] = {
         "max_drop": args.max_drop,
@@ -334,7 +333,7 @@ def _build(
             seed=args.seed,
             variants=variants,
             model_id=model_id,
-            progress=_progress,
+            progress=progress,
             recipe=recipe,
             **budget,
         )
@@ -354,7 +353,7 @@ def _build(
         variants=variants,
         model_id=model_id,
         seed=args.seed,
-        progress=_progress,
+        progress=progress,
         calibration=args.calibration,
         input_range=value_range,
         layout=args.layout,

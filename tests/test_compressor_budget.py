@@ -301,3 +301,22 @@ def test_trial_cache_continues_a_run_and_never_serves_another_model(trained: Pat
     out = ["--out", str(trained / "c3"), "--model-id", "other", *args]
     assert main(["compress", "--model", str(trained / "other.keras"), *common, *out]) == 0
     assert "0 chain(s) reused" in (trained / "c3" / "report.md").read_text()
+
+
+def test_trial_cache_key_changes_with_the_toolchain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached file made by another TensorFlow / quantizer / edgefleet version is never reused."""
+    import numpy as np
+
+    from compressor import budget
+    from compressor.data import Dataset
+
+    x = np.zeros((4, 3), np.float32)
+    data = Dataset.from_arrays("t", x, None, x, None, x, None)
+    first = budget.TrialCache(tmp_path, b"model bytes", data, seed=0)
+    first.put("steps", b"tflite", ["note"])
+    assert budget.TrialCache(tmp_path, b"model bytes", data, seed=0).get("steps") == (b"tflite", ["note"])
+    assert (
+        "tensorflow=" in budget.toolchain_versions() and "ai-edge-quantizer=" in budget.toolchain_versions()
+    )
+    monkeypatch.setattr(budget, "toolchain_versions", lambda: "tensorflow=9.9")
+    assert budget.TrialCache(tmp_path, b"model bytes", data, seed=0).get("steps") is None
