@@ -1,8 +1,11 @@
 """For applications on the device: follow ``models/<model>/active.tflite`` and reload when it changes.
 
-The agent swaps the link atomically (rename), so a reader sees the old or the new model, never a partial
-file. This helper only compares link targets; it imports no runtime unless :meth:`ActiveModel.interpreter`
-is called::
+The agent changes the active model and its metadata together, in one atomic step: both live in a
+generation directory named by the ``current`` symlink, which is replaced by rename
+(:mod:`agent.generations`). ``active.tflite`` (→ ``current/model.tflite``) and ``active.json``
+(→ ``current/active.json``) are fixed links through it, so a reader sees the old or the new model, never
+a partial file. This helper compares what the link resolves to; it imports no runtime unless
+:meth:`ActiveModel.interpreter` is called::
 
     model = ActiveModel(Path("/var/lib/edgefleet"), "digits")
     interp = model.interpreter(num_threads=2)
@@ -11,6 +14,9 @@ is called::
             interp = model.interpreter(num_threads=2)
         ...  # set_tensor / invoke / get_tensor
         model.count()          # optional: feeds "inferences" in the agent's telemetry
+
+:meth:`ActiveModel.snapshot` gives the model file and its metadata as one pair (both read through one
+``readlink`` of ``current``): reading ``active.tflite`` and then ``active.json`` could straddle a swap.
 
 :meth:`ActiveModel.count` adds to ``counters/<model>.count`` under the store (a decimal number, updated
 under ``flock``, flushed at most once per ``flush_interval_s``). The agent creates ``counters/`` group-
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -75,14 +82,12 @@ class ActiveModel:
         self._counting = True
 
     def target(self) -> str | None:
-        """The link's current target (``../../blobs/<sha>.tflite``), or None when nothing is active."""
-        try:
-            return os.readlink(self.link)
-        except OSError:
-            return None
+        """The blob the link resolves to now (``.../blobs/<sha>.tflite``), or None when nothing is active."""
+        path = os.path.realpath(self.link)
+        return path if os.path.isfile(path) else None
 
     def changed(self) -> bool:
-        """True once after each swap of the active link."""
+        """True once after each change of the active model."""
         now = self.target()
         if now != self._seen:
             self._seen = now
@@ -91,9 +96,26 @@ class ActiveModel:
 
     def path(self) -> Path:
         """The current model file, resolved (a later swap does not affect a load in progress)."""
-        if self.target() is None:
+        target = self.target()
+        if target is None:
             raise FileNotFoundError(f"no active model at {self.link}")
-        return self.link.resolve(strict=True)
+        return Path(target)
+
+    def snapshot(self) -> tuple[Path, dict[str, Any] | None]:
+        """The active model file and its metadata (``active.json`` as a dict, None if it has none), both
+        from the same generation. Raises FileNotFoundError when nothing is active."""
+        try:
+            gen = self.link.parent / os.readlink(self.link.parent / "current")
+        except OSError as err:
+            raise FileNotFoundError(f"no active model at {self.link}") from err
+        model = Path(os.path.realpath(gen / "model.tflite"))
+        if not model.is_file():
+            raise FileNotFoundError(f"no active model at {self.link}")
+        try:
+            info = json.loads((gen / "active.json").read_bytes())
+        except (OSError, ValueError):
+            info = None
+        return model, info if isinstance(info, dict) else None
 
     def interpreter(self, num_threads: int = 1) -> Any:
         """A ready (allocated) TFLite interpreter for the current model."""

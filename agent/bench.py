@@ -12,7 +12,9 @@ Method (after TFLite's benchmark_model): load + allocate (``init_ms``), first in
 accuracy and output fidelity (:mod:`agent.fidelity`, every output against the host's) on the variant's
 sample if present, ``warmup_runs`` discarded, then at least ``min_runs`` and at least ``min_seconds``
 (capped by ``max_runs``); latency statistics over the timed runs, peak RSS of the
-child, CPU seconds per wall second of the child (rusage), the thread count and runtime. Around the child:
+child, CPU seconds per wall second of the child (rusage), the thread count and runtime; how much other
+processes disturbed the timed window (:mod:`agent.contention`: a disturbed window is repeated up to
+``max_retries`` times, a result still disturbed is ``contended`` with its figures). Around the child:
 optional cool-down (``[thermal]``), CPU temperature and throttling flags before/after, an idle power
 baseline and power sampling cut to the child's timed loop (:class:`agent.energy.EnergyMeter`).
 
@@ -46,6 +48,7 @@ from typing import Any
 
 from agent.bench_child import RESULT_PREFIX
 from agent.board import BoardInfo, detect_board, power_profile, profile_key_for
+from agent.children import ChildRegistry, adopted
 from agent.config import BenchConfig
 from agent.energy import EnergyConfig, EnergyMeter, ModelBackend, PowerWindow
 from agent.runtime import detect_runtime
@@ -61,6 +64,7 @@ from agent.thermal import (
 from agent.wire import (
     BenchError,
     BenchResult,
+    Contention,
     LatencyStats,
     OutputFidelity,
     OutputTolerance,
@@ -120,8 +124,14 @@ def run_child(
     timeout_s: float,
     stop: threading.Event | None = None,
     tick: Callable[[], None] | None = None,
+    registry: ChildRegistry | None = None,
 ) -> ChildOutcome:
-    """Run ``agent.bench_child`` with ``request``; kill its process group on timeout or ``stop``."""
+    """Run ``agent.bench_child`` with ``request``; kill its process group on timeout or ``stop``.
+
+    While it runs the child is recorded in ``registry`` (default: the one the daemon adopted, see
+    :mod:`agent.children`) so that an agent restarted after a kill -9 can end it.
+    """
+    registry = registry if registry is not None else adopted()
     t0 = time.monotonic()
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -133,6 +143,24 @@ def run_child(
         start_new_session=True,
         env=env,
     )
+    if registry is not None:
+        registry.record(proc.pid)
+    try:
+        stdout, stderr, killed = _wait_child(proc, request, timeout_s, t0, stop, tick)
+    finally:
+        if registry is not None:
+            registry.forget(proc.pid)
+    return _outcome(proc, stdout, stderr, killed, timeout_s, time.monotonic() - t0)
+
+
+def _wait_child(
+    proc: subprocess.Popen[bytes],
+    request: dict[str, Any],
+    timeout_s: float,
+    t0: float,
+    stop: threading.Event | None,
+    tick: Callable[[], None] | None,
+) -> tuple[bytes, bytes, str | None]:
     payload: bytes | None = json.dumps(request).encode()
     stdout, stderr = b"", b""
     killed: str | None = None
@@ -155,7 +183,17 @@ def run_child(
                 out, err = proc.communicate()
                 stdout, stderr = out or b"", err or b""
                 break
-    wall = time.monotonic() - t0
+    return stdout, stderr, killed
+
+
+def _outcome(
+    proc: subprocess.Popen[bytes],
+    stdout: bytes,
+    stderr: bytes,
+    killed: str | None,
+    timeout_s: float,
+    wall: float,
+) -> ChildOutcome:
     tail = stderr.decode("utf-8", "replace").strip()[-600:]
     if killed == "timeout":
         return ChildOutcome({}, BenchError.RUN_TIMEOUT, f"killed after {timeout_s:g} s wall clock", wall)
@@ -258,6 +296,28 @@ def fidelity_mismatch(data: dict[str, Any], tolerance: OutputTolerance | None) -
     return f"outputs on the sample cannot be compared with the host's: {problem}"[:2000]
 
 
+@dataclass(frozen=True, slots=True)
+class ChildContention:
+    """The child's verdict on its kept window and the figures published with it."""
+
+    contended: bool
+    figures: Contention
+
+
+def child_contention(data: dict[str, Any]) -> ChildContention | None:
+    """The child's ``contention`` block as wire figures; None when absent or unreadable (older child)."""
+    raw = data.get("contention")
+    if not isinstance(raw, dict):
+        return None
+    fields = {k: raw[k] for k in Contention.model_fields if k in raw}
+    try:
+        figures = Contention.model_validate(fields)
+    except ValueError as err:
+        log.warning("ignoring unreadable contention figures from the benchmark child: %s", err)
+        return None
+    return ChildContention(bool(raw.get("contended")), figures)
+
+
 def _power_window(meter: EnergyMeter, data: dict[str, Any]) -> PowerWindow | None:
     """Samples inside the child's timed loop; a loop shorter than two samples widens by one period."""
     marks = data.get("loop_monotonic")
@@ -337,6 +397,9 @@ def measure_variant(
         "max_runs": cfg.max_runs,
         "max_eval": cfg.max_eval,
         "memory_limit_mb": cfg.memory_limit_mb,
+        "max_retries": cfg.max_retries,
+        "max_other_share": cfg.max_other_share,
+        "max_involuntary_per_s": cfg.max_involuntary_per_s,
     }
     temp_before, throttle_before = read_temp(), read_throttle()
     meter.start()
@@ -387,6 +450,7 @@ def measure_variant(
         )
         if p is not None
     ]
+    contention = child_contention(data)
     ok, error, detail = True, None, None
     if problems:
         ok, error, detail = False, BenchError.ACCURACY_MISMATCH, "; ".join(problems)[:2000]
@@ -404,8 +468,18 @@ def measure_variant(
         accuracy=accuracy,
         agreement=agreement,
         fidelity=fidelity,
+        contended=contention.contended if contention is not None else None,
+        contention=contention.figures if contention is not None else None,
         **common,
     )
+    if contention is not None and contention.contended:
+        log.warning(
+            "benchmark of %s stayed disturbed after %d retr%s: %s; published as contended",
+            variant.id,
+            contention.figures.retries,
+            "y" if contention.figures.retries == 1 else "ies",
+            "; ".join(contention.figures.why),
+        )
     log.info(
         "benchmarked %s (%d thread(s)): p50 %.3f ms p95 %.3f ms over %d runs, init %.1f ms, "
         "rss %.1f MiB%s%s%s%s",

@@ -9,7 +9,10 @@ Request keys: ``mode`` ("bench" | "health"), ``model`` (path), ``sample`` (path 
 null), ``threads``, ``warmup_runs``, ``min_runs``, ``min_seconds``, ``max_runs``, ``memory_limit_mb``,
 ``inferences`` (health), ``max_eval`` (sample rows scored: top-1 predictions, accuracy and output
 fidelity; also bounds the rows prepared), ``test_crash_signal`` (tests only: the child sends itself this
-signal after loading, to prove CRASH).
+signal after loading, to prove CRASH). ``max_retries``, ``max_other_share``,
+``max_involuntary_per_s``: a timed window disturbed past these (:mod:`agent.contention`) is run again up
+to ``max_retries`` times; the least disturbed window is the one reported, with its figures under
+``contention`` (``contended``, ``retries`` and every window's figures in ``windows``).
 
 The sample (:mod:`agent.fidelity` reads its layout): inputs ``x`` (one input) or ``x_0, x_1, ...`` fed to
 the model's inputs in order (float rows are quantized for an int8/uint8 input with its scale and zero
@@ -39,6 +42,8 @@ import resource
 import sys
 import time
 from typing import Any
+
+from agent import contention
 
 RESULT_PREFIX = "EDGEFLEET-RESULT "
 _UNSUPPORTED = re.compile(
@@ -338,16 +343,18 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
             infer(rows[i % len(rows)])
         min_runs, max_runs = int(req.get("min_runs", 50)), int(req.get("max_runs", 10_000))
         min_seconds = float(req.get("min_seconds", 1.0))
-        latencies: list[float] = []
-        mono0 = time.monotonic()  # system-wide clock: the parent's energy sampler windows on it
-        cpu0, wall0, proc0 = _cpu_seconds(), time.perf_counter(), time.process_time()
-        while len(latencies) < max_runs:
-            latencies.append(infer(rows[len(latencies) % len(rows)]))
-            if len(latencies) >= min_runs and time.perf_counter() - wall0 >= min_seconds:
+        thresholds = contention.Thresholds(
+            max_other_share=float(req.get("max_other_share", 0.10)),
+            max_involuntary_per_s=float(req.get("max_involuntary_per_s", 50.0)),
+        )
+        cores = contention.affinity()
+        windows: list[_Window] = []
+        # A disturbed window is run again (bounded); the least disturbed one is kept.
+        for _attempt in range(1 + max(0, int(req.get("max_retries", 2)))):
+            windows.append(_timed_window(infer, rows, min_runs, max_runs, min_seconds, cores, thresholds))
+            if not windows[-1].assessment.disturbed:
                 break
-        wall = time.perf_counter() - wall0
-        mono1 = time.monotonic()
-        cpu = max(_cpu_seconds() - cpu0, time.process_time() - proc0)
+        best = min(windows, key=lambda w: (w.assessment.disturbed, w.assessment.other_share))
     except MemoryError as err:
         raise ChildFailure("OOM", f"out of memory during inference: {err}") from err
     except ChildFailure:
@@ -356,13 +363,64 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         raise ChildFailure("CRASH", f"inference failed: {type(err).__name__}: {err}") from err
     out.update(
         ok=True,
-        latencies_ms=latencies,
-        duration_s=wall,
-        loop_monotonic=[mono0, mono1],
-        cpu_util=cpu / wall if wall > 0 else None,
+        latencies_ms=best.latencies,
+        duration_s=best.wall,
+        loop_monotonic=[best.mono0, best.mono1],
+        cpu_util=best.cpu / best.wall if best.wall > 0 else None,
         peak_rss_bytes=_peak_rss_bytes(),
+        contention={
+            **best.assessment.to_json(),
+            "contended": best.assessment.disturbed,
+            "retries": len(windows) - 1,
+            "windows": [w.assessment.to_json() for w in windows],
+        },
     )
     return out
+
+
+class _Window:
+    """One timed loop: its latencies, clocks and how disturbed it was."""
+
+    def __init__(
+        self,
+        latencies: list[float],
+        wall: float,
+        mono0: float,
+        mono1: float,
+        cpu: float,
+        assessment: contention.Assessment,
+    ) -> None:
+        self.latencies = latencies
+        self.wall = wall
+        self.mono0 = mono0
+        self.mono1 = mono1
+        self.cpu = cpu
+        self.assessment = assessment
+
+
+def _timed_window(
+    infer: Any,
+    rows: list[list[Any]],
+    min_runs: int,
+    max_runs: int,
+    min_seconds: float,
+    cores: list[int],
+    thresholds: contention.Thresholds,
+) -> _Window:
+    """At least ``min_runs`` runs and ``min_seconds`` (at most ``max_runs``), sampled at both ends."""
+    latencies: list[float] = []
+    before = contention.sample(cores)
+    mono0 = time.monotonic()  # system-wide clock: the parent's energy sampler windows on it
+    cpu0, wall0, proc0 = _cpu_seconds(), time.perf_counter(), time.process_time()
+    while len(latencies) < max_runs:
+        latencies.append(infer(rows[len(latencies) % len(rows)]))
+        if len(latencies) >= min_runs and time.perf_counter() - wall0 >= min_seconds:
+            break
+    wall = time.perf_counter() - wall0
+    mono1 = time.monotonic()
+    cpu = max(_cpu_seconds() - cpu0, time.process_time() - proc0)
+    after = contention.sample(cores)
+    return _Window(latencies, wall, mono0, mono1, cpu, contention.assess(before, after, thresholds))
 
 
 def main() -> int:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import AgentError
@@ -240,7 +239,11 @@ def _ram_bytes(root: Path) -> int:
         m = re.search(r"^MemTotal:\s+(\d+)\s*kB", text, re.M)
         if m:
             return int(m.group(1)) * 1024
-    return int(psutil.virtual_memory().total) if root == Path("/") else 0
+    if root != Path("/"):
+        return 0
+    import psutil  # lazy: only without /proc/meminfo; the idle daemon does without it (0.8 MB)
+
+    return int(psutil.virtual_memory().total)
 
 
 def _local_cpu_count() -> int:

@@ -46,6 +46,7 @@ from agent.connectivity import (
     tls_context,
 )
 from agent.errors import ConfigError
+from agent.mqttclient import ClientSpec, Endpoint, build_client
 from agent.wire import WireError, public_key_from_text
 
 DEFAULT_SERVICE_USER = "edgefleet"  # User= in the systemd unit
@@ -468,10 +469,15 @@ def check_config(config: AgentConfig, user: ServiceUser) -> list[CheckResult]:
 
 
 def check_connect(config: AgentConfig, timeout_s: float | None = None) -> list[CheckResult]:
-    """Connect once with the configured credentials and TLS; report the broker's answer (CONNACK)."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+    """Connect once to every configured broker endpoint with the configured credentials and TLS; report
+    each broker's answer (CONNACK)."""
+    results: list[CheckResult] = []
+    for endpoint in config.mqtt.broker_endpoints():
+        results += _check_endpoint(config, endpoint, timeout_s)
+    return results
 
+
+def _check_endpoint(config: AgentConfig, endpoint: Endpoint, timeout_s: float | None) -> list[CheckResult]:
     m = config.mqtt
     timeout = timeout_s if timeout_s is not None else m.connect_timeout_s
     try:
@@ -485,19 +491,26 @@ def check_connect(config: AgentConfig, timeout_s: float | None = None) -> list[C
         return [_fail("mqtt", f"not connecting: {err}; fix the failures above first")]
     # A client id of its own: the daemon's would take over (and end) a running daemon's session.
     client_id = f"{m.client_id or f'edgefleet-agent-{config.device.id}'}-check"
-    v5 = m.protocol == "v5"
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-    )
-    if m.username is not None:
-        client.username_pw_set(m.username, password)
-    if ctx is not None:
-        client.tls_set_context(ctx)
-        if m.tls is not None and m.tls.insecure:
-            client.tls_insecure_set(True)  # else paho checks the hostname itself, as the daemon's would not
-    client.connect_timeout = timeout
+    tls = m.tls
+    try:
+        client = build_client(
+            ClientSpec(
+                client_id=client_id,
+                endpoints=(endpoint,),
+                protocol=m.protocol,
+                username=m.username,
+                password=password if m.username is not None else None,
+                tls=tls is not None,
+                ca_file=tls.ca_file if tls else None,
+                cert_file=tls.cert_file if tls else None,
+                key_file=tls.key_file if tls else None,
+                insecure=tls.insecure if tls else False,
+                connect_timeout_s=timeout,
+            )
+        )
+    except (OSError, ValueError) as err:
+        return [_fail("mqtt", f"not connecting: {err}; fix the failures above first")]
+    host, port = endpoint.host, endpoint.port
     done = threading.Event()
     answer: dict[str, Any] = {}
 
@@ -516,30 +529,30 @@ def check_connect(config: AgentConfig, timeout_s: float | None = None) -> list[C
     found: Diagnosis | None
     try:
         try:
-            client.connect(m.host, m.port, keepalive=m.keepalive_s)  # resolve, TCP, TLS handshake
+            client.connect_next(keepalive=m.keepalive_s)  # resolve, TCP, TLS handshake
         except OSError as err:
             close_failed_socket(err)
-            found = resolve(classify_error(err, m.host, m.port, tls=ctx is not None), ctx)
+            found = resolve(classify_error(err, host, port, tls=ctx is not None), ctx)
             return [_fail("mqtt", found.describe("agent"))]
         client.loop_start()
         done.wait(timeout)
         elapsed = time.monotonic() - t0
         if "code" in answer:
-            found = classify_connack(answer["code"], m.host, m.port, answer["name"])
+            found = classify_connack(answer["code"], host, port, answer["name"])
             if found is None:
                 who = m.username or "anonymous"
                 how = "TLS" if ctx is not None else "plain TCP"
                 return [
                     _ok(
                         "mqtt",
-                        f"broker {m.host}:{m.port} accepted {who} over {how} (CONNACK {answer['name']}) "
+                        f"broker {endpoint.address} accepted {who} over {how} (CONNACK {answer['name']}) "
                         f"in {elapsed:.2f} s",
                     )
                 ]
         elif answer.get("closed"):
-            found = resolve(Diagnosis(Cause.CLOSED, m.host, m.port, "before any CONNACK"), ctx)
+            found = resolve(Diagnosis(Cause.CLOSED, host, port, "before any CONNACK"), ctx)
         else:
-            found = Diagnosis(Cause.TIMEOUT, m.host, m.port, f"no answer (CONNACK) within {timeout:g} s")
+            found = Diagnosis(Cause.TIMEOUT, host, port, f"no answer (CONNACK) within {timeout:g} s")
         return [_fail("mqtt", found.describe("agent"))]
     finally:
         client.disconnect()

@@ -9,6 +9,7 @@ Example ``/etc/edgefleet/agent.toml``::
     [mqtt]
     host = "broker.lan"
     port = 8883
+    # or a clustered broker's nodes, tried in turn: endpoints = ["n1.lan:8883", "n2.lan:8883"]
     username = "pi-kitchen"
     password_file = "/etc/edgefleet/mqtt-password"
     [mqtt.tls]
@@ -44,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from agent.energy import EnergyConfig
 from agent.errors import ConfigError
+from agent.mqttclient import Endpoint, endpoints_or_default
 from agent.thermal import ThermalConfig
 from agent.wire import DEFAULT_NAMESPACE, ID_PATTERN, Identifier, key_id_for, public_key_from_text
 
@@ -80,6 +82,16 @@ class TlsConfig(_Strict):
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
+    endpoints: list[Endpoint] = Field(
+        default_factory=list,
+        description='several broker nodes, tried in turn on connection loss: "host:port", '
+        '"host:port@tls-server-name" or {host, port, server_name} tables; replaces host/port',
+    )
+    chunk_qos: Literal[0, 1] = Field(
+        default=1,
+        description="QoS of blob chunk subscriptions; 0 on NATS, where every QoS1 subscription is a "
+        "JetStream consumer (chunks are re-requested on reconnect and checked by sha256 either way)",
+    )
     namespace: Annotated[str, StringConstraints(pattern=ID_PATTERN)] = DEFAULT_NAMESPACE
     protocol: Literal["v5", "v311"] = Field(default="v5", description="MQTT v5 unless the broker lacks it")
     client_id: str | None = Field(default=None, description="default: edgefleet-agent-<device id>")
@@ -104,7 +116,16 @@ class MqttConfig(_Strict):
             raise ValueError("give either password or password_file, not both")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.endpoints and {"host", "port"} & self.model_fields_set:
+            raise ValueError("give either host/port or endpoints, not both")
+        addresses = [e.address for e in self.endpoints]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"endpoints repeat an address: {', '.join(addresses)}")
         return self
+
+    def broker_endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoints to rotate through: ``endpoints``, or the one ``host:port``."""
+        return endpoints_or_default(self.endpoints, self.host, self.port)
 
 
 class TrustConfig(_Strict):
@@ -144,7 +165,11 @@ class BenchConfig(_Strict):
 
     Per variant and thread count, in a child process: load + allocate (``init_ms``), one first inference,
     accuracy and top-1 predictions on the bundle's sample, ``warmup_runs`` discarded, then timed runs until
-    at least ``min_runs`` runs AND at least ``min_seconds`` have passed (``max_runs`` caps it).
+    at least ``min_runs`` runs AND at least ``min_seconds`` have passed (``max_runs`` caps it). A timed
+    window that other processes disturbed past ``max_other_share`` / ``max_involuntary_per_s``
+    (:mod:`agent.contention`) is run again, at most ``max_retries`` times; a result still disturbed is
+    published with ``contended: true`` and its figures. Defaults of 2 s and 100 runs: one-second windows
+    of 57-127 runs were too short to be stable under a competing application.
     """
 
     threads: list[int | Literal["all"]] = Field(
@@ -154,9 +179,13 @@ class BenchConfig(_Strict):
         "this process may use (os.sched_getaffinity). Duplicates after resolving run once",
     )
     warmup_runs: int = Field(default=5, ge=0, description="inferences run and discarded before timing")
-    min_runs: int = Field(default=50, ge=1, description="timed inferences, at least")
-    min_seconds: float = Field(default=1.0, ge=0, description="timed loop lasts at least this long")
-    max_runs: int = Field(default=10_000, ge=1, description="timed inferences, at most")
+    min_runs: int = Field(default=100, ge=1, description="timed inferences, at least")
+    min_seconds: float = Field(default=2.0, ge=0, description="timed loop lasts at least this long")
+    max_runs: int = Field(
+        default=100_000,
+        ge=1,
+        description="timed inferences, at most (a model faster than min_seconds / max_runs ends sooner)",
+    )
     max_eval: int = Field(
         default=1000, ge=0, description="sample rows scored for accuracy/agreement (0 = skip the sample)"
     )
@@ -172,6 +201,18 @@ class BenchConfig(_Strict):
         le=1,
         description="ACCURACY_MISMATCH when on-device accuracy differs from the host's by more than this "
         "(either direction)",
+    )
+    max_retries: int = Field(
+        default=2, ge=0, le=10, description="a disturbed timed window is run again at most this many times"
+    )
+    max_other_share: float = Field(
+        default=0.10,
+        ge=0,
+        le=1,
+        description="disturbed when other processes used more than this share of the child's cores",
+    )
+    max_involuntary_per_s: float = Field(
+        default=50.0, ge=0, description="disturbed past this many involuntary context switches per second"
     )
 
     @model_validator(mode="after")

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.board import (
@@ -461,6 +460,8 @@ def find_battery(root: Path, opener: Opener = read_text) -> BatteryBackend:
 
 def _system_utilisation() -> Callable[[], float]:
     """A stateful reader of system-wide busy share since its previous call (psutil cpu_times)."""
+    import psutil  # lazy: first needed when power is read; the idle daemon does without it (0.8 MB)
+
     last = psutil.cpu_times()
 
     def read() -> float:

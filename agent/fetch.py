@@ -8,10 +8,17 @@ restart are not fetched again. A blob that makes no progress for ``timeout_s`` i
 are kept for a later attempt). Whole-blob assembly and verification is :meth:`agent.store.Store.assemble`.
 
 The fetcher is driven from the daemon's main thread only (``on_chunk``, ``pump``, ``check_timeouts``).
+
+Failover: the broker client re-subscribes every chunk still in flight after it reconnects, to whichever
+node it reached, and retained chunks are delivered again there; chunks already stored stay stored, so a
+fetch interrupted by a node loss resumes where it was. Chunk subscriptions use the client's
+``chunk_qos`` (``mqtt.chunk_qos``; 0 on NATS, where a QoS1 subscription is a JetStream consumer).
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +30,8 @@ from agent.store import BlobKind, Store
 from agent.wire import BlobRef, Topics
 
 log = logging.getLogger(__name__)
+
+DISK_RETRY_S = 5.0  # a fetch paused by a full disk asks for its chunks again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,7 @@ class BlobJob:
     in_flight: set[int] = field(default_factory=set)
     last_progress: float = 0.0
     bad_chunks: int = 0
+    paused_until: float = 0.0  # the disk was full: no new subscriptions before then
 
     @property
     def done(self) -> bool:
@@ -62,6 +72,7 @@ class Fetcher:
         window: int = 32,
         timeout_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        qos: int | None = None,
     ) -> None:
         if not 1 <= window <= 32:
             raise ValueError("window must be between 1 and 32 subscriptions")
@@ -71,6 +82,8 @@ class Fetcher:
         self.window = window
         self.timeout_s = timeout_s
         self.clock = clock
+        # a fake client in unit tests may not say; the real one follows mqtt.chunk_qos
+        self.qos: int = qos if qos is not None else int(getattr(client, "chunk_qos", 1))
         self.jobs: dict[str, BlobJob] = {}
 
     # ------------------------------------------------------------------ jobs
@@ -114,11 +127,12 @@ class Fetcher:
     def pump(self) -> None:
         """Fill the subscription window with the next missing chunks, oldest job first."""
         free = self.window - self.subscribed()
+        now = self.clock()
         for job in self.jobs.values():
-            while free > 0 and job.queued:
+            while free > 0 and job.queued and job.paused_until <= now:
                 index = job.queued.pop(0)
                 job.in_flight.add(index)
-                self.client.subscribe(self.topics.blob(job.ref.sha256, index), 1)
+                self.client.subscribe(self.topics.blob(job.ref.sha256, index), self.qos)
                 free -= 1
             if free <= 0:
                 return
@@ -142,6 +156,10 @@ class Fetcher:
             job.bad_chunks += 1
             log.warning("refused %s: %s", topic, err)
             return [FetchNote("rejected", sha, owners, err.reason, str(err), job.kind)]
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return self._disk_full(job, index, topic, owners, err)
         job.in_flight.discard(index)
         job.last_progress = self.clock()
         self.client.unsubscribe(topic)
@@ -152,8 +170,32 @@ class Fetcher:
         self.pump()
         return notes
 
+    def _disk_full(
+        self, job: BlobJob, index: int, topic: str, owners: tuple[tuple[str, str], ...], err: OSError
+    ) -> list[FetchNote]:
+        """No room for a chunk: put it back in the queue and pause the job (one DISK_FULL per pause);
+        :meth:`check_timeouts` resumes it after ``DISK_RETRY_S`` (the chunk is retained on the broker)."""
+        self.client.unsubscribe(topic)
+        job.in_flight.discard(index)
+        bisect.insort(job.queued, index)
+        now = self.clock()
+        job.last_progress = now  # waiting for space is not a stalled transfer
+        first = job.paused_until <= now
+        job.paused_until = now + DISK_RETRY_S
+        if not first:
+            return []
+        detail = f"no space left for chunk {index} of {job.ref.sha256[:12]} ({err.strerror}); retrying"
+        log.warning("fetch paused: %s", detail)
+        return [FetchNote("rejected", job.ref.sha256, owners, "DISK_FULL", detail, job.kind)]
+
     def check_timeouts(self) -> list[FetchNote]:
         now = self.clock()
+        if any(0 < j.paused_until <= now for j in self.jobs.values()):
+            for job in self.jobs.values():
+                if 0 < job.paused_until <= now:
+                    job.paused_until = 0.0
+                    job.last_progress = now
+            self.pump()  # space may be back: ask for the chunks again
         notes = []
         for sha, job in list(self.jobs.items()):
             if now - job.last_progress > self.timeout_s:

@@ -2,10 +2,14 @@
 
 The daemon talks to :class:`BrokerClient` only; tests may pass a fake. :class:`PahoBroker`:
 
-* MQTT v5 with ``clean_start=False`` and a session expiry interval (offline queues survive restarts), or
-  3.1.1 with ``clean_session=False``; username/password; TLS with CA / client certificate;
+* built by :func:`agent.mqttclient.build_client`: MQTT v5 with ``clean_start=False`` and a session expiry
+  interval (offline queues survive restarts), or 3.1.1 with ``clean_session=False``; username/password;
+  TLS with CA / client certificate; TCP_NODELAY; several broker endpoints (``mqtt.endpoints``): every
+  reconnect attempt goes to the next one, with paho's backoff between attempts;
 * a retained Last Will (``Status(online=False)``) and a retained birth message re-published on every connect;
-* re-subscribes everything in every ``on_connect``; reconnects with paho's exponential backoff;
+* re-subscribes everything in every ``on_connect``; reconnects with paho's exponential backoff; a
+  subscription the broker refuses (SUBACK >= 0x80: NATS while JetStream re-elects after a node loss) is
+  retried after ``SUB_RETRY_S``, at most ``SUB_RETRIES`` times per connection;
 * bad credentials / not authorised in a CONNACK are fatal (:class:`ConnectionFatal`), the rest transient;
 * while offline, logs one line per failed attempt naming the cause (:mod:`agent.connectivity`), host:port
   and the next retry delay, rate-limited by :class:`~agent.connectivity.OfflineLog`; one line when back;
@@ -20,14 +24,12 @@ import contextlib
 import logging
 import math
 import queue
-import socket
-import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -38,15 +40,17 @@ from agent.connectivity import (
     OfflineLog,
     classify_connack,
     classify_error,
-    close_failed_socket,
     resolve,
     tls_context,
 )
 from agent.errors import ConnectionFatal
+from agent.mqttclient import ClientSpec, FleetClient, build_client, reason_value
 
 log = logging.getLogger(__name__)
 
 _FATAL_CONNACK = frozenset({"Bad user name or password", "Not authorized", "Bad authentication method"})
+SUB_RETRY_S = 1.0
+SUB_RETRIES = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,30 +81,6 @@ class BrokerClient(Protocol):
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None: ...
 
 
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle on the client socket: small QoS1 acks and (un)subscribes otherwise wait on
-    delayed ACKs (~40 ms each), which throttles the sliding chunk window (the broker side has
-    ``set_tcp_nodelay``)."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _Client(paho.Client):
-    """paho's client, keeping the exception of the last failed connect: paho catches it and calls
-    ``on_connect_fail`` without it."""
-
-    last_error: OSError | None = None
-
-    def reconnect(self) -> MQTTErrorCode:
-        self.last_error = None
-        try:
-            return super().reconnect()
-        except OSError as err:
-            close_failed_socket(err)
-            self.last_error = err
-            raise
-
-
 class PahoBroker:
     """paho-mqtt 2.x client configured from ``AgentConfig.mqtt``."""
 
@@ -111,33 +91,25 @@ class PahoBroker:
         self.config = config
         self.inbox: queue.Queue[Inbound] = inbox if inbox is not None else queue.Queue()
         self._v5 = m.protocol == "v5"
-        client_id = m.client_id or f"edgefleet-agent-{config.device.id}"
-        if self._v5:
-            self._client = _Client(
-                callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-            )
-        else:
-            self._client = _Client(
-                callback_api_version=CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                protocol=paho.MQTTv311,
-                clean_session=False,
-            )
-        c = self._client
-        c.on_socket_open = _no_delay
+        m_tls = m.tls
         password = config.mqtt_password()
-        if m.username is not None:
-            c.username_pw_set(m.username, password)
-        if m.tls is not None:
-            c.tls_set(
-                ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
-                certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
-                keyfile=str(m.tls.key_file) if m.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            if m.tls.insecure:
-                c.tls_insecure_set(True)
+        spec = ClientSpec(
+            client_id=m.client_id or f"edgefleet-agent-{config.device.id}",
+            endpoints=m.broker_endpoints(),
+            protocol=m.protocol,
+            username=m.username,
+            password=password if m.username is not None else None,
+            tls=m_tls is not None,
+            ca_file=m_tls.ca_file if m_tls else None,
+            cert_file=m_tls.cert_file if m_tls else None,
+            key_file=m_tls.key_file if m_tls else None,
+            insecure=m_tls.insecure if m_tls else False,
+            persistent_session=True,
+            connect_timeout_s=m.connect_timeout_s,
+        )
+        self._client: FleetClient = build_client(spec)
+        self.chunk_qos = m.chunk_qos
+        c = self._client
         will_topic, will_payload = will
         c.will_set(will_topic, will_payload, qos=1, retain=True)
         self._delay_min, self._delay_max = (
@@ -152,6 +124,7 @@ class PahoBroker:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         self._lock = threading.Lock()
         self._subs: dict[str, int] = {}
         self._birth: tuple[str, bytes] | None = None
@@ -160,7 +133,11 @@ class PahoBroker:
         self._refused: dict[int, str] = {}
         self._stopping = False
         # offline reporting; touched only by paho's network thread (last_failure is read by others)
-        self._offline = OfflineLog(m.host, m.port)
+        first = spec.endpoints[0]
+        self._offline = OfflineLog(first.host, first.port)
+        self._sub_mids: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics, until the SUBACK
+        self._sub_retries: dict[str, int] = {}  # refused topic -> retries this connection
+        self._timers: set[threading.Timer] = set()
         self._delay: int | None = None  # mirrors paho's backoff: None, then min, doubling up to max
         self._attempt_reported = True
         self._attempts = 0  # since start(): paho waits twice after a first attempt that raised
@@ -176,12 +153,11 @@ class PahoBroker:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = m.session_expiry_s
-            self._client.connect_async(
-                m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props
-            )
+            self._client.start_async(keepalive=m.keepalive_s, clean_start=False, properties=props)
         else:
-            self._client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
-        log.info("connecting to mqtt%s://%s:%d (MQTT %s)", "s" if m.tls else "", m.host, m.port, m.protocol)
+            self._client.start_async(keepalive=m.keepalive_s)
+        names = ", ".join(str(e) for e in self._client.rotation.endpoints)
+        log.info("connecting to mqtt%s://%s (MQTT %s)", "s" if m.tls else "", names, m.protocol)
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -199,6 +175,11 @@ class PahoBroker:
         if final is not None and self._connected.is_set():
             self.publish(final[0], final[1], qos=1, retain=True, timeout=timeout)
         self._stopping = True
+        with self._lock:
+            timers = list(self._timers)
+            self._timers.clear()
+        for timer in timers:
+            timer.cancel()
         self._client.disconnect()
         # paho 2.2's loop_stop() reads its thread attribute twice; the network thread may clear it in
         # between once disconnect() lands, which raises AttributeError although the loop has stopped.
@@ -217,7 +198,13 @@ class PahoBroker:
         with self._lock:
             self._subs[topic] = qos
         if self._connected.is_set():
-            self._client.subscribe(topic, qos)
+            self._subscribe_now(topic, qos)
+
+    def _subscribe_now(self, topic: str, qos: int) -> None:
+        result, mid = self._client.subscribe(topic, qos)
+        if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:
+                self._sub_mids[mid] = [topic]
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
@@ -269,11 +256,12 @@ class PahoBroker:
 
     def _on_connect_fail(self, _client: paho.Client, _ud: Any) -> None:
         m = self.config.mqtt
+        ep = self._client.endpoint
         err = self._client.last_error
         if err is None:
-            found = Diagnosis(Cause.OTHER, m.host, m.port, "connect failed")
+            found = Diagnosis(Cause.OTHER, ep.host, ep.port, "connect failed")
         else:
-            found = classify_error(err, m.host, m.port, tls=m.tls is not None)
+            found = classify_error(err, ep.host, ep.port, tls=m.tls is not None)
         # paho 2.x: when connect_async's first attempt raises, loop_forever waits once in its "first
         # connection" loop and again in its main loop before the next attempt
         self._failed(found, waits=2 if self._attempts == 1 else 1)
@@ -283,6 +271,17 @@ class PahoBroker:
         if self._attempt_reported or self._stopping or self._fatal is not None:
             return
         self._attempt_reported = True
+        rotation = self._client.rotation
+        rotation.failed()
+        if len(rotation.endpoints) > 1:
+            every = "; every endpoint failed since the last connection" if rotation.cycle_failed else ""
+            log.info(
+                "broker %s failed (%s); next attempt: %s%s",
+                found.address,
+                found.cause.value,
+                rotation.peek(),
+                every,
+            )
         if found.ambiguous:
             found = self._probe(found)
         self.last_failure = found
@@ -315,11 +314,11 @@ class PahoBroker:
     def _on_connect(self, client: paho.Client, _ud: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         if reason_code.is_failure:
             name = reason_code.getName()
-            m = self.config.mqtt
-            self.last_failure = classify_connack(int(reason_code.value), m.host, m.port, name)
+            ep = self._client.endpoint
+            self.last_failure = classify_connack(int(reason_code.value), ep.host, ep.port, name)
             if name in _FATAL_CONNACK:
                 self._fatal = (
-                    f"broker {m.host}:{m.port} refused the connection: {name}. Check mqtt.username and "
+                    f"broker {ep.address} refused the connection: {name}. Check mqtt.username and "
                     f"mqtt.password/password_file (or the client certificate) and the broker's ACL for "
                     f"device {self.config.device.id!r}"
                 )
@@ -331,6 +330,8 @@ class PahoBroker:
             elif self.last_failure is not None:
                 self._failed(self.last_failure)
             return
+        self._client.rotation.connected()
+        self._offline.address = self._client.endpoint.address
         back = self._offline.connected()
         if back is not None:
             log.info("%s", back)
@@ -338,11 +339,14 @@ class PahoBroker:
         with self._lock:
             subs = list(self._subs.items())
             birth = self._birth
-        log.info("connected to the broker; subscribing to %d topic(s)", len(subs))
+        log.info("connected to %s; subscribing to %d topic(s)", self._client.endpoint, len(subs))
+        with self._lock:
+            self._sub_mids.clear()
+            self._sub_retries.clear()
         if birth is not None:
             client.publish(birth[0], birth[1], qos=1, retain=True)
         for topic, qos in subs:
-            client.subscribe(topic, qos)
+            self._subscribe_now(topic, qos)
         self._connected.set()
         self.inbox.put(Inbound("", b"", connected=True))
 
@@ -357,8 +361,8 @@ class PahoBroker:
             log.warning("disconnected from the broker (%s); reconnecting with backoff", reason_code)
             self._offline.disconnected()
         else:  # the attempt ended before a CONNACK: e.g. a TLS listener resetting a plain client
-            m = self.config.mqtt
-            self._failed(Diagnosis(Cause.CLOSED, m.host, m.port, f"before any CONNACK ({reason_code})"))
+            ep = self._client.endpoint
+            self._failed(Diagnosis(Cause.CLOSED, ep.host, ep.port, f"before any CONNACK ({reason_code})"))
 
     def _on_message(self, _client: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -368,3 +372,40 @@ class PahoBroker:
         if reason_code.is_failure:
             with self._lock:
                 self._refused[mid] = reason_code.getName()
+
+    def _on_subscribe(self, _client: paho.Client, _ud: Any, mid: int, reason_codes: Any, _props: Any) -> None:
+        with self._lock:
+            topics = self._sub_mids.pop(mid, [])
+        for topic, code in zip(topics, reason_codes or [], strict=False):
+            if reason_value(code) >= 0x80:
+                self._refused_subscription(topic, reason_value(code))
+
+    def _refused_subscription(self, topic: str, code: int) -> None:
+        """Retry later (never block the network thread): NATS refuses while JetStream re-elects."""
+        with self._lock:
+            wanted = topic in self._subs
+            tries = self._sub_retries.get(topic, 0) + 1
+            self._sub_retries[topic] = tries
+        if not wanted or self._stopping:
+            return
+        if tries > SUB_RETRIES:
+            log.error(
+                "broker refused subscription %s %d times (0x%02x); giving up until reconnect",
+                topic,
+                tries - 1,
+                code,
+            )
+            return
+        log.warning("broker refused subscription %s (0x%02x); retrying in %g s", topic, code, SUB_RETRY_S)
+        timer = threading.Timer(SUB_RETRY_S, self._retry_subscription, [topic])
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _retry_subscription(self, topic: str) -> None:
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            qos = self._subs.get(topic)
+        if qos is not None and self._connected.is_set() and not self._stopping:
+            self._subscribe_now(topic, qos)

@@ -3,9 +3,11 @@
     blobs/<sha>.tflite             verified model, read-only (0444), content-addressed
     blobs/<sha>.npz                verified evaluation sample of a variant (same rules)
     partial/<sha>/<index>          verified chunks of a blob being fetched (kept across restarts)
-    models/<model>/active.tflite   symlink → ../../blobs/<sha>.tflite, swapped atomically
-    models/<model>/previous.tflite symlink to the model active before the last activation
-    models/<model>/active.json     variant id, sha, manifest version, activated_at
+    models/<model>/active.tflite   symlink → current/model.tflite (fixed; see agent.generations)
+    models/<model>/active.json     symlink → current/active.json: variant id, sha, manifest version, ...
+    models/<model>/current         symlink → gen/<n>, swapped atomically: model and metadata together
+    models/<model>/gen/<n>/        one generation: model.tflite → ../../../../blobs/<sha>.tflite + active.json
+    models/<model>/previous.tflite symlink → gen/<m>/model.tflite, the generation active before
     models/<model>/manifest.json   the signed manifest exactly as received (re-verified on restart)
     state.json                     per-model state machine, written atomically; a corrupt file is moved aside
     counters/<model>.count         inferences applications served (agent.active), summed in telemetry
@@ -146,8 +148,13 @@ class Store:
         self._verified: dict[str, set[int]] = {}
 
     def ensure(self) -> None:
+        from agent import generations  # builds on this module's atomic writes
+
         for d in (self.root, self.blobs, self.partial, self.models):
             d.mkdir(parents=True, exist_ok=True)
+        for model_dir in self.models.iterdir():
+            if model_dir.is_dir() and not model_dir.is_symlink():
+                generations.recover(model_dir, self.blobs)  # older layout, a kill mid-activation
         counters = self.root / "counters"  # applications add their inference counts here (agent.active)
         if not counters.is_dir():
             counters.mkdir()
@@ -338,46 +345,38 @@ class Store:
         return self.model_dir(model) / "previous.tflite"
 
     def link_sha(self, link: Path) -> str | None:
-        """sha256 named by a store symlink's target (``../../blobs/<sha>.tflite``), or None."""
-        try:
-            target = os.readlink(link)
-        except (FileNotFoundError, OSError):
-            return None
-        name = Path(target).name
-        sha = name.removesuffix(".tflite")
-        return sha if len(sha) == 64 else None
+        """sha256 of the blob a store symlink finally resolves to (through ``current``), or None."""
+        from agent import generations
 
-    def activate(self, model: str, sha: str) -> str | None:
-        """Make blob ``sha`` the active model; the old active becomes previous. Returns the old sha."""
+        return generations.sha_of(link)
+
+    def activate(self, model: str, sha: str, info: ActiveVariant | None = None) -> str | None:
+        """Make blob ``sha`` (with its metadata ``info``) the active model in one atomic step; the old
+        active becomes previous. Returns the old sha."""
+        from agent import generations
+
         if not self.has_blob(sha):
             raise StoreError(f"blob {sha[:12]} is not in the store; fetch it first")
-        active, previous = self.active_link(model), self.previous_link(model)
-        old = self.link_sha(active)
-        if old is not None and old != sha:
-            atomic_symlink(f"../../blobs/{old}.tflite", previous)
-        atomic_symlink(f"../../blobs/{sha}.tflite", active)
-        return old
+        return generations.activate(self.model_dir(model), self.blob_path(sha), info)
 
     def restore_previous(self, model: str) -> str | None:
-        """Point active back at previous (and drop previous). Returns the restored sha, or None if none."""
-        active, previous = self.active_link(model), self.previous_link(model)
-        prev = self.link_sha(previous)
-        if prev is None or not self.has_blob(prev):
-            return None
-        atomic_symlink(f"../../blobs/{prev}.tflite", active)
-        previous.unlink()
-        fsync_dir(previous.parent)
-        return prev
+        """Make previous (model and metadata) active again and drop previous. Returns the restored sha,
+        or None if there is none."""
+        from agent import generations
+
+        return generations.restore_previous(self.model_dir(model))
 
     def deactivate(self, model: str) -> None:
-        """Remove the active link (used when a failed first activation has nothing to fall back to)."""
-        for path in (self.active_link(model), self.model_dir(model) / "active.json"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        fsync_dir(self.model_dir(model))
+        """Nothing active (a failed first activation has nothing to fall back to)."""
+        from agent import generations
+
+        generations.deactivate(self.model_dir(model))
 
     def write_active_info(self, model: str, info: ActiveVariant) -> None:
-        atomic_write(self.model_dir(model) / "active.json", info.model_dump_json(indent=2).encode())
+        """Make ``info`` the active metadata together with the model it names (a no-op when it already is)."""
+        from agent import generations
+
+        generations.set_info(self.model_dir(model), self.blob_path(info.sha256), info)
 
     def read_active_info(self, model: str) -> ActiveVariant | None:
         path = self.model_dir(model) / "active.json"

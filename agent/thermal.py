@@ -21,7 +21,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.board import CommandRunner, CommandUnavailable, default_runner
@@ -57,6 +56,8 @@ class ThermalConfig(BaseModel):
 
 
 def _psutil_sensors() -> dict[str, list[Any]]:
+    import psutil  # lazy: a board with thermal zones never needs it (0.8 MB of the idle daemon)
+
     fn = getattr(psutil, "sensors_temperatures", None)  # absent on macOS/Windows
     if fn is None:
         return {}

@@ -32,7 +32,6 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 # --------------------------------------------------------------------------------------------------------
@@ -178,17 +177,18 @@ class Signature(WireModel):
 
 def key_id_for(public_key: Ed25519PublicKey) -> str:
     """Stable short id of a public key: first 16 hex digits of sha256 over its raw bytes."""
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    raw = public_key.public_bytes_raw()  # not public_bytes(): serialization costs the idle daemon 0.7 MB
     return sha256_hex(raw)[:16]
 
 
 def public_key_from_text(text: str) -> Ed25519PublicKey:
     """Accept a PEM public key or the base64 of the 32 raw bytes."""
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
     text = text.strip()
     try:
         if text.startswith("-----BEGIN"):
+            # only here: the serialization module costs the daemon 0.7 MB and base64 keys need none of it
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
             key = load_pem_public_key(text.encode("ascii"))
         else:
             key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
@@ -603,6 +603,22 @@ class Energy(WireModel):
         return self
 
 
+class Contention(WireModel):
+    """How much other processes disturbed the timed window that was kept (report/1, added in place: the
+    fields are optional, so reports from older agents still decode; see agent/contention.py)."""
+
+    cores: list[int] = Field(default_factory=list, max_length=1024, description="the child's CPU affinity")
+    other_cpu_s: float = Field(ge=0, description="CPU seconds other processes used on those cores")
+    other_share: float = Field(ge=0, description="other_cpu_s / (window seconds x cores)")
+    involuntary_switches: int = Field(ge=0, description="the child's involuntary context switches")
+    involuntary_per_s: float = Field(ge=0)
+    freq_mhz_min: float | None = Field(default=None, ge=0, description="cpufreq, where the board has it")
+    freq_mhz_max: float | None = Field(default=None, ge=0)
+    throttled: bool | None = Field(default=None, description="firmware throttling flags during the window")
+    retries: int = Field(default=0, ge=0, description="windows run again because they were disturbed")
+    why: list[Annotated[str, StringConstraints(max_length=300)]] = Field(default_factory=list, max_length=8)
+
+
 class BenchResult(WireModel):
     variant: Identifier
     sha256: Sha256
@@ -629,6 +645,12 @@ class BenchResult(WireModel):
     fidelity: OutputFidelity | None = Field(
         default=None, description="this device's outputs on the sample against the host's (ref_*)"
     )
+    contended: bool | None = Field(
+        default=None,
+        description="the timed window stayed disturbed by other processes after its retries (None: not "
+        "measured, an older agent); select does not rank on a contended result by default",
+    )
+    contention: Contention | None = None
     ts: float
 
     @model_validator(mode="after")
@@ -688,6 +710,7 @@ class ReasonCode(StrEnum):
     BENCH_FAILED = "BENCH_FAILED"
     HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
     NO_PREVIOUS = "NO_PREVIOUS"
+    NOT_RUNNING = "NOT_RUNNING"  # a cancel command for a model that is not benchmarking
     COMMAND = "COMMAND"
     INTERNAL = "INTERNAL"
 
@@ -729,6 +752,7 @@ class CommandAction(StrEnum):
     PING = "ping"
     REBENCHMARK = "rebenchmark"
     ROLLBACK = "rollback"
+    CANCEL = "cancel"  # end the model's running benchmark; no report
 
 
 class Command(Message):
@@ -745,7 +769,7 @@ class Command(Message):
 
     @model_validator(mode="after")
     def _model_for_model_actions(self) -> Self:
-        if self.action in (CommandAction.REBENCHMARK, CommandAction.ROLLBACK) and self.model is None:
+        if self.action is not CommandAction.PING and self.model is None:
             raise ValueError(f"command {self.action.value} needs a model")
         return self
 
@@ -875,6 +899,99 @@ class Topics:
             case ["devices", device, "cmd"]:
                 return ParsedTopic(TopicKind.CMD, device=check_id(device, "device"))
         raise IdentifierError(f"topic {topic!r} is not part of the edgefleet contract")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inbound messages: one decoder for every receiver (agent, collector, fleet state, rollout controller)
+
+_TOPIC_MESSAGE: dict[TopicKind, type[Message]] = {
+    TopicKind.MANIFEST: Manifest,
+    TopicKind.STATUS: Status,
+    TopicKind.REPORT: Report,
+    TopicKind.EVENTS: Event,
+    TopicKind.TELEMETRY: Telemetry,
+    TopicKind.ASSIGN: Assignment,
+    TopicKind.CMD: Command,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An inbound message: its parsed topic and the typed payload.
+
+    ``message`` is None for a blob chunk (raw bytes: ``payload``) and for an empty payload (a retained
+    message being cleared).
+    """
+
+    topic: ParsedTopic
+    message: Message | None
+    payload: bytes
+
+    def as_(self, cls: type[_M]) -> _M:
+        """The message as ``cls`` (the caller dispatched on ``topic.kind``); PayloadError otherwise."""
+        if not isinstance(self.message, cls):
+            raise PayloadError(f"expected a {cls.message_kind()} on this topic")
+        return self.message
+
+
+def decode_inbound(
+    topics: Topics,
+    topic: str,
+    payload: bytes,
+    *,
+    trusted: Mapping[str, Ed25519PublicKey] | None = None,
+    max_bytes: int = MAX_JSON_PAYLOAD,
+    parsed: ParsedTopic | None = None,
+) -> Decoded:
+    """Decode a message received on ``topic`` into the message its topic carries.
+
+    With ``trusted``, manifests, assignments and commands must carry a signature by one of those keys
+    (SignatureError); without, they are only schema-checked (host-side readers of what was published).
+    The payload's ``device`` and ``model`` must be the ones in the topic: a mismatch is a PayloadError
+    with reason WRONG_DEVICE (device) or MALFORMED (model). A topic outside the contract is an
+    IdentifierError. Every refusal is a :class:`WireError` whose ``reason`` is the Event reason code.
+    ``parsed``: the topic already parsed (a receiver caching its fleet's topics).
+    """
+    if parsed is None:
+        parsed = topics.parse(topic)
+    if parsed.kind is TopicKind.BLOB or not payload:
+        return Decoded(parsed, None, payload)
+    cls = _TOPIC_MESSAGE[parsed.kind]
+    if trusted is not None and cls in (Manifest, Assignment, Command):
+        message: Message = verify_signed(cls, payload, trusted, max_bytes)  # type: ignore[type-var]
+    else:
+        message = _decode_fast(cls, payload, max_bytes)
+    check_topic_matches(parsed, message)
+    return Decoded(parsed, message, payload)
+
+
+def _decode_fast(cls: type[_M], payload: bytes, max_bytes: int) -> _M:
+    """:func:`decode`, three times faster: pydantic parses the JSON itself, no dict in between.
+
+    Same result for every payload: anything the fast path could treat differently goes to :func:`decode`
+    (which also gives the usual error): oversize, ``NaN``/``Infinity`` literals (which pydantic's parser
+    accepts and :func:`parse_json` refuses), and every payload the fast path refuses (bad UTF-8 or JSON,
+    not an object, failing the schema). Duplicate keys: the last wins in both.
+    """
+    if len(payload) <= max_bytes and b"NaN" not in payload and b"Infinity" not in payload:
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            pass
+    return decode(cls, payload, max_bytes)
+
+
+def check_topic_matches(parsed: ParsedTopic, message: Message) -> None:
+    """The payload's device/model are the topic's (a report on another device's topic is refused)."""
+    kind = message.message_kind()
+    device = getattr(message, "device", None)
+    if parsed.device is not None and device != parsed.device:
+        raise PayloadError(
+            f"{kind} for device {device!r} arrived on the topic of device {parsed.device!r}", "WRONG_DEVICE"
+        )
+    model = getattr(message, "model", None)
+    if parsed.model is not None and model != parsed.model:
+        raise PayloadError(f"{kind} for model {model!r} arrived on the topic of model {parsed.model!r}")
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

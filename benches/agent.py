@@ -188,7 +188,7 @@ def plain_loop(path: Path, sample: Path, runs: int, warmup: int) -> list[float]:
     """
     import numpy as np
 
-    from agent.bench_child import _prepare_inputs
+    from agent.bench_child import _prepare_inputs, _Sample
     from agent.runtime import load_interpreter
 
     interpreter_cls, _name, _version = load_interpreter()
@@ -197,7 +197,7 @@ def plain_loop(path: Path, sample: Path, runs: int, warmup: int) -> list[float]:
     interp = interpreter_cls(model_path=str(path), num_threads=1)
     interp.allocate_tensors()
     inputs = interp.get_input_details()
-    rows, _labels = _prepare_inputs(np, inputs, data)
+    rows, _fed = _prepare_inputs(np, inputs, _Sample(data).inputs, len(next(iter(data.values()))))
     for i in range(warmup):
         for d, arr in zip(inputs, rows[i % len(rows)], strict=True):
             interp.set_tensor(d["index"], arr)
@@ -311,12 +311,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7, help="fidelity repetitions per variant")
     ap.add_argument("--fidelity-runs", type=int, default=300, help="timed runs per fidelity measurement")
     ap.add_argument("--fidelity-only", action="store_true", help="skip the agent/broker parts")
+    ap.add_argument("--idle-only", action="store_true", help="only the idle agent's memory and CPU")
     args = ap.parse_args()
     if args.fidelity_only:
         fid = measure_fidelity(args.reps, args.fidelity_runs)
         print(json.dumps({"loadavg": [round(v, 2) for v in os.getloadavg()], "fidelity": fid}))
         return 0
-    mdir = models()
+    mdir = None if args.idle_only else models()
     key = Ed25519PrivateKey.generate()
     pub = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
     topics = Topics()
@@ -388,53 +389,57 @@ def main() -> int:
                 "pss_mb": round(pss_max / 2**20, 1),
                 "cpu_percent_of_one_core": round(100 * cpu_s / wall, 3),
                 "target_rss_mb": 40,
+                "target_pss_mb": 30,
                 "target_cpu_percent": 1.0,
                 **mapped_libraries(proc.pid),
             }
 
-            sample = (mdir / "sample.npz").read_bytes()
-            sref = BlobRef.of(sample, CHUNK)
-            blobs = {vid: (mdir / f"{vid}.tflite").read_bytes() for vid in QUANT}
-            variants = [variant(vid, data, sref) for vid, data in blobs.items()]
-            for data in [*blobs.values(), sample]:
-                sha = hashlib.sha256(data).hexdigest()
-                for i, chunk in enumerate(iter_chunks(data, CHUNK)):
-                    bus.publish(topics.blob(sha, i), chunk, qos=1, retain=True).wait_for_publish(10)
-            manifest = sign(
-                Manifest(
-                    model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=variants
-                ),
-                key,
-            )
-            t_pub = time.monotonic()
-            bus.publish(topics.manifest(MODEL), manifest.to_json(), qos=1, retain=True).wait_for_publish(10)
-            report = json.loads(wait(lambda t, p: t == topics.report(DEVICE, MODEL), args.timeout))
-            result["manifest_to_report_s"] = round(time.monotonic() - t_pub, 2)
-            mem = ps.memory_full_info()
-            result["after_report"] = {
-                "rss_mb": round(mem.rss / 2**20, 1),
-                "uss_mb": round(mem.uss / 2**20, 1),
-                "pss_mb": round(getattr(mem, "pss", 0) / 2**20, 1),
-            }
-            result["manifest"] = {
-                "variants": len(variants),
-                "bytes": sum(len(b) for b in blobs.values()) + len(sample),
-                "chunk_bytes": CHUNK,
-            }
-            fidelity = {}
-            for r in report["results"]:
-                if r["variant"] in ("float32", "dynint8") and r.get("latency_ms"):
-                    agent_p50 = r["latency_ms"]["p50"]
-                    plain = local_p50(
-                        mdir / f"{r['variant']}.tflite", mdir / "sample.npz", r["latency_ms"]["count"]
-                    )
-                    fidelity[r["variant"]] = {
-                        "agent_p50_ms": round(agent_p50, 4),
-                        "plain_loop_p50_ms": round(plain, 4),
-                        "ratio": round(agent_p50 / plain, 3),
-                        "runs": r["latency_ms"]["count"],
-                    }
-            result["fidelity_tiny"] = {"note": "15-20 us models, reference only", **fidelity}
+            if mdir is not None:  # --idle-only stops here
+                sample = (mdir / "sample.npz").read_bytes()
+                sref = BlobRef.of(sample, CHUNK)
+                blobs = {vid: (mdir / f"{vid}.tflite").read_bytes() for vid in QUANT}
+                variants = [variant(vid, data, sref) for vid, data in blobs.items()]
+                for data in [*blobs.values(), sample]:
+                    sha = hashlib.sha256(data).hexdigest()
+                    for i, chunk in enumerate(iter_chunks(data, CHUNK)):
+                        bus.publish(topics.blob(sha, i), chunk, qos=1, retain=True).wait_for_publish(10)
+                manifest = sign(
+                    Manifest(
+                        model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=variants
+                    ),
+                    key,
+                )
+                t_pub = time.monotonic()
+                bus.publish(topics.manifest(MODEL), manifest.to_json(), qos=1, retain=True).wait_for_publish(
+                    10
+                )
+                report = json.loads(wait(lambda t, p: t == topics.report(DEVICE, MODEL), args.timeout))
+                result["manifest_to_report_s"] = round(time.monotonic() - t_pub, 2)
+                mem = ps.memory_full_info()
+                result["after_report"] = {
+                    "rss_mb": round(mem.rss / 2**20, 1),
+                    "uss_mb": round(mem.uss / 2**20, 1),
+                    "pss_mb": round(getattr(mem, "pss", 0) / 2**20, 1),
+                }
+                result["manifest"] = {
+                    "variants": len(variants),
+                    "bytes": sum(len(b) for b in blobs.values()) + len(sample),
+                    "chunk_bytes": CHUNK,
+                }
+                fidelity = {}
+                for r in report["results"]:
+                    if r["variant"] in ("float32", "dynint8") and r.get("latency_ms"):
+                        agent_p50 = r["latency_ms"]["p50"]
+                        plain = local_p50(
+                            mdir / f"{r['variant']}.tflite", mdir / "sample.npz", r["latency_ms"]["count"]
+                        )
+                        fidelity[r["variant"]] = {
+                            "agent_p50_ms": round(agent_p50, 4),
+                            "plain_loop_p50_ms": round(plain, 4),
+                            "ratio": round(agent_p50 / plain, 3),
+                            "runs": r["latency_ms"]["count"],
+                        }
+                result["fidelity_tiny"] = {"note": "15-20 us models, reference only", **fidelity}
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -445,6 +450,9 @@ def main() -> int:
             bus.disconnect()
             bus.loop_stop()
     result["machine"]["loadavg_after_agent"] = [round(v, 2) for v in os.getloadavg()]
+    if mdir is None:
+        print(json.dumps(result))
+        return 0
     result["fidelity"] = measure_fidelity(args.reps, args.fidelity_runs)  # after the agent has stopped
     result["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result))

@@ -7,13 +7,15 @@
     edgefleet publish BUNDLE [--key K]               verify, sign and publish a bundle (chunks, then manifest)
     edgefleet select --model M [--policy P] [--json] show what the policy would choose per device
     edgefleet assign --model M [--policy P] [--device D ...] [--key K] [--dry-run]
-                     (both: [--db PATH | --from-broker] [--allow-partial], see "Where the fleet is read")
-    edgefleet fleet [--model M] [--json] [--db PATH] devices, active variants, state, latency, energy
-    edgefleet report DEVICE [--model M] [--json] [--db PATH]   every benchmark result of one device
+                     (both: [--db URL | --from-broker] [--allow-partial], see "Where the fleet is read")
+    edgefleet fleet [--model M] [--json] [--db URL]  devices, active variants, state, latency, energy
+    edgefleet report DEVICE [--model M] [--json] [--db URL]    every benchmark result of one device
     edgefleet plot MODEL --out FILE.png              latency (p50, log) vs host accuracy per device
     edgefleet rollout MODEL [--canary N | --canary-percent P] [--wait] [--timeout S] [--resume]
     edgefleet rollout status|abort MODEL             staged rollouts (see deploy/rollout.py)
-    edgefleet cmd DEVICE ping|rebenchmark|rollback [--model M] [--wait S]   signed command
+    edgefleet controller [--db URL] [--policy P]     assign and roll out by policy, long-running
+    edgefleet approve|mode|pause|resume ...          steer the controller (see deploy/controller.py)
+    edgefleet cmd DEVICE ping|rebenchmark|cancel|rollback [--model M] [--wait S]   signed command
     edgefleet schema --out DIR                       JSON Schemas of every wire message
     edgefleet compress ...                           (provided by the compressor, when installed)
     edgefleet demo ...                               (end-to-end demo)
@@ -26,11 +28,12 @@ Broker options (publish/select/assign/fleet/report/plot/rollout/cmd; rollout cal
 one for the controller); a flag given on the command line overrides its key. The first line on stderr
 names the broker and where its settings came from.
 
-Where the fleet is read (select, assign, fleet, report): ``--db PATH``, the collector's database; else
-``$EDGEFLEET_COLLECTOR_DB`` or ``/var/lib/edgefleet-collector/fleet.db`` when it exists (a stderr line
-says so); else, or with ``--from-broker``, the broker's retained messages, a burst the broker cuts past
-its queue limit: a burst that looks cut is named on stderr, and select/assign/rollout then refuse to
-decide (exit 2) unless ``--allow-partial`` (see ``deploy/state.py``).
+Where the fleet is read (select, assign, fleet, report): ``--db URL``, the collector's store (a file,
+``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see ``deploy/store_sql.py``); else
+``$EDGEFLEET_COLLECTOR_DB`` (a URL, or a file when it exists) or ``/var/lib/edgefleet-collector/fleet.db``
+when it exists (a stderr line says so); else, or with ``--from-broker``, the broker's retained
+messages, a burst the broker cuts past its queue limit: a burst that looks cut is named on stderr, and
+select/assign/rollout then refuse to decide (exit 2) unless ``--allow-partial`` (see ``deploy/state.py``).
 
 Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
 """
@@ -85,6 +88,13 @@ def _broker_parent(timeout_flag: str = "--timeout") -> _Parser:
     g.add_argument("--config", type=Path, help="host config file (TOML) with the broker connection")
     g.add_argument("--host", help="MQTT broker host (default: 127.0.0.1)")
     g.add_argument("--port", type=int, help="MQTT broker port (default: 8883 with TLS, else 1883)")
+    g.add_argument(
+        "--broker",
+        action="append",
+        metavar="HOST:PORT[,...]",
+        help="broker endpoint(s) of a cluster, tried in turn on failure (repeat or comma list; "
+        "HOST:PORT@TLS-NAME to verify another certificate name); replaces --host/--port",
+    )
     g.add_argument("--username", help="MQTT user name")
     g.add_argument("--password-file", type=Path, help="file holding the MQTT password (first line)")
     g.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify the broker; enables TLS")
@@ -214,7 +224,7 @@ def _plan(args: argparse.Namespace, session: Any) -> Any:
                     state.manifests.update(_broker_manifests(session))
             except BrokerError as err:
                 raise StateError(
-                    f"{args.db} holds no manifest for model {model!r} and the broker could not be read "
+                    f"{state.source} holds no manifest for model {model!r} and the broker could not be read "
                     f"for it: {err}"
                 ) from err
     else:
@@ -389,10 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     _register_compress(sub)
 
     # Subcommands that live in their own modules (imports as light as the rest of deploy).
-    from deploy import brokerconf, collect, command, provision, rollout_cli, views
+    from deploy import brokerconf, collect, command, controller, provision, rollout_cli, views
     from deploy import demo as demo_command
 
     collect.register(sub, parents=[broker])
+    controller.register(sub, parents=[broker])
     rollout_cli.register(sub, parents=[_broker_parent("--connect-timeout")])
     command.register(sub, parents=[broker])
     views.register(sub, parents=[broker])

@@ -6,6 +6,7 @@ and of the manifests and assignments the controller published, so that ``select`
 
     edgefleet collect --db /var/lib/edgefleet-collector/fleet.db [--name host1] [--share collectors]
                       [--telemetry] [--duration S]
+    edgefleet collect --db postgresql://edgefleet@db.lan:5432/fleet --name host1 --share collectors
 
 How it loses nothing:
 
@@ -14,7 +15,10 @@ How it loses nothing:
   process restarts) and a session expiry interval, so the broker queues QoS1 events while we are down.
   Reports and statuses are retained too, so even an expired session catches up on the latest ones.
 * Manual acknowledgement: paho's callback only puts the message on a bounded queue; the single writer
-  thread commits a batch to SQLite and only then sends the PUBACKs. A crash between receive and
+  thread commits a batch to the store (SQLite or PostgreSQL) and only then sends the PUBACKs, and only
+  for messages of the connection still up (an earlier connection's are redelivered on this one).
+  While the database is unreachable (PostgreSQL restarting) the batch is retried with backoff over a
+  new connection, never dropped; meanwhile the full queue holds paho back. A crash between receive and
   commit means the broker redelivers; the store is idempotent (see :mod:`deploy.store`), so a
   redelivery never creates a second row. The client's Receive Maximum is kept below the queue size;
   mosquitto 2.0.11 does not always honour it under load, so a full queue makes paho's callback wait
@@ -42,7 +46,6 @@ import contextlib
 import logging
 import queue
 import signal
-import sqlite3
 import ssl
 import threading
 import time
@@ -50,19 +53,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
 
 from agent import wire
+from agent.mqttclient import FleetClient, build_client
 from deploy.errors import BrokerError, DeployError
-from deploy.mqtt import BrokerOptions, no_delay
-from deploy.store import FleetStore, ReportRow, StoreError
+from deploy.mqtt import BrokerOptions
+from deploy.store import FleetStore, ReportRow, StoreError, StoreUnavailable, parse_db_url
 
 log = logging.getLogger("edgefleet.collect")
 
@@ -121,6 +123,7 @@ class _Inbound:
     mid: int
     qos: int
     received_at: float
+    connection: int  # which broker connection delivered it: a PUBACK is valid on that one only
 
 
 def subscriptions(topics: wire.Topics, options: CollectorOptions) -> list[tuple[str, int]]:
@@ -141,13 +144,13 @@ class Collector:
     def __init__(
         self,
         broker: BrokerOptions,
-        db_path: Path | str,
+        db_path: Path | str,  # a path, sqlite:///PATH or postgresql://... (deploy.store_sql)
         options: CollectorOptions | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         self.broker = broker
         self.options = options or CollectorOptions()
-        self.db_path = Path(db_path)
+        self.db_path = db_path
         self.topics = broker.topics
         self.stop_event = stop or threading.Event()
         self.stats = CollectorStats()
@@ -159,41 +162,25 @@ class Collector:
         self._accepting.set()
         self._subscribed = threading.Event()
         self._lock = threading.Lock()  # guards stats written from the network thread
+        self._connection = 0  # incremented by every CONNACK (network thread; read by the writer)
         self._writer: threading.Thread | None = None
         self._writer_done = threading.Event()
         self._client = self._make_client()
 
     # ---------------------------------------------------------------- paho client
 
-    def _make_client(self) -> paho.Client:
-        opts = self.broker
-        v5 = opts.protocol == "v5"
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.options.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-        )
-        client.on_socket_open = no_delay
-        client.connect_timeout = opts.connect_timeout_s
+    def _make_client(self) -> FleetClient:
+        # the shared factory: TLS, TCP_NODELAY, persistent session, endpoint rotation on reconnect
+        spec = self.broker.client_spec(self.options.client_id, persistent_session=True, manual_ack=True)
+        try:
+            client = build_client(spec)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise BrokerError(f"cannot load TLS files: {err}") from err
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        if opts.username is not None:
-            client.username_pw_set(opts.username, opts.password)
-        if opts.tls_ca or opts.tls_cert:
-            try:
-                client.tls_set(
-                    ca_certs=str(opts.tls_ca) if opts.tls_ca else None,
-                    certfile=str(opts.tls_cert) if opts.tls_cert else None,
-                    keyfile=str(opts.tls_key) if opts.tls_key else None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ssl.SSLError, ValueError) as err:
-                raise BrokerError(f"cannot load TLS files: {err}") from err
         return client
 
     def _connect(self) -> None:
@@ -207,10 +194,15 @@ class Collector:
             kwargs = {"clean_start": False, "properties": props}
         else:
             self._client.max_inflight_messages_set(self.options.receive_maximum)
-        try:
-            self._client.connect(opts.host, opts.port, keepalive=opts.keepalive_s, **kwargs)
-        except (OSError, ssl.SSLError, ValueError) as err:
-            raise BrokerError(f"cannot connect to {opts.host}:{opts.port}: {err}") from err
+        failures: list[str] = []
+        for _ in self._client.rotation.endpoints:  # the first that answers; later losses: paho retries
+            try:
+                self._client.connect_next(keepalive=opts.keepalive_s, **kwargs)
+            except (OSError, ssl.SSLError, ValueError) as err:
+                failures.append(f"cannot connect to {self._client.endpoint}: {err}")
+            else:
+                return
+        raise BrokerError("; ".join(failures))
 
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
@@ -226,6 +218,7 @@ class Collector:
             return
         with self._lock:
             self.stats.connects += 1
+            self._connection += 1
         present = bool(getattr(flags, "session_present", False))
         log.info("connected as %s (session present: %s)", self.options.client_id, present)
         # Resubscribe on every connect: harmless when the session kept them, required when it expired.
@@ -254,7 +247,7 @@ class Collector:
         # Network thread: never block, never touch SQLite. Unacknowledged = redelivered later.
         if not self._accepting.is_set():
             return
-        item = _Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time())
+        item = _Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time(), self._connection)
         # Receive Maximum should keep the queue from filling, but mosquitto 2.0.11 was measured sending
         # more than that many unacknowledged messages (benches/fleet.py: 2,000 queued with a Receive
         # Maximum of 500). Dropping one here left it unacknowledged, i.e. lost until the next session,
@@ -297,28 +290,18 @@ class Collector:
         dirty_since: float | None = None  # first commit since the last WAL checkpoint
         for batch in self._batches():
             if dirty_since is not None and time.monotonic() - dirty_since >= self.options.checkpoint_every_s:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(StoreError):
                     store.checkpoint()
                 dirty_since = None
             if time.monotonic() >= next_prune:
-                with contextlib.suppress(sqlite3.Error), store.transaction():
+                with contextlib.suppress(StoreError), store.transaction():
                     store.prune()
                 next_prune = time.monotonic() + self.options.prune_every_s
             if not batch:
                 continue
-            while True:
-                try:
-                    with store.transaction():
-                        outcomes = self._ingest_batch(store, batch)
-                    break
-                except sqlite3.Error as err:
-                    with self._lock:
-                        self.stats.store_errors += 1
-                    log.warning(
-                        "cannot write %d message(s) to %s: %s; retrying", len(batch), self.db_path, err
-                    )
-                    if self.stop_event.wait(1.0):
-                        return  # left unacknowledged: the broker redelivers them next session
+            outcomes = self._commit(store, batch)
+            if outcomes is None:
+                return  # stopping: left unacknowledged, the broker redelivers them next session
             if dirty_since is None:
                 dirty_since = time.monotonic()
             with self._lock:
@@ -327,9 +310,68 @@ class Collector:
                     setattr(self.stats, outcome, getattr(self.stats, outcome) + n)
                     if kind is not None:
                         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + n
+            with self._lock:
+                current = self._connection
             for item in batch:
-                if item.qos > 0:
+                # A message from an earlier connection is redelivered on this one with its packet id,
+                # and that copy is acknowledged; a PUBACK for the old copy could acknowledge whatever
+                # the broker reuses that packet id for next.
+                if item.qos > 0 and item.connection == current:
                     self._client.ack(item.mid, item.qos)
+
+    def _commit(self, store: FleetStore, batch: list[_Inbound]) -> list[tuple[str, str | None, int]] | None:
+        """Store ``batch`` in one transaction; its outcomes, or None when stopped before it committed.
+
+        The batch is acknowledged only once committed: while the database is away (locked SQLite,
+        PostgreSQL restarting) it is retried with backoff over a new connection, and never dropped. An
+        error that is not the connection's (a value the database refuses) would fail the batch on every
+        retry and stall the collector: the batch is then stored one message per transaction, and the
+        message that fails alone is recorded as malformed (and acknowledged: it would never store).
+        """
+        delay = 0.1
+        while True:
+            try:
+                with store.transaction():
+                    return self._ingest_batch(store, batch)
+            except StoreUnavailable as err:
+                with self._lock:
+                    self.stats.store_errors += 1
+                log.warning("cannot write %d message(s): %s; retrying", len(batch), err)
+            except StoreError as err:
+                with self._lock:
+                    self.stats.store_errors += 1
+                log.warning("cannot write %d message(s): %s; storing them one by one", len(batch), err)
+                try:
+                    return self._commit_one_by_one(store, batch)
+                except StoreUnavailable as lost:  # the connection went meanwhile: the whole batch again
+                    log.warning("cannot write %d message(s): %s; retrying", len(batch), lost)
+            if self.stop_event.wait(delay):
+                return None
+            delay = min(delay * 2, 5.0)
+
+    def _commit_one_by_one(
+        self, store: FleetStore, batch: list[_Inbound]
+    ) -> list[tuple[str, str | None, int]]:
+        outcomes: list[tuple[str, str | None, int]] = []
+        for item in batch:
+            try:
+                with store.transaction():
+                    outcomes += self._ingest_batch(store, [item])
+            except StoreUnavailable:
+                raise
+            except StoreError as err:
+                log.warning("cannot store the message on %s: %s; recorded as malformed", item.topic, err)
+                try:
+                    with store.transaction():
+                        store.record_malformed(
+                            item.topic, f"refused by the database: {err}", len(item.payload)
+                        )
+                except StoreUnavailable:
+                    raise
+                except StoreError as also:
+                    log.warning("cannot record it either (%s); acknowledged", also)
+                outcomes.append(("malformed", None, 1))
+        return outcomes
 
     def _ingest_batch(self, store: FleetStore, batch: list[_Inbound]) -> list[tuple[str, str | None, int]]:
         """Store a batch in order; returns (stats field, topic kind, how many) triples.
@@ -379,12 +421,9 @@ class Collector:
             parsed = self._topic(item.topic)
             if parsed.kind is not wire.TopicKind.REPORT:
                 return None
-            report = _decode(wire.Report, item.payload)
+            return wire.decode_inbound(self.topics, item.topic, item.payload, parsed=parsed).as_(wire.Report)
         except wire.WireError:
             return None
-        if report.device != parsed.device or report.model != parsed.model:
-            return None
-        return report
 
     def _ingest(self, store: FleetStore, item: _Inbound) -> tuple[str, str | None]:
         """Store one message; returns (the stats field it counts under, its topic kind)."""
@@ -396,32 +435,20 @@ class Collector:
         try:
             parsed = self._topic(item.topic)
             kind = parsed.kind
-            if kind is wire.TopicKind.MANIFEST:
-                manifest = _decode(wire.Manifest, item.payload)
-                _same(manifest.model, parsed.model, "model")
-                new = store.ingest_manifest(manifest, item.received_at, raw=item.payload)
-            elif kind is wire.TopicKind.ASSIGN:
-                assignment = _decode(wire.Assignment, item.payload)
-                _same(assignment.device, parsed.device, "device")
-                _same(assignment.model, parsed.model, "model")
-                new = store.ingest_assignment(assignment, item.received_at, raw=item.payload)
-            elif kind is wire.TopicKind.STATUS:
-                status = _decode(wire.Status, item.payload)
-                _same(status.device, parsed.device, "device")
-                new = store.ingest_status(status, item.received_at)
-            elif kind is wire.TopicKind.REPORT:
-                report = _decode(wire.Report, item.payload)
-                _same(report.device, parsed.device, "device")
-                _same(report.model, parsed.model, "model")
-                new = store.ingest_report(report, item.received_at, raw=item.payload)
-            elif kind is wire.TopicKind.EVENTS:
-                event = _decode(wire.Event, item.payload)
-                _same(event.device, parsed.device, "device")
-                new = store.ingest_event(event, item.received_at, raw=item.payload)
-            elif kind is wire.TopicKind.TELEMETRY:
-                sample = _decode(wire.Telemetry, item.payload)
-                _same(sample.device, parsed.device, "device")
-                new = store.ingest_telemetry(sample, item.received_at)
+            # wire's one decoder: the typed message of the topic, its device/model checked against it
+            msg = wire.decode_inbound(self.topics, item.topic, item.payload, parsed=parsed).message
+            if isinstance(msg, wire.Manifest):
+                new = store.ingest_manifest(msg, item.received_at, raw=item.payload)
+            elif isinstance(msg, wire.Assignment):
+                new = store.ingest_assignment(msg, item.received_at, raw=item.payload)
+            elif isinstance(msg, wire.Status):
+                new = store.ingest_status(msg, item.received_at)
+            elif isinstance(msg, wire.Report):
+                new = store.ingest_report(msg, item.received_at, raw=item.payload)
+            elif isinstance(msg, wire.Event):
+                new = store.ingest_event(msg, item.received_at, raw=item.payload)
+            elif isinstance(msg, wire.Telemetry):
+                new = store.ingest_telemetry(msg, item.received_at)
             else:
                 raise wire.PayloadError(f"the collector does not store {kind.value} topics")
         except wire.WireError as err:
@@ -442,6 +469,7 @@ class Collector:
                 self.db_path,
                 telemetry_every_s=self.options.telemetry_every_s,
                 telemetry_retention_s=self.options.telemetry_retention_s,
+                namespace=self.topics.ns,  # a store of another namespace is refused
             )
         except StoreError as err:
             self.fatal = str(err)
@@ -497,30 +525,6 @@ class Collector:
             store.close()
 
 
-_M = TypeVar("_M", bound=wire.Message)
-
-
-def _decode(cls: type[_M], payload: bytes) -> _M:
-    """:func:`agent.wire.decode`, three times faster: pydantic parses the JSON itself, no dict in between.
-
-    Same result for every payload: anything the fast path could treat differently goes to
-    ``wire.decode`` (which also gives the usual error): oversize, ``NaN``/``Infinity`` literals (which
-    pydantic's parser accepts and ``wire.parse_json`` refuses), and every payload the fast path refuses
-    (bad UTF-8 or JSON, not an object, failing the schema). Duplicate keys: the last wins in both.
-    """
-    if len(payload) <= wire.MAX_JSON_PAYLOAD and b"NaN" not in payload and b"Infinity" not in payload:
-        try:
-            return cls.model_validate_json(payload)
-        except ValidationError:
-            pass
-    return wire.decode(cls, payload)
-
-
-def _same(found: str, expected: str | None, what: str) -> None:
-    if found != expected:
-        raise wire.PayloadError(f"payload {what} {found!r} does not match the topic's {what} {expected!r}")
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -570,6 +574,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
             telemetry_retention_s=args.telemetry_retention_days * 86400,
             session_expiry_s=args.session_expiry,
         )
+        where = parse_db_url(args.db).display  # an unsupported URL is refused before connecting
         broker = broker_options_from_args(args, client_id=options.client_id, announce=log.info)
     except (ValueError, DeployError) as err:
         print(f"edgefleet collect: {err}", flush=True)
@@ -583,7 +588,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     s = collector.stats
     print(
         f"collected: received {s.received}, stored {s.stored}, duplicates {s.duplicates}, "
-        f"malformed {s.malformed}, into {args.db}",
+        f"malformed {s.malformed}, into {where}",
         flush=True,
     )
     return code
@@ -594,10 +599,16 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     p = subparsers.add_parser(
         "collect",
         parents=list(parents),
-        help="store statuses, reports and events from the fleet in SQLite (long-running)",
+        help="store statuses, reports and events from the fleet in SQLite or PostgreSQL (long-running)",
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
     )
-    p.add_argument("--db", type=Path, required=True, help="SQLite database file (created if missing)")
+    p.add_argument(
+        "--db",
+        required=True,
+        metavar="URL",
+        help="the store: an SQLite file (created if missing), sqlite:///PATH, or "
+        "postgresql://USER@HOST:PORT/DATABASE (several collectors may share one; see deploy/store_sql.py)",
+    )
     p.add_argument(
         "--name",
         default="main",

@@ -1,6 +1,6 @@
 """Signed commands to one device, and waiting for its answer: ``edgefleet cmd DEVICE ACTION``.
 
-A :class:`agent.wire.Command` (ping, rebenchmark, rollback) is signed with the fleet key and published
+A :class:`agent.wire.Command` (ping, rebenchmark, cancel, rollback) is signed with the fleet key and published
 QoS1, *not* retained, on ``{ns}/devices/{device}/cmd``, with a fresh correlation id. The agent answers
 with an :class:`agent.wire.Event` on ``{ns}/devices/{device}/events`` carrying that id (``pong``,
 ``ack``, ``rolled_back``, or ``rejected`` with a reason code).
@@ -138,12 +138,12 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     p = subparsers.add_parser(
         "cmd",
         parents=list(parents),
-        help="send a signed command to a device (ping, rebenchmark, rollback)",
+        help="send a signed command to a device (ping, rebenchmark, cancel, rollback)",
         description="Publish a signed command (QoS1, not retained) and optionally wait for the answer.",
     )
     p.add_argument("device", help="device id")
     p.add_argument("action", choices=[a.value for a in wire.CommandAction], help="what the device should do")
-    p.add_argument("--model", help="model id (required for rebenchmark and rollback)")
+    p.add_argument("--model", help="model id (required for rebenchmark, cancel and rollback)")
     p.add_argument(
         "--wait",
         type=float,

@@ -14,6 +14,8 @@ writes one for the controller (``controller/host.toml``)::
     [broker]
     host = "broker.lan"
     port = 8883                      # default: 8883 with TLS, else 1883
+    # or several nodes of a clustered broker, tried in turn (replaces host/port; flag: --broker):
+    # endpoints = ["n1.lan:8883", "n2.lan:8883@broker.lan"]
     username = "edgefleet-controller"
     password_file = "edgefleet-controller.password"   # relative: next to this file
     namespace = "edgefleet"
@@ -45,6 +47,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent import wire
+from agent.mqttclient import Endpoint
 from deploy.errors import DeployError
 from deploy.mqtt import BrokerOptions
 
@@ -80,6 +83,11 @@ class TlsSettings(_Strict):
 class BrokerSettings(_Strict):
     host: str = Field(default="127.0.0.1", min_length=1, description="broker host name or address")
     port: int | None = Field(default=None, ge=1, le=65535, description="default: 8883 with TLS, else 1883")
+    endpoints: list[Endpoint] = Field(
+        default_factory=list,
+        description='several broker nodes, tried in turn ("host:port" or "host:port@tls-name"); '
+        "replace host/port",
+    )
     username: str | None = Field(default=None, min_length=1)
     password_file: Path | None = Field(default=None, description="first line is the password")
     namespace: wire.Identifier = wire.DEFAULT_NAMESPACE
@@ -96,6 +104,7 @@ class HostConfig(_Strict):
 _FLAGS: dict[str, tuple[str | None, str]] = {
     "host": (None, "host"),
     "port": (None, "port"),
+    "broker": (None, "endpoints"),
     "username": (None, "username"),
     "password_file": (None, "password_file"),
     "namespace": (None, "namespace"),
@@ -222,7 +231,10 @@ class ResolvedBroker:
         else:
             base = "built-in defaults" if self.source is None else str(self.source)
             origin = base + (" + command line" if self.overridden else "")
-        return f"broker {scheme}://{host}:{o.port} as {who} (from {origin})"
+        where = f"{host}:{o.port}"
+        if len(o.endpoints) > 1:
+            where = ",".join(str(e) for e in o.endpoints)
+        return f"broker {scheme}://{where} as {who} (from {origin})"
 
 
 def resolve_broker(args: argparse.Namespace, client_id: str | None = None) -> ResolvedBroker:
@@ -240,8 +252,12 @@ def resolve_broker(args: argparse.Namespace, client_id: str | None = None) -> Re
         if value is None:
             continue
         given.append(dest)
+        if dest == "broker":  # --broker repeated and/or comma lists
+            value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         (tls if section == "tls" else data)[key] = value
     data["tls"] = tls or None
+    if {"host", "port"} & set(given) and "broker" not in given:
+        data["endpoints"] = []  # --host/--port on the command line replace the file's endpoint list
     try:
         broker = BrokerSettings.model_validate(data)
     except ValidationError as err:
@@ -261,9 +277,11 @@ def resolve_broker(args: argparse.Namespace, client_id: str | None = None) -> Re
             raise HostConfigError(f"{key} {value} (from {origin[dest]}) does not exist")
     password = _read_password(broker.password_file, origin["password_file"])
     tls_on = t.ca_file is not None or t.cert_file is not None
+    endpoints = tuple(broker.endpoints)
     options = BrokerOptions(
-        host=broker.host,
-        port=broker.port or (8883 if tls_on else 1883),
+        host=endpoints[0].host if endpoints else broker.host,
+        port=endpoints[0].port if endpoints else broker.port or (8883 if tls_on else 1883),
+        endpoints=endpoints,
         username=broker.username,
         password=password,
         tls_ca=t.ca_file,

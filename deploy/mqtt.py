@@ -1,6 +1,11 @@
 """Host-side MQTT session: connect with a timeout, publish through a bounded QoS1 window, read retained state.
 
-One :class:`MqttSession` wraps one paho client running its network loop in a background thread.
+One :class:`MqttSession` wraps one paho client (built by :func:`agent.mqttclient.build_client`: TLS,
+TCP_NODELAY, MQTT v5 or 3.1.1) running its network loop in a background thread.
+
+* Several broker endpoints (``BrokerOptions.endpoints``, ``--broker a:1883,b:1883``): ``connect()`` tries
+  them in order until one accepts (a refusal of the credentials stops at once: the nodes of one cluster
+  share them); a connection lost later is re-made by paho to the next endpoint, with backoff.
 
 * ``connect()`` waits for the CONNACK with a timeout. A refused connection (bad credentials, not
   authorised) is fatal and raised as :class:`BrokerError`; the client is never considered connected
@@ -31,13 +36,11 @@ Callbacks never block: they only record results under a lock and notify a condit
 from __future__ import annotations
 
 import collections
-import contextlib
-import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +48,6 @@ from typing import Any, Literal
 from typing import Protocol as _Interface
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -61,6 +63,7 @@ from agent.connectivity import (
     resolve,
     tls_context,
 )
+from agent.mqttclient import ClientSpec, Endpoint, FleetClient, build_client, endpoints_or_default
 from deploy.errors import BrokerError, PublishError
 
 Protocol = Literal["v5", "v311"]
@@ -93,10 +96,34 @@ class BrokerOptions:
     client_id: str | None = None
     connect_timeout_s: float = 10.0
     keepalive_s: int = 60
+    endpoints: tuple[Endpoint, ...] = ()  # several nodes (tried in turn); empty: host:port
 
     @property
     def topics(self) -> wire.Topics:
         return wire.Topics(self.namespace)
+
+    @property
+    def all_endpoints(self) -> tuple[Endpoint, ...]:
+        return endpoints_or_default(self.endpoints, self.host, self.port)
+
+    def client_spec(self, client_id: str, **extra: Any) -> ClientSpec:
+        """The shared factory's spec for these options (``extra``: persistent_session, manual_ack)."""
+        return ClientSpec(
+            client_id=client_id,
+            endpoints=self.all_endpoints,
+            protocol=self.protocol,
+            username=self.username,
+            password=self.password,
+            ca_file=self.tls_ca,
+            cert_file=self.tls_cert,
+            key_file=self.tls_key,
+            connect_timeout_s=self.connect_timeout_s,
+            **extra,
+        )
+
+
+class _Unreachable(BrokerError):
+    """One endpoint did not answer (the next one may); a refused login is a plain BrokerError."""
 
 
 def _code(reason: ReasonCode | int | None) -> int:
@@ -181,12 +208,6 @@ class Bus(_Interface):
     def watch(self, filters: Iterable[str], timeout_s: float = 10.0) -> Watch: ...
 
 
-def no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """paho ``on_socket_open``: disable Nagle, so QoS1 acks in a window never wait on delayed ACKs."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class MqttSession:
     """A connected paho client with a bounded publish window. Use as a context manager."""
 
@@ -212,31 +233,16 @@ class MqttSession:
         self.published = 0
         self.published_bytes = 0
         client_id = options.client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5 if options.protocol == "v5" else paho.MQTTv311,
-        )
+        try:
+            self._client: FleetClient = build_client(options.client_spec(client_id))
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise BrokerError(f"cannot load TLS files: {err}") from err
         self._client.max_inflight_messages_set(window)
-        self._client.on_socket_open = no_delay
-        self._client.connect_timeout = options.connect_timeout_s
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        if options.username is not None:
-            self._client.username_pw_set(options.username, options.password)
-        if options.tls_ca or options.tls_cert:
-            try:
-                self._client.tls_set(
-                    ca_certs=str(options.tls_ca) if options.tls_ca else None,
-                    certfile=str(options.tls_cert) if options.tls_cert else None,
-                    keyfile=str(options.tls_key) if options.tls_key else None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ssl.SSLError, ValueError) as err:
-                raise BrokerError(f"cannot load TLS files: {err}") from err
 
     @property
     def topics(self) -> wire.Topics:
@@ -244,20 +250,37 @@ class MqttSession:
 
     @property
     def address(self) -> str:
-        return f"{self.options.host}:{self.options.port}"
+        return self._client.endpoint.address
 
     # ---------------------------------------------------------------- connection
 
     def connect(self) -> MqttSession:
+        """Connect to the first endpoint that accepts; BrokerError naming each one's failure otherwise."""
+        failures: list[str] = []
+        for _ in self._client.rotation.endpoints:
+            try:
+                self._connect_next()
+            except _Unreachable as err:
+                failures.append(str(err))
+            else:
+                return self
+        if len(failures) == 1:
+            raise BrokerError(failures[0])
+        raise BrokerError("no broker endpoint accepted the connection:\n  " + "\n  ".join(failures))
+
+    def _connect_next(self) -> None:
         opts = self.options
+        with self._cond:
+            self._connack, self._disconnect_reason = None, None
         try:
-            self._client.connect(opts.host, opts.port, keepalive=opts.keepalive_s)  # resolve, TCP, TLS
+            ep = self._client.connect_next(keepalive=opts.keepalive_s)  # resolve, TCP, TLS
         except OSError as err:  # ssl.SSLError and socket.gaierror included
             close_failed_socket(err)
-            found = resolve(classify_error(err, opts.host, opts.port, tls=self._tls), self._probe_context())
-            raise BrokerError(found.describe("host")) from err
+            ep = self._client.endpoint
+            found = resolve(classify_error(err, ep.host, ep.port, tls=self._tls), self._probe_context())
+            raise _Unreachable(found.describe("host")) from err
         except ValueError as err:
-            raise BrokerError(f"cannot connect to {self.address}: {err}") from err
+            raise _Unreachable(f"cannot connect to {self.address}: {err}") from err
         self._client.loop_start()
         start = time.monotonic()
         deadline = start + opts.connect_timeout_s
@@ -276,7 +299,7 @@ class MqttSession:
                 break
             # A TLS listener usually resets a plain client at once; this catches one that does not.
             suspicious_at = float("inf")
-            probed = diagnose(opts.host, opts.port, timeout=min(PROBE_TIMEOUT_S, deadline - now))
+            probed = diagnose(ep.host, ep.port, timeout=min(PROBE_TIMEOUT_S, deadline - now))
             if probed is not None and probed.cause is Cause.TLS_EXPECTED:
                 break
             probed = None
@@ -285,25 +308,26 @@ class MqttSession:
             if probed is not None:
                 found = probed
             elif closed is not None:
-                found = Diagnosis(Cause.CLOSED, opts.host, opts.port, f"before any CONNACK ({closed})")
+                found = Diagnosis(Cause.CLOSED, ep.host, ep.port, f"before any CONNACK ({closed})")
                 found = resolve(found, self._probe_context())
             else:
                 found = Diagnosis(
                     Cause.TIMEOUT,
-                    opts.host,
-                    opts.port,
+                    ep.host,
+                    ep.port,
                     f"no answer (CONNACK) within {opts.connect_timeout_s:g} s",
                 )
-            raise BrokerError(found.describe("host"))
+            raise _Unreachable(found.describe("host"))
         if connack != 0:
             self._shutdown()
             text = _REFUSALS.get(connack, f"reason code 0x{connack:02x}")
             if connack in (0x04, 0x05):  # MQTT 3.1.1 codes
                 text = "bad user name or password" if connack == 0x04 else "not authorized"
-            refused = classify_connack(connack, opts.host, opts.port)
+            refused = classify_connack(connack, ep.host, ep.port)
             advice = f"; {refused.advice('host')}" if refused is not None else ""
-            raise BrokerError(f"broker refused: {text} ({self.address}){advice}")
-        return self
+            if refused is not None and refused.cause is Cause.NOT_AUTHORIZED:
+                raise BrokerError(f"broker refused: {text} ({self.address}){advice}")
+            raise _Unreachable(f"broker refused: {text} ({self.address}){advice}")
 
     @property
     def _tls(self) -> bool:
@@ -545,14 +569,3 @@ def _refusal(topic: str, reason: ReasonCode | int) -> PublishError:
 def session_for(options: BrokerOptions, **kwargs: Any) -> MqttSession:
     """A connected session (convenience for callers that do not use ``with``)."""
     return MqttSession(options, **kwargs).connect()
-
-
-def decode_all(
-    messages: Mapping[str, bytes], topics: wire.Topics
-) -> Iterable[tuple[wire.ParsedTopic, bytes]]:
-    """Parse topics of ``messages``, skipping any that are not part of the contract."""
-    for topic, payload in messages.items():
-        try:
-            yield topics.parse(topic), payload
-        except wire.IdentifierError:
-            continue

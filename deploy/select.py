@@ -26,6 +26,7 @@ Policy (TOML, every key optional)::
     max_energy_mj = 5.0            # energy per inference, millijoules (a variant with no figure fails it)
     max_peak_rss_mb = 200          # peak RSS of the benchmark child, MiB
     reject_throttled = false       # true: a run during which the CPU throttled does not count
+    reject_contended = true        # false: also rank on runs the device published as contended
 
     [classes.fast]                 # devices whose Status.device_class is "fast"
     objective = "latency"          # keys given here replace the default's; the others are inherited
@@ -37,12 +38,14 @@ How a decision is made, per device:
 1. The rule is ``default`` overlaid with ``classes.<device_class>`` when the class has one.
 2. Per variant, the report's results for that variant *and its sha256* are taken. A report may hold
    several results per variant (one per thread count): the successful one with the lowest p50 latency
-   counts. No successful result: the variant lost with ``failed: <ERROR CODE>``. Not in the report:
-   ``not benchmarked``.
-3. Hard constraints, in order: bench ok, runtime at least the variant's ``min_runtime``, not throttled
-   (if asked), ``max_p95_ms``, ``max_p99_ms``, ``max_accuracy_drop``, ``min_accuracy``, ``max_drop``,
-   ``min_metric``, ``max_metric`` (each table in the order written), ``max_energy_mj``,
-   ``max_peak_rss_mb``. A constraint on a figure the variant lacks fails it.
+   counts (an uncontended one before any contended one). No successful result: the variant lost with
+   ``failed: <ERROR CODE>``. Not in the report: ``not benchmarked``.
+3. Hard constraints, in order: bench ok, runtime at least the variant's ``min_runtime``, not contended
+   (``reject_contended``, on by default: the device said other processes disturbed the measurement, so
+   its latency says nothing about the variant; explanation ``contended``), not throttled (if asked),
+   ``max_p95_ms``, ``max_p99_ms``, ``max_accuracy_drop``, ``min_accuracy``, ``max_drop``, ``min_metric``,
+   ``max_metric`` (each table in the order written), ``max_energy_mj``, ``max_peak_rss_mb``. A
+   constraint on a figure the variant lacks fails it.
 4. Among the variants left, the objective ranks:
    * ``accuracy``: highest host accuracy, ties by higher top-1 agreement with float32 (the variant most
      faithful to the trained model), then lower p95 latency, then lower energy. On a manifest without
@@ -167,6 +170,11 @@ class Rule(_Strict):
     max_energy_mj: float | None = Field(default=None, gt=0, description="energy per inference, mJ")
     max_peak_rss_mb: float | None = Field(default=None, gt=0, description="peak RSS of the bench child, MiB")
     reject_throttled: bool = Field(default=False, description="a throttled run does not count")
+    reject_contended: bool = Field(
+        default=True,
+        description="a result the device published as contended (other processes disturbed its timed "
+        "window past the agent's threshold, after retries) does not count",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -602,13 +610,14 @@ def _pts(x: float) -> str:
 
 
 def _best_result(results: list[wire.BenchResult], sha256: str) -> wire.BenchResult | None:
-    """Among the successful results for file ``sha256``: the lowest (p50, p95, threads); first of equals."""
+    """Among the successful results for file ``sha256``: an uncontended one first, then the lowest (p50,
+    p95, threads); first of equals."""
     best: wire.BenchResult | None = None
-    best_key: tuple[float, float, int] | None = None
+    best_key: tuple[bool, float, float, int] | None = None
     for r in results:
         lat = r.latency_ms
         if r.ok and lat is not None and r.sha256 == sha256:
-            key = (lat.p50, lat.p95, r.threads)
+            key = (bool(r.contended), lat.p50, lat.p95, r.threads)
             if best_key is None or key < best_key:
                 best, best_key = r, key
     return best
@@ -682,6 +691,8 @@ def _runtime_refusal(runtime: wire.RuntimeInfo, min_runtime: str, cache: Support
 
 def _run_violation(r: wire.BenchResult, lat: wire.LatencyStats, rule: Rule) -> str | None:
     """Throttling and the latency limits, from the device's result."""
+    if rule.reject_contended and r.contended:
+        return "contended"
     if rule.reject_throttled and r.throttled:
         return "CPU throttled during the benchmark"
     if rule.max_p95_ms is not None and lat.p95 > rule.max_p95_ms:
@@ -1053,6 +1064,8 @@ class _Selector:
         if not eligible:
             keep = f"keeping the current variant {current}" if current else "keeping the current model"
             why = f"no variant meets policy {policy.name!r} ({where}): {keep}"
+            if "contended" in lost.values():
+                why += "; contended results are not ranked: rebenchmark when the device is quieter"
         else:
             eligible.sort(key=lambda e: e[:2])  # the variant id settles exact ties
             wk, _, chosen, wb = eligible[0]

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
 from deploy.errors import StateError
-from deploy.mqtt import Bus, decode_all
+from deploy.mqtt import Bus
 
 
 @dataclass
@@ -193,34 +193,48 @@ def sample_topics(state: FleetState, topics: wire.Topics, model: str | None = No
 
 
 def default_db() -> Path:
-    """Where the commands look for the collector's database when given neither --db nor --from-broker."""
+    """The SQLite file at ``$EDGEFLEET_COLLECTOR_DB``, else :data:`DEFAULT_DB` (for code that needs a
+    file; :func:`default_store` also accepts a URL there)."""
     env = os.environ.get(DB_ENV)
     return Path(env) if env else DEFAULT_DB
 
 
-def choose_db(db: Path | None, from_broker: bool) -> tuple[Path | None, str]:
-    """(database to read, or None for the broker; a line saying which and why, or "").
+def default_store() -> Path | str:
+    """Where the commands look for the collector's store when given neither --db nor --from-broker:
+    ``$EDGEFLEET_COLLECTOR_DB`` (a path or a URL such as ``postgresql://...``), else :data:`DEFAULT_DB`."""
+    env = os.environ.get(DB_ENV, "").strip()
+    from deploy.store_sql import is_url, parse_db_url
+
+    if not is_url(env):
+        return default_db()
+    return parse_db_url(env).path or env  # sqlite:///PATH is a file: read only when it exists
+
+
+def choose_db(db: Path | str | None, from_broker: bool) -> tuple[Path | str | None, str]:
+    """(store to read, or None for the broker; a line saying which and why, or "").
 
     ``--db`` wins; ``--from-broker`` forces the broker's retained burst (lab mode); otherwise the
-    collector's database at :func:`default_db` when it exists, else the broker.
+    collector's store at :func:`default_store`: a URL always (reaching it is the check), a file when it
+    exists, else the broker.
     """
     if db is not None:
         return db, ""
     if from_broker:
         return None, ""
-    path = default_db()
-    if not path.is_file():
+    path = default_store()
+    if isinstance(path, Path) and not path.is_file():
         return None, ""
     from deploy.store import FleetStore
 
     with FleetStore(path, readonly=True) as store:
         last = store.last_received()
+        where = store.source
     age = "never written" if last is None else f"last write {max(0.0, time.time() - last):.0f} s ago"
-    return path, f"reading the collector database {path} ({age}); --from-broker reads the broker instead"
+    return path, f"reading the collector database {where} ({age}); --from-broker reads the broker instead"
 
 
 def state_from_store(
-    path: Path,
+    path: Path | str,
     model: str | None = None,
     trusted: Mapping[str, Ed25519PublicKey] | None = None,
 ) -> FleetState:
@@ -229,15 +243,18 @@ def state_from_store(
     Statuses, latest reports, manifests and assignments as the collector stored them; the payloads are
     decoded (and manifests verified, with ``trusted``) exactly as :func:`parse_state` does.
     """
-    from deploy.store import FleetStore
+    from deploy.store import FleetStore, parse_db_url
 
-    if not path.exists():
-        raise StateError(f"collector database {path} does not exist (run `edgefleet collect --db {path}`)")
+    url = parse_db_url(path)  # a path, sqlite:///PATH or postgresql://...
+    if url.path is not None and not url.path.exists():
+        raise StateError(
+            f"collector database {url.path} does not exist (run `edgefleet collect --db {url.path}`)"
+        )
     topics = wire.Topics()  # the store keeps no topics: rebuilt here only to share parse_state
     with FleetStore(path, readonly=True) as store:
         raw = store.retained_payloads(topics, model)
     state = parse_state(raw, topics, trusted)
-    state.source = str(path)
+    state.source = url.display
     return state
 
 
@@ -246,38 +263,27 @@ def parse_state(
 ) -> FleetState:
     """Decode retained payloads by topic into a FleetState (pure; used by collect_state and tests)."""
     state = FleetState()
-    for parsed, payload in decode_all(raw, topics):
-        topic_text = _topic_text(parsed)
+    for topic, payload in raw.items():
         try:
-            if parsed.kind is wire.TopicKind.MANIFEST and parsed.model:
-                if trusted is not None:
-                    manifest = wire.verify_signed(wire.Manifest, payload, trusted)
-                else:
-                    manifest = wire.decode(wire.Manifest, payload)
-                _expect(manifest.model == parsed.model, "model does not match its topic")
-                state.manifests[parsed.model] = manifest
-            elif parsed.kind is wire.TopicKind.STATUS and parsed.device:
-                status = wire.decode(wire.Status, payload)
-                _expect(status.device == parsed.device, "device does not match its topic")
-                state.statuses[parsed.device] = status
-            elif parsed.kind is wire.TopicKind.REPORT and parsed.device and parsed.model:
-                report = wire.decode(wire.Report, payload)
-                _expect(
-                    (report.device, report.model) == (parsed.device, parsed.model),
-                    "device/model do not match the topic",
-                )
-                state.reports[(parsed.device, parsed.model)] = report
-            elif parsed.kind is wire.TopicKind.ASSIGN and parsed.device and parsed.model:
-                assignment = wire.decode(wire.Assignment, payload)
-                state.assignments[(parsed.device, parsed.model)] = assignment
+            # wire's one decoder; as before, only manifests are verified here (assignments are read
+            # back as this host published them)
+            keys = trusted if topic.endswith("/manifest") else None
+            decoded = wire.decode_inbound(topics, topic, payload, trusted=keys)
+        except wire.IdentifierError:
+            continue  # not a topic of the contract
         except wire.WireError as err:
-            state.skipped.append(f"{topic_text}: {err}")
+            state.skipped.append(f"{_topic_text(topics.parse(topic))}: {err}")
+            continue
+        parsed, msg = decoded.topic, decoded.message
+        if isinstance(msg, wire.Manifest) and parsed.model:
+            state.manifests[parsed.model] = msg
+        elif isinstance(msg, wire.Status) and parsed.device:
+            state.statuses[parsed.device] = msg
+        elif isinstance(msg, wire.Report) and parsed.device and parsed.model:
+            state.reports[(parsed.device, parsed.model)] = msg
+        elif isinstance(msg, wire.Assignment) and parsed.device and parsed.model:
+            state.assignments[(parsed.device, parsed.model)] = msg
     return state
-
-
-def _expect(ok: bool, message: str) -> None:
-    if not ok:
-        raise wire.PayloadError(message)
 
 
 def _topic_text(parsed: wire.ParsedTopic) -> str:

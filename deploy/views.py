@@ -2,16 +2,16 @@
 
 ::
 
-    edgefleet fleet [--model M] [--json] [--db PATH | --from-broker]      one row per device and model
-    edgefleet report DEVICE [--model M] [--json] [--db PATH | --from-broker]   every result of one device
-    edgefleet plot MODEL --out FILE.png                   latency (p50, log) vs host accuracy, per device
+    edgefleet fleet [--model M] [--json] [--db URL | --from-broker]      one row per device and model
+    edgefleet report DEVICE [--model M] [--json] [--db URL | --from-broker]   every result of one device
+    edgefleet plot MODEL --out FILE.png [--db URL | --from-broker]   p50 latency (log) vs host accuracy
 
 With ``--db``, or without it when the collector's database exists at the default path
-(:func:`deploy.state.default_db`), they read that SQLite database (``edgefleet collect``): statuses,
-latest reports, manifests and assignments (a collector older than the manifest and assignment tables,
-or one whose ACL does not let it read them, leaves host accuracy and "assigned" empty). Otherwise, or
+(:func:`deploy.state.default_store`), they read that store, SQLite or PostgreSQL (``edgefleet collect``):
+statuses, latest reports, manifests and assignments (a collector whose ACL does not let it read the
+manifests and assignments leaves host accuracy and "assigned" empty). Otherwise, or
 with ``--from-broker``, they read what the broker holds retained, and print one warning line when that
-burst looks cut (the broker's queue limit; see :mod:`deploy.state`). ``plot`` always reads the broker.
+burst looks cut (the broker's queue limit; see :mod:`deploy.state`). ``plot`` reads the same way.
 Energy figures that come from the utilisation model are always marked "(modelled)".
 """
 
@@ -29,7 +29,7 @@ from deploy.errors import StateError
 from deploy.state import FleetState
 
 
-def state_from_db(path: Path, model: str | None = None) -> FleetState:
+def state_from_db(path: Path | str, model: str | None = None) -> FleetState:
     """A FleetState from the collector database (see :func:`deploy.state.state_from_store`)."""
     from deploy.state import state_from_store
 
@@ -37,15 +37,15 @@ def state_from_db(path: Path, model: str | None = None) -> FleetState:
 
 
 def source_args(p: argparse.ArgumentParser, what: str) -> None:
-    """``--db PATH`` and ``--from-broker``: where a command reads the fleet (see :func:`choose_db`)."""
+    """``--db URL`` and ``--from-broker``: where a command reads the fleet (see :func:`choose_db`)."""
     from deploy.state import DB_ENV, DEFAULT_DB
 
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--db",
-        type=Path,
-        help=f"{what} from the collector database (edgefleet collect --db); default: ${DB_ENV}, else "
-        f"{DEFAULT_DB}, when it exists",
+        metavar="URL",
+        help=f"{what} from the collector's store (edgefleet collect --db): a file, sqlite:///PATH or "
+        f"postgresql://USER@HOST:PORT/DB; default: ${DB_ENV}, else {DEFAULT_DB}, when it exists",
     )
     g.add_argument(
         "--from-broker",
@@ -55,7 +55,7 @@ def source_args(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def chosen_db(args: argparse.Namespace) -> Path | None:
+def chosen_db(args: argparse.Namespace) -> Path | str | None:
     """The database the command reads (None: the broker); says so on stderr when it is the default one."""
     from deploy.state import choose_db
 
@@ -98,6 +98,11 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         print(fleet_table(rows))
     else:
         print("no device has published a status yet")
+    if not args.json and state.source != "broker":  # the controller's proposals and last actions
+        from deploy.controller_journal import summary_lines
+
+        for line in summary_lines(getattr(args, "db", None) or state.source):
+            print(line)
     _warn_skipped(state)
     return 0
 
@@ -124,7 +129,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from deploy.plot import plot_model
 
     model = wire.check_id(args.model, "model")
-    args.db, args.from_broker = None, True
     state = _read_state(args, model)
     print(plot_model(state, model, args.out))
     _warn_skipped(state)
@@ -153,4 +157,5 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     )
     pl.add_argument("model", help="model id")
     pl.add_argument("--out", type=Path, required=True, help="output PNG file")
+    source_args(pl, "read")
     pl.set_defaults(func=_cmd_plot)

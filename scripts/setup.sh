@@ -37,6 +37,27 @@ apt_install() {
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt_install mosquitto
 fi
+# The store tests start their own throwaway PostgreSQL (initdb + pg_ctl, tests/pg_helpers.py): they need
+# the binaries only. The cluster the package starts on 5432 is stopped: nothing uses it.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt_install postgresql
+    pg_lsclusters --no-header 2>/dev/null | awk '$4 == "online" {print $1, $2}' \
+      | while read -r ver name; do pg_ctlcluster "$ver" "$name" stop || true; done || true
+  else
+    echo "PostgreSQL is not installed: the PostgreSQL store tests are skipped (sudo apt-get install -y postgresql)" >&2
+  fi
+fi
+
+# The clustered-broker test spawns its own three-node NATS JetStream cluster on loopback ports
+# (tests/nats_helpers.py): it needs the binary only (Debian 12: nats-server 2.9.10, MQTT 3.1.1).
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt_install nats-server
+  else
+    echo "nats-server is not installed: the NATS failover test is skipped (sudo apt-get install -y nats-server)" >&2
+  fi
+fi
 
 venv=".venv"
 if [ ! -x "$venv/bin/python" ]; then

@@ -98,8 +98,8 @@ def model_record(store: Path, model: str) -> dict[str, Any] | None:
 def link_sha(store: Path, model: str) -> str | None:
     """sha256 of the active link's target after checking it is a complete blob (None: no link)."""
     link = store / "models" / model / "active.tflite"
-    if not link.is_symlink():
-        return None
+    if not link.is_symlink() or not (link.parent / "current").is_symlink():
+        return None  # no link, or fixed links made ahead of a first activation that a kill cut
     target = link.resolve(strict=True)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     assert digest == target.stem, f"active link → {target.name} whose bytes hash to {digest[:12]}"

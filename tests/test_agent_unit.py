@@ -175,7 +175,7 @@ def test_activate_swaps_atomically_and_restores_previous(tmp_path: Path) -> None
     assert not (store.partial / a).exists()
     assert store.activate("m", a) is None
     link = store.active_link("m")
-    assert os.readlink(link) == f"../../blobs/{a}.tflite"
+    assert os.readlink(link) == "current/model.tflite" and link.resolve() == store.blob_path(a)
     assert link.read_bytes() == b"a" * 3000
     assert store.activate("m", b) == a
     assert link.read_bytes() == b"b" * 2000
@@ -502,8 +502,8 @@ def test_restart_during_activation_restores_the_old_model(tmp_path: Path) -> Non
     for s in (S.FETCHING, S.VERIFYING, S.BENCHMARKING, S.REPORTED, S.ACTIVATING, S.PROBATION, S.COMMITTED):
         book.move("m", s, active=old_info)
     store.activate("m", old)
-    target = {"variant": "new", "sha256": new, "manifest_version": 1, "activated_at": 2.0}
-    book.move("m", S.ACTIVATING, extra={"target": target})
+    target = ActiveVariant(variant="new", sha256=new, manifest_version=1, activated_at=2.0)
+    book.move("m", S.ACTIVATING, target=target)
     store.activate("m", new)  # the swap happened, then: power cut
     agent_obj, fake = _agent(tmp_path)
     agent_obj.recover()  # type: ignore[attr-defined]

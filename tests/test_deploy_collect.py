@@ -37,8 +37,8 @@ def event(device: str, ts: float, kind: wire.EventKind = wire.EventKind.DOWNLOAD
 # ------------------------------------------------------------------------------------------- store (unit)
 
 
-def test_store_keeps_latest_and_is_idempotent(tmp_path: Path) -> None:
-    with FleetStore(tmp_path / "fleet.db") as store, store.transaction():
+def test_store_keeps_latest_and_is_idempotent(store_url: str) -> None:
+    with FleetStore(store_url) as store, store.transaction():
         assert store.ingest_status(status("pi-1", 10.0))
         assert not store.ingest_status(status("pi-1", 5.0, online=False))  # older: ignored
         assert store.ingest_status(status("pi-1", 20.0, online=False))
@@ -48,7 +48,7 @@ def test_store_keeps_latest_and_is_idempotent(tmp_path: Path) -> None:
         assert store.ingest_event(event("pi-1", 1.0))
         assert not store.ingest_event(event("pi-1", 1.0))  # redelivery
         assert store.ingest_event(event("pi-1", 1.0, wire.EventKind.VERIFIED))
-    with FleetStore(tmp_path / "fleet.db") as store:
+    with FleetStore(store_url) as store:
         assert store.latest_statuses()["pi-1"].online is False
         latest = store.latest_reports("digits")["pi-1"]
         assert latest.results[0].latency_ms is not None
@@ -60,8 +60,8 @@ def test_store_keeps_latest_and_is_idempotent(tmp_path: Path) -> None:
         assert store.devices()[0].board == "pi5"
 
 
-def test_store_samples_and_prunes_telemetry(tmp_path: Path) -> None:
-    with FleetStore(tmp_path / "fleet.db", telemetry_every_s=10, telemetry_retention_s=100) as store:
+def test_store_samples_and_prunes_telemetry(store_url: str) -> None:
+    with FleetStore(store_url, telemetry_every_s=10, telemetry_retention_s=100) as store:
         now = time.time()
         stored = [
             store.ingest_telemetry(wire.Telemetry(device="pi-1", ts=now - 200 + i, uptime_s=i))

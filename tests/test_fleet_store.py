@@ -211,7 +211,7 @@ def test_without_manifests_a_round_count_or_an_orphan_is_suspect() -> None:
     assert problems == ["1 device(s) have a report or assignment but no status (dev-0001, ...)"]
 
 
-def test_the_store_gives_the_same_state_as_a_whole_broker_read(tmp_path: Path) -> None:
+def test_the_store_gives_the_same_state_as_a_whole_broker_read(store_url: str) -> None:
     key = Ed25519PrivateKey.generate()
     m = manifest()
     signed = wire.sign(m, key)
@@ -232,7 +232,7 @@ def test_the_store_gives_the_same_state_as_a_whole_broker_read(tmp_path: Path) -
     topics = wire.Topics()
     raw = retained(topics, signed, statuses, reports)
     raw[topics.assign("dev-0001", MODEL)] = assignment.to_json()
-    db = tmp_path / "fleet.db"
+    db = store_url
     with FleetStore(db) as store, store.transaction():
         assert store.ingest_manifest(signed, raw=signed.to_json())
         assert not store.ingest_manifest(signed, raw=signed.to_json())  # idempotent
