@@ -22,8 +22,6 @@ with a reason code and the loop goes on; only bad broker credentials stop it (Co
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import gc
 import logging
@@ -45,7 +43,7 @@ from agent.energy import EnergyConfig, EnergyMeter, resolve_profile_file
 from agent.errors import ConfigError, ConnectionFatal, IllegalTransition, StoreError
 from agent.mqtt import BrokerClient, Inbound, PahoBroker
 from agent.notify import Notifier
-from agent.pipeline import Pipeline, reason_code
+from agent.pipeline import Pipeline, reason_code, trim_heap
 from agent.publishing import Publisher, build_status
 from agent.runtime import detect_runtime
 from agent.state import IN_PIPELINE, StateBook
@@ -195,6 +193,7 @@ class Agent:
                 break
             if not self.pipeline.busy(model):
                 self.after_settled(model)
+        self.pub.publish_requested_status()
         self.pipeline.tick()
         self.activation.tick()
 
@@ -377,8 +376,7 @@ def release_startup_memory() -> None:
     import-time temporaries — otherwise stays in the idle daemon's RSS."""
     gc.collect()
     gc.freeze()
-    with contextlib.suppress(OSError, AttributeError):  # the process's own symbols: glibc's when present
-        ctypes.CDLL(None).malloc_trim(0)
+    trim_heap()
 
 
 def default_store_ok(config: AgentConfig) -> str | None:

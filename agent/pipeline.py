@@ -15,7 +15,11 @@ What crosses threads, and how:
   back through ``Pipeline.settled`` (a ``queue.Queue`` the main loop drains, then applies a pending
   assignment: an assignment that arrives during a measurement is applied when it ends);
 * the state book is locked internally (:class:`agent.state.StateBook`); the held manifests and the
-  running job per model are guarded by ``Pipeline._lock``;
+  running job per model are guarded by ``Pipeline._lock``; garbage collection and the start of a fetch
+  share ``Pipeline._gc_lock`` (a collection never deletes the chunks of a manifest accepted meanwhile);
+* the worker publishes events and the report itself (paho's publish is thread-safe) but only *asks* for
+  the retained status (:meth:`agent.publishing.Publisher.request_status`): the main loop publishes it,
+  so status messages go out in the order of the snapshots they carry;
 * a job is cancelled with :meth:`Job.cancel` (a newer manifest, a ``cancel`` command, shutdown): its
   ``stop`` event ends the benchmark child (``agent.bench.run_child`` kills its process group within
   0.25 s). Every state move of the worker happens under the job's lock after checking it was not
@@ -425,14 +429,6 @@ class Pipeline:
             self.settled.put(job.model)
             trim_heap()
 
-
-def trim_heap() -> None:
-    """Hand the heap a job freed back to the OS: the children's JSON (every timed latency) is parsed
-    here, and without ``malloc_trim`` the idle daemon keeps that peak after its first report."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc's symbol when the process has it
-        ctypes.CDLL(None).malloc_trim(0)
-
     def _stored_variants(self, manifest: Manifest) -> list[Variant]:
         return [v for v in manifest.variants if self.store.has_blob(v.sha256)]
 
@@ -442,7 +438,7 @@ def trim_heap() -> None:
             if not live:
                 return
             self.book.move(model, ModelState.VERIFYING, detail=f"manifest v{manifest.version}")
-        self.pub.publish_status()
+        self.pub.request_status()
         for label, ref, kind in blobs_of(manifest):
             if job.stop.is_set():
                 return
@@ -466,13 +462,13 @@ def trim_heap() -> None:
                 self.book.move(model, ModelState.IDLE, detail=detail)
                 with self._lock:
                     self._manifests.pop(model, None)
-            self.pub.publish_status()
+            self.pub.request_status()
             return
         with job.step() as live:
             if not live:
                 return
             self.book.move(model, ModelState.BENCHMARKING, detail=f"{len(fetched)} variant(s)")
-        self.pub.publish_status()
+        self.pub.request_status()
         self._measure_and_report(job, fetched)
 
     def _measure_and_report(self, job: Job, variants: list[Variant]) -> None:
@@ -497,7 +493,7 @@ def trim_heap() -> None:
                 correlation_id=job.correlation_id,
                 detail="rebenchmark done; report republished",
             )
-        self.pub.publish_status()
+        self.pub.request_status()
         self.collect_garbage()
 
     # ================================================================== measuring (worker, or any thread)
@@ -595,3 +591,11 @@ def trim_heap() -> None:
             self.store.gc(keep)
         except OSError as err:
             log.warning("store gc failed: %s", err)
+
+
+def trim_heap() -> None:
+    """Hand the heap a job freed back to the OS: the children's JSON (every timed latency) is parsed
+    here, and without ``malloc_trim`` the idle daemon keeps that peak after its first report."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc's symbol when the process has it
+        ctypes.CDLL(None).malloc_trim(0)

@@ -1,9 +1,10 @@
 """What the agent tells the fleet: events, retained status, telemetry and Home Assistant discovery.
 
-Called from the main loop and from the pipeline worker (:mod:`agent.pipeline`). The broker client's
-``publish`` is thread-safe (paho serialises it); status is built from a snapshot of the state book
-(immutable records), and the one piece of state of its own — which discovery configs were published —
-is guarded by a lock.
+Events may be published from the main loop and from the pipeline worker (:mod:`agent.pipeline`): the
+broker client's ``publish`` is thread-safe (paho serialises it). The retained status is published by
+the main loop only, built from a snapshot of the state book (immutable records); the worker asks for it
+with :meth:`Publisher.request_status` (a ``threading.Event``). Which discovery configs were published is
+guarded by a lock.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Publisher:
         self._ha_lock = threading.Lock()
         self._ha_published: dict[str, bytes] = {}
         self._cpu = CpuPercent()
+        self._status_wanted = threading.Event()
 
     def event(
         self,
@@ -117,7 +119,18 @@ class Publisher:
     def status(self, online: bool = True) -> Status:
         return build_status(self.config, self.book, self.board_info, self.board, self.runtime, online)
 
+    def request_status(self) -> None:
+        """Another thread changed a record: the main loop publishes the status at its next turn."""
+        self._status_wanted.set()
+
+    def publish_requested_status(self) -> None:
+        """Main loop: publish the status if another thread asked for it."""
+        if self._status_wanted.is_set():
+            self._status_wanted.clear()
+            self.publish_status()
+
     def publish_status(self) -> None:
+        """Main loop only (see :meth:`request_status`): retained statuses must leave in snapshot order."""
         payload = self.status().to_json()
         topic = self.topics.status(self.device)
         self.client.set_birth(topic, payload)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import flatbuffers
+import flatbuffers  # type: ignore[import-untyped]
 import numpy as np
 
 from agent import wire
@@ -21,7 +21,11 @@ from agent import wire
 N_IN, N_OUT = 8, 3
 # (variant id, host accuracy, techniques): the baseline first. All files are float32 FULLY_CONNECTED
 # models, hence quantization "none"; the figures that tell them apart are the simulated ones.
-VARIANTS = (("float32", 0.952, []), ("slim", 0.947, ["prune"]), ("tiny", 0.921, ["prune", "distill"]))
+VARIANTS: tuple[tuple[str, float, list[str]], ...] = (
+    ("float32", 0.952, []),
+    ("slim", 0.947, ["prune"]),
+    ("tiny", 0.921, ["prune", "distill"]),
+)
 
 
 def build_fc_model(weights: np.ndarray, bias: np.ndarray) -> bytes:

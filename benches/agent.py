@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -449,6 +450,7 @@ def main() -> int:
                 proc.wait(timeout=10)
             bus.disconnect()
             bus.loop_stop()
+            shutil.rmtree(work, ignore_errors=True)
     result["machine"]["loadavg_after_agent"] = [round(v, 2) for v in os.getloadavg()]
     if mdir is None:
         print(json.dumps(result))

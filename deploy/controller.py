@@ -2,22 +2,25 @@
 
 ::
 
-    edgefleet controller [--db PATH] [--policy controller.toml] [--key K] [--name NAME] [broker options]
-    edgefleet approve [ID ...] [--model M] [--db PATH]      apply proposals (mode "approve")
-    edgefleet mode MODEL auto|approve|manual|policy [--db PATH]   a model's mode, over the policy file's
-    edgefleet pause [MODEL] [--db PATH]                     stop acting (on one model, or on all)
-    edgefleet resume [MODEL] [--device D] [--db PATH]       act again; --device releases a quarantine
+    edgefleet controller [--db URL] [--policy controller.toml] [--select-policy P] [--key K] [--name N]
+                         [broker options]
+    edgefleet approve [ID ...] [--model M] [--db URL]       apply proposals (mode "approve")
+    edgefleet mode MODEL auto|approve|manual|policy [--db URL]   a model's mode, over the policy file's
+    edgefleet pause [MODEL] [--db URL]                      stop acting (on one model, or on all)
+    edgefleet resume [MODEL] [--device D] [--db URL]        act again; --device releases a quarantine
 
 A thin shell around the pure :func:`deploy.controller_policy.decide`: every ``interval_s`` (``while not
 stop.wait(t)``) it takes the leader lock (or stands by), reads the fleet store (``edgefleet collect``'s
 database; manifests verified with the fleet key), rebuilds its memory from the store
-(:mod:`deploy.controller_journal`, :mod:`deploy.rollout`'s tables in the same file), decides, and
+(:mod:`deploy.controller_journal`, :mod:`deploy.rollout`'s tables in the same database), decides, and
 applies: signed retained assignments (:func:`deploy.assign.make_assignment`), staged rollouts
-(:class:`deploy.rollout.RolloutController`, whose state lives in the same database, so whoever leads
-next resumes them), quarantines, proposals. Every action, proposal and note is journaled with its reason.
+(:class:`deploy.rollout.RolloutController`, whose state lives in the same database, SQLite or
+PostgreSQL (:mod:`deploy.controller_rollouts`), so whoever leads next resumes them), quarantines,
+proposals. Every action, proposal and note is journaled with its reason.
 
 One controller acts at a time: the leader holds an exclusive ``fcntl`` lock on ``<db>.controller.lock``
-(the kernel drops it when the process dies, even by SIGKILL); the others retry it every tick and take over.
+(SQLite) or a ``pg_try_advisory_lock`` (PostgreSQL); the kernel or the server drops it when the process
+dies, even by SIGKILL; the others retry it every tick and take over.
 Nothing here stops on bad input: a store it cannot read or lock, a broker it cannot reach, a manifest that
 fails verification are a log line (and a note in the journal when the store is reachable), and the next
 tick tries again. Under systemd (Type=notify) it sends READY=1 once running and WATCHDOG=1 every tick.
@@ -478,13 +481,13 @@ class Controller:
         from deploy.rollout import RolloutController, RolloutStore
         from deploy.store_sql import parse_db_url
 
-        path = parse_db_url(self.db).path
-        if path is None:
-            raise RolloutError(
-                "staged rollouts keep their state in a SQLite store only (deploy.rollout.RolloutStore): "
-                "run the controller with a SQLite --db to roll out new versions"
-            )
-        store = RolloutStore(path)
+        url = parse_db_url(self.db)
+        if url.path is not None:
+            store: RolloutStore = RolloutStore(url.path)  # the same file as the collector's tables
+        else:
+            from deploy.controller_rollouts import SqlRolloutStore
+
+            store = SqlRolloutStore(url)  # PostgreSQL: the same tables, shared by every controller
         rc = RolloutController(self._bus_now(), store, self.key, progress=lambda m: log.info("%s", m))
         rc.statuses = dict(snapshot.state.statuses)
         rc.events = events

@@ -302,7 +302,7 @@ class Journal:
         changing = 0
         if self._has_table("rollouts") and self._has_table("rollout_devices"):
             for rid, model, version, state in self._rows(
-                "SELECT id, model, manifest_version, state FROM rollouts ORDER BY created_at, rowid"
+                "SELECT id, model, manifest_version, state FROM rollouts ORDER BY created_at, id"
             ):
                 devices = self._rows(
                     "SELECT device, assigned_at, restored FROM rollout_devices WHERE rollout = ?", (rid,)

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import subprocess
 import threading
@@ -723,6 +724,7 @@ class SlowLink:
         self.port = self.server.getsockname()[1]
         self.threads: list[threading.Thread] = []
         self.held_back = 0
+        self.delivered = 0  # bytes sent from the broker to the agent
         self.acceptor = threading.Thread(target=self._accept, daemon=True)
         self.acceptor.start()
 
@@ -739,35 +741,36 @@ class SlowLink:
             except OSError:
                 client.close()
                 continue
-            for src, dst in ((client, broker), (broker, client)):
-                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+            for src, dst, down in ((client, broker, False), (broker, client, True)):
+                t = threading.Thread(target=self._pump, args=(src, dst, down), daemon=True)
                 t.start()
                 self.threads.append(t)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.2)
+    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
         pending: collections.deque[tuple[float, bytes]] = collections.deque()
         free_at = time.monotonic()
         try:
             while not self.stop.is_set():
-                try:
-                    data = src.recv(1400)
+                wait = 0.2 if not pending else max(0.0, pending[0][0] - time.monotonic())
+                readable, _, _ = select.select([src], [], [], wait)
+                if readable:
+                    data = src.recv(16384)
                     if not data:
                         break
-                    extra = self.rto_s if self.rng.random() < self.loss else 0.0
-                    self.held_back += extra > 0
-                    pending.append((time.monotonic() + self.delay_s + extra, data))
-                except TimeoutError:
-                    pass
+                    # per 1400-byte segment a loss, which TCP turns into a retransmission stall
+                    segments = -(-len(data) // 1400)
+                    lost = self.rng.random() < 1 - (1 - self.loss) ** segments
+                    self.held_back += lost
+                    pending.append((time.monotonic() + self.delay_s + (self.rto_s if lost else 0.0), data))
                 while pending and pending[0][0] <= time.monotonic():
                     _, chunk = pending.popleft()
                     free_at = max(free_at, time.monotonic()) + len(chunk) / self.rate
                     dst.sendall(chunk)
-                    if self.stop.wait(max(0.0, free_at - time.monotonic())):
+                    if down:
+                        self.delivered += len(chunk)
+                    if self.stop.wait(max(0.0, free_at - time.monotonic())):  # the throttle
                         return
-                if pending:
-                    self.stop.wait(min(0.05, max(0.0, pending[0][0] - time.monotonic())))
-        except OSError:
+        except (OSError, ValueError):  # the other direction closed both sockets (fd -1)
             pass
         finally:
             for s in (src, dst):
@@ -787,10 +790,10 @@ def bad_link_fetch(
     models_dir: Path, tmp_path: Path, size: int, chunk: int, seed: int = 5, rate_bps: float = 1e6
 ) -> dict[str, Any]:
     """Fetch a ``size``-byte variant through :class:`SlowLink` (200 ms one way, ``rate_bps``, 2 % of
-    segments held back a retransmission timeout), with the broker (persistence on) stopped and restarted
-    on its port once a third of the chunks are stored. The variant must complete and verify; returns
-    the figures. The blob is random bytes: it is fetched and verified, not run (the report marks it
-    failed to load, which is beside the point here)."""
+    segments held back a retransmission timeout): a third of its chunks is on the broker; once the agent
+    stored them the broker (persistence on) is stopped and restarted on its port, then the rest is
+    published. The variant must complete and verify; returns the figures. The blob is random bytes:
+    it is fetched and verified, not run (the report marks it failed to load, beside the point here)."""
     key, pub = new_key()
     store = tmp_path / "store"
     m = Models.load(models_dir)
@@ -808,15 +811,11 @@ def bad_link_fetch(
     class _Via:  # write_config reads host and port only
         host, port = "127.0.0.1", link.port
 
-    cfg = write_config(
-        tmp_path,
-        _Via(),
-        pub,
-        store,
-        extra="reconnect_max_s = 1\nreconnect_min_s = 0.2",  # type: ignore[arg-type]
-    )
+    via: Any = _Via()
+    cfg = write_config(tmp_path, via, pub, store, extra="reconnect_max_s = 1\nreconnect_min_s = 0.2")
     bus = Bus(broker, TOPICS)
-    publish_many(bus.client, [*chunk_items(m.f32), *_chunks_of(big, chunk)])
+    first = len(variants[1].chunks) // 3  # the rest is published after the broker restart
+    publish_many(bus.client, [*chunk_items(m.f32), *_chunks_of(big, chunk)[:first]])
     bus.publish(TOPICS.manifest(MODEL), manifest.to_json())
     partial = store / "partial" / variants[1].sha256
     n_chunks = len(variants[1].chunks)
@@ -825,22 +824,24 @@ def bad_link_fetch(
     restarted_at = None
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(partial.glob("[0-9]*"))) < n_chunks // 3:
+        while time.monotonic() < deadline and len(list(partial.glob("[0-9]*"))) < first:
             assert proc.poll() is None, f"the agent exited ({proc.returncode})"
-            time.sleep(0.05)
-        at_stop = len(list(partial.glob("[0-9]*")))
-        assert 0 < at_stop < n_chunks, f"{at_stop}/{n_chunks} chunks stored when the broker was stopped"
+            time.sleep(0.02)
         bus.close()
         broker.stop()  # SIGTERM: a clean shutdown writes mosquitto.db with the retained chunks
+        time.sleep(0.5)  # what was already through the link is written
+        at_stop = len(list(partial.glob("[0-9]*")))
+        blob = store / "blobs" / f"{variants[1].sha256}.tflite"
+        assert 0 < at_stop < n_chunks and not blob.exists(), f"{at_stop}/{n_chunks} chunks: not mid-fetch"
         time.sleep(1.0)
         broker = MosquittoBroker(port=port, persistence=True, state_dir=state_dir).start()
         restarted_at = time.monotonic() - t0
         bus = Bus(broker, TOPICS)
         bus.proc = proc
+        publish_many(bus.client, _chunks_of(big, chunk)[first:])  # the host publishes the rest
         downloaded = bus.wait_for(
             is_event("downloaded", variant="big", sha256=variants[1].sha256), timeout=max(120.0, size / 2e4)
         )
-        blob = store / "blobs" / f"{variants[1].sha256}.tflite"
         until = time.monotonic() + 30
         while not blob.is_file() and time.monotonic() < until:  # assembled and verified after the chunks
             time.sleep(0.02)

@@ -591,3 +591,85 @@ def test_approve_pause_resume_from_the_command_line(
             assert j.memory(time.time()).mode_overrides == {}
     finally:
         ctl.close()
+
+
+def test_a_rollout_on_postgresql_survives_a_change_of_controller(pg_url: str) -> None:
+    """Rollouts live in the PostgreSQL store itself: a second controller resumes the first one's."""
+    key = Ed25519PrivateKey.generate()
+    now = time.time()
+
+    def status(device: str, active: wire.Variant, ts: float) -> wire.Status:
+        return make_status(device, manifest=MANIFEST, active=active).model_copy(update={"ts": ts})
+
+    with FleetStore(pg_url) as store:
+        store.ingest_manifest(wire.sign(MANIFEST, key))
+        for d in ("pi-1", "pi-2"):
+            store.ingest_status(status(d, FP32, now))
+            store.ingest_report(report(d, ts=now))
+            store.ingest_assignment(assignment(d, FP32, 1, issued_at=now - 100))
+        store.commit()
+    bus = FakeBus(FakeClock())
+    p = policy(rollout={"canary_devices": ["pi-1"]})
+    first = Controller(pg_url, p, key, lambda: bus, name="c1")
+    try:
+        assert first.tick().applied == ["rollout:digits:v2"]  # planned
+        first.tick()  # canary assigned
+        assert [
+            wire.Assignment.from_json(x).variant for x in bus.published_to(bus.topics.assign("pi-1", MODEL))
+        ] == ["int8"]
+        assert not bus.published_to(bus.topics.assign("pi-2", MODEL))
+    finally:
+        first.close()  # the leader goes away mid-rollout
+    with FleetStore(pg_url) as store:
+        store.ingest_status(status("pi-1", INT8, now + 5))  # the canary committed
+        store.commit()
+    second = Controller(pg_url, p, key, lambda: bus, name="c2")
+    try:
+        second.tick()  # canary_committed -> rolling_out: pi-2 assigned
+        assert len(bus.published_to(bus.topics.assign("pi-2", MODEL))) == 1
+        with FleetStore(pg_url) as store:
+            store.ingest_status(status("pi-2", INT8, now + 6))
+            store.commit()
+        second.tick()
+        with Journal(pg_url) as j:
+            (view,) = j.memory(time.time()).rollouts.values()
+        assert view.state == "completed" and view.devices == {"pi-1", "pi-2"}
+        assert any("completed" in ln for ln in summary_lines(pg_url))
+    finally:
+        second.close()
+
+
+def test_the_rate_limit_paces_a_rollouts_rest_stage(tmp_path: Path) -> None:
+    from deploy.rollout import Role, RolloutController, RolloutState, RolloutStore
+
+    key = Ed25519PrivateKey.generate()
+    devices = ["pi-1", "pi-2", "pi-3", "pi-4"]
+    state = fleet(devices, assigned={d: assignment(d, FP32, 1) for d in devices})
+    for d in devices:
+        state.statuses[d] = make_status(d, manifest=MANIFEST, active=FP32)
+    bus = FakeBus(FakeClock())
+    with RolloutStore(tmp_path / "fleet.db") as store:
+        rc = RolloutController(bus, store, key)
+        rc.statuses = dict(state.statuses)
+        planned = rc.plan_from_state(
+            state, MODEL, ControllerPolicy().selection_policy(), canary_devices=["pi-1"]
+        )
+        r = planned.rollout
+        assert r is not None
+        rc.assign_limit = 1
+        r, _ = rc.step(r)  # planned -> canary_assigned
+        r, _ = rc.step(r)  # the canary is assigned
+        rc.statuses["pi-1"] = make_status("pi-1", manifest=MANIFEST, active=INT8).model_copy(
+            update={"ts": 200.0}
+        )
+        for _ in range(3):
+            r, _ = rc.step(r)
+        assert r.state is RolloutState.ROLLING_OUT
+        rest = [d for d in store.devices(r.id) if d.role is Role.REST]
+        assert sum(d.assigned_at is not None for d in rest) == 1  # one per step, as the budget allows
+        rc.assign_limit = 0
+        rc.step(r)
+        assert sum(d.assigned_at is not None for d in store.devices(r.id) if d.role is Role.REST) == 1
+        rc.assign_limit = None
+        rc.step(r)
+        assert all(d.assigned_at is not None for d in store.devices(r.id))

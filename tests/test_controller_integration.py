@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -78,20 +77,28 @@ def committed(dev: str, variant: str, version: int) -> Callable[[str, dict[str, 
     return pred
 
 
-def rollouts(db: Path) -> list[tuple[str, int, str, str | None]]:
-    """(id, manifest_version, state, reason) of every rollout in the store (read-only)."""
+def rollouts(db: str) -> list[tuple[str, int, str, str | None]]:
+    """(id, manifest_version, state, reason) of every rollout in the store (SQLite or PostgreSQL)."""
+    from deploy.store_sql import StoreError, close_quietly, driver_errors, open_store, parse_db_url
+
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return []
+        opened = open_store(parse_db_url(db), readonly=True)
+    except StoreError:
+        return []  # not created yet
     try:
-        return list(
-            conn.execute("SELECT id, manifest_version, state, reason FROM rollouts ORDER BY created_at")
-        )
-    except sqlite3.Error:
-        return []
+        cur = opened.conn.cursor()
+        cur.execute("SELECT id, manifest_version, state, reason FROM rollouts ORDER BY created_at")
+        return [tuple(r) for r in cur.fetchall()]
+    except driver_errors(opened.dialect):
+        return []  # no rollout table yet
     finally:
-        conn.close()
+        close_quietly(opened.conn)
+
+
+def role_of(log: str) -> str:
+    """The last role a controller's log announced: "leading", "standing by" or ""."""
+    lines = [ln for ln in log.splitlines() if ": leading (" in ln or ": standing by (" in ln]
+    return "" if not lines else ("leading" if ": leading (" in lines[-1] else "standing by")
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float) -> Any:
@@ -104,7 +111,10 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float) -> Any:
         time.sleep(0.05)
 
 
-def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tmp_path: Path) -> None:
+def test_controller_assigns_rolls_out_halts_and_fails_over(
+    tiny_models: Path, tmp_path: Path, store_url: str
+) -> None:
+    """On SQLite (leader lock: flock) and on PostgreSQL (pg_try_advisory_lock; rollouts in the database)."""
     started = time.monotonic()
     key_path = init_keys(tmp_path / "keys").private_path
     key = load_signing_key(key_path)
@@ -127,7 +137,7 @@ def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tm
         )
         return sign(m, key).to_json()
 
-    db = tmp_path / "fleet.db"
+    db = store_url
     policy = tmp_path / "controller.toml"
     policy.write_text(POLICY)
     agents: dict[str, subprocess.Popen[bytes]] = {}
@@ -145,7 +155,7 @@ def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tm
                     "deploy",
                     "controller",
                     "--db",
-                    str(db),
+                    db,
                     "--host",
                     broker.host,
                     "--port",
@@ -194,8 +204,7 @@ def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tm
                 publish_many(bus.client, [*chunk_items(f32), *chunk_items(f16), *chunk_items(sample)])
                 bus.publish(TOPICS.manifest(MODEL), manifest(1, v32))
                 start_controller("ctl-1")
-                lock = db.with_name(db.name + ".controller.lock")
-                wait_until("ctl-1 to lead", lambda: lock.exists() and "ctl-1" in lock.read_text(), 20)
+                wait_until("ctl-1 to lead", lambda: role_of(log_of("ctl-1")) == "leading", 30)
                 start_controller("ctl-2")
                 for dev in FIRST:
                     start(dev, "0.0" if dev == "agent-a" else "1.0")
@@ -248,7 +257,7 @@ def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tm
                     lambda: [r for r in rollouts(db) if r[1] == 3 and r[2] in MID],
                     60,
                 )
-                leader = next(n for n in controllers if n in lock.read_text())
+                leader = next(n for n in controllers if role_of(log_of(n)) == "leading")
                 standby = next(n for n in controllers if n != leader)
                 kill9(controllers[leader])
                 t_kill = time.monotonic()
@@ -260,8 +269,7 @@ def test_controller_assigns_rolls_out_halts_and_fails_over(tiny_models: Path, tm
                 print(
                     f"v3 rollout completed by {standby} {time.monotonic() - t_kill:.1f} s after {leader} died"
                 )
-                assert standby in lock.read_text()
-                assert "leading" in log_of(standby).split("standing by")[-1], log_of(standby)[-2000:]
+                assert role_of(log_of(standby)) == "leading"
                 for dev in ["agent-b", "agent-c", LATE]:
                     bus.wait_for(committed(dev, "float16", 3), timeout=20)
                 assert "3 committed" in (done[0][3] or ""), done
@@ -298,7 +306,8 @@ def test_simulated_fleet_is_rolled_out_by_the_controller(tmp_path: Path) -> None
     policy = tmp_path / "controller.toml"
     policy.write_text(FAST_LAB)
     bench = Path(__file__).resolve().parent.parent / "benches" / "fleet_sim.py"
-    ctl = f"{{python}} -m deploy controller --db {{db}} --config {{config}} --policy {policy} --select-policy {{policy}}"
+    ctl = "{python} -m deploy controller --db {db} --config {config} --select-policy {policy} --policy "
+    ctl += str(policy)
     cmd = [
         sys.executable, str(bench), "--devices", "60", "--agents", "1", "--workers", "2",
         "--fail-fraction", "0.1", "--fetch-s", "0.3", "--bench-s", "0.5", "--probation-s", "0.3",
@@ -308,9 +317,8 @@ def test_simulated_fleet_is_rolled_out_by_the_controller(tmp_path: Path) -> None
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, check=False)
     print(proc.stderr[-2000:])
     out = json.loads(proc.stdout)
-    print(
-        f"fleet_sim --controller, 61 devices: {time.monotonic() - t0:.1f} s, {out.get('controller_rollout_v2')}"
-    )
+    took = time.monotonic() - t0
+    print(f"fleet_sim --controller, 61 devices: {took:.1f} s, {out.get('controller_rollout_v2')}")
     assert "error" not in out, out["error"]
     floors = out["floors"]
     assert floors.pop("devices_at_least_2000") is False  # a small run; everything else must hold
