@@ -41,6 +41,7 @@ import re
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from agent import contention
@@ -378,24 +379,16 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
 class _Window:
     """One timed loop: its latencies, clocks and how disturbed it was."""
 
-    def __init__(
-        self,
-        latencies: list[float],
-        wall: float,
-        mono0: float,
-        mono1: float,
-        cpu: float,
-        assessment: contention.Assessment,
-    ) -> None:
-        self.latencies = latencies
-        self.wall = wall
-        self.mono0 = mono0
-        self.mono1 = mono1
-        self.cpu = cpu
-        self.assessment = assessment
+    latencies: list[float]
+    wall: float
+    mono0: float
+    mono1: float
+    cpu: float
+    assessment: contention.Assessment
 
 
 def _timed_window(

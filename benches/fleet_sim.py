@@ -125,8 +125,8 @@ class FleetDb:
     """Read-only queries on the collector's store (SQLite file or PostgreSQL URL), for the verdicts."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.pg = url.startswith(("postgresql://", "postgres://"))
+        self.url = url.removeprefix("sqlite://") if url.startswith("sqlite:///") else url
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[Any]:

@@ -1100,3 +1100,27 @@ def test_model_and_metadata_change_in_one_step_and_old_stores_convert(tmp_path: 
     assert store.link_sha(old / "previous.tflite") == a
     assert store.restore_previous("old") == a and store.read_active_info("old") is None  # none was kept
     assert not os.path.lexists(cut / "active.tflite") and not list((cut / "gen").iterdir())
+
+
+def test_only_a_recorded_child_with_the_same_start_time_is_ended(tmp_path: Path) -> None:
+    """A pid reused by an unrelated process since the record was written is left alone."""
+    from agent.children import ChildRegistry, start_ticks
+
+    registry = ChildRegistry(tmp_path / "children")
+    ours = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        registry.record(ours.pid)
+        ticks = start_ticks(other.pid)
+        assert ticks is not None
+        (tmp_path / "children" / f"{other.pid}.json").write_text(
+            json.dumps({"pid": other.pid, "start_ticks": ticks - 1})  # as if the pid had been reused
+        )
+        (tmp_path / "children" / ".9.json.tmp-1").write_text("{")  # a record torn by a kill
+        assert registry.reap() == [ours.pid]
+        assert ours.wait(timeout=10) == -9 and other.poll() is None
+        assert not list((tmp_path / "children").iterdir())
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait(timeout=10)

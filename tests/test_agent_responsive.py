@@ -206,7 +206,8 @@ class _Recorder:
         return [json.loads(p) for t, p in self.published if t.endswith("/events")]
 
 
-def test_rebenchmark_goes_through_benchmarking_and_back(tiny_models: Path, tmp_path: Path) -> None:
+def _committed_agent(tiny_models: Path, tmp_path: Path) -> tuple[Any, _Recorder, Ed25519PrivateKey, Any]:
+    """An agent whose model is committed (float32 of the tiny models, manifest v1), not started."""
     from agent.daemon import Agent
 
     key = Ed25519PrivateKey.generate()
@@ -221,8 +222,8 @@ def test_rebenchmark_goes_through_benchmarking_and_back(tiny_models: Path, tmp_p
     v = variant_for("float32", data, "none")
     m = sign(Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=[v]), key)
     store.write_manifest(MODEL, m.to_json())
-    store.activate(MODEL, v.sha256)
     info = ActiveVariant(variant="float32", sha256=v.sha256, manifest_version=1, activated_at=1.0)
+    store.activate(MODEL, v.sha256)
     store.write_active_info(MODEL, info)
     book = StateBook(store)
     for s in (S.FETCHING, S.VERIFYING, S.BENCHMARKING, S.REPORTED, S.ACTIVATING, S.PROBATION, S.COMMITTED):
@@ -237,17 +238,24 @@ def test_rebenchmark_goes_through_benchmarking_and_back(tiny_models: Path, tmp_p
         }
     )
     fake = _Recorder()
-    agent_obj = Agent(cfg, client=fake)  # type: ignore[arg-type]
+    return Agent(cfg, client=fake), fake, key, info  # type: ignore[arg-type]
+
+
+def _wait_idle(agent_obj: Any) -> None:
+    deadline = time.monotonic() + 60
+    while agent_obj.pipeline.job(MODEL) is not None:
+        assert time.monotonic() < deadline, "the measurement did not end within 60 s"
+        time.sleep(0.05)
+    agent_obj.pipeline.shutdown()
+
+
+def test_rebenchmark_goes_through_benchmarking_and_back(tiny_models: Path, tmp_path: Path) -> None:
+    agent_obj, fake, key, info = _committed_agent(tiny_models, tmp_path)
     agent_obj.handle(Inbound(TOPICS.cmd(DEVICE), _command(key, "r1", CommandAction.REBENCHMARK, MODEL)))
     rec = agent_obj.book.get(MODEL)
     assert rec.state is S.BENCHMARKING and rec.return_to is S.COMMITTED and rec.active == info
-    assert json.loads(store.state_path.read_text())["models"][MODEL]["state"] == "benchmarking"
-    # the worker thread measures (a restart now would resume the rebenchmark: Pipeline.resume)
-    deadline = time.monotonic() + 60
-    while agent_obj.pipeline.job(MODEL) is not None:
-        assert time.monotonic() < deadline, "the rebenchmark did not end within 60 s"
-        time.sleep(0.05)
-    agent_obj.pipeline.shutdown()
+    assert json.loads(agent_obj.store.state_path.read_text())["models"][MODEL]["state"] == "benchmarking"
+    _wait_idle(agent_obj)  # the worker thread measures
     rec = agent_obj.book.get(MODEL)
     assert rec.state is S.COMMITTED and rec.return_to is None and rec.active == info
     acks = [e["detail"] for e in fake.events() if e["kind"] == "ack" and e.get("correlation_id") == "r1"]
@@ -256,3 +264,25 @@ def test_rebenchmark_goes_through_benchmarking_and_back(tiny_models: Path, tmp_p
     # not benchmarking any more: a cancel is refused with its reason
     agent_obj.handle(Inbound(TOPICS.cmd(DEVICE), _command(key, "c1", CommandAction.CANCEL, MODEL)))
     assert fake.events()[-1]["reason"] == "NOT_RUNNING"
+
+
+def test_a_rebenchmark_cut_by_a_restart_resumes_as_a_rebenchmark(tiny_models: Path, tmp_path: Path) -> None:
+    """Killed mid-rebenchmark: the restarted agent measures again and returns to committed (no refetch,
+    no REPORTED that would let a re-delivered assignment activate the running model a second time)."""
+    first, _, _key, info = _committed_agent(tiny_models, tmp_path)
+    first.book.move(MODEL, S.BENCHMARKING, return_to=S.COMMITTED)  # what the command persists first
+    again = StateBook(first.store)
+    again.load()
+    assert again.get(MODEL).return_to is S.COMMITTED  # persisted
+    from agent.daemon import Agent
+
+    fake = _Recorder()
+    agent_obj = Agent(first.config, client=fake)  # type: ignore[arg-type]
+    agent_obj.recover()
+    job = agent_obj.pipeline.job(MODEL)
+    assert job is not None and job.kind.value == "rebenchmark"
+    _wait_idle(agent_obj)
+    rec = agent_obj.book.get(MODEL)
+    assert rec.state is S.COMMITTED and rec.active == info and rec.return_to is None
+    assert any(t == TOPICS.report(DEVICE, MODEL) for t, _ in fake.published)
+    assert not [e for e in fake.events() if e["kind"] == "downloaded"]
