@@ -4,6 +4,7 @@
 
     edgefleet rollout MODEL [--canary N | --canary-percent P] [--canary-device D ...] [--policy P]
                             [--key K] [--state-db PATH] [--wait] [--timeout S] [--resume] [--json]
+                            [--db URL | --from-broker [--allow-partial]]
     edgefleet rollout status MODEL [--state-db PATH] [--json]
     edgefleet rollout abort MODEL [--key K] [--state-db PATH]
 

@@ -15,6 +15,7 @@ from agent.argparsing import closest
 from deploy.errors import RolloutError
 from deploy.rollout import Rollout, RolloutController, RolloutStore, default_state_db
 from deploy.rollout import RolloutState as S
+from deploy.views import chosen_db, source_args
 
 # ---------------------------------------------------------------- presentation
 
@@ -128,14 +129,18 @@ def _cmd_run(args: argparse.Namespace, model: str) -> int:
         elif args.resume:
             raise RolloutError(f"no unfinished rollout of {model} to resume in {store.path}")
         else:
-            result = ctl.plan(
-                model,
-                policy,
-                canaries=args.canary,
-                canary_percent=args.canary_percent,
-                canary_devices=args.canary_device or (),
-                allow_partial=args.allow_partial,
-            )
+            canary = {
+                "canaries": args.canary,
+                "canary_percent": args.canary_percent,
+                "canary_devices": args.canary_device or (),
+            }
+            db = chosen_db(args)
+            if db is not None:  # the collector's store: the whole fleet, never a cut burst
+                from deploy.state import state_from_store
+
+                result = ctl.plan_from_state(state_from_store(db, model), model, policy, **canary)
+            else:
+                result = ctl.plan(model, policy, allow_partial=args.allow_partial, **canary)
             for device, why in sorted(result.skipped.items()):
                 _progress(f"  {device}: not in the rollout: {why}")
             if result.rollout is None:
@@ -221,9 +226,10 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
         "--resume", action="store_true", help="continue the model's unfinished rollout (error if none)"
     )
     p.add_argument("--json", action="store_true", help="print the rollout as JSON")
+    source_args(p, "plan")
     p.add_argument(
         "--allow-partial",
         action="store_true",
-        help="plan even when the broker's retained burst looks cut (devices may be missing)",
+        help="with --from-broker: plan even when the retained burst looks cut (devices may be missing)",
     )
     p.set_defaults(func=_cmd_rollout)

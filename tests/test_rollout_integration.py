@@ -414,3 +414,39 @@ def test_cmd_ping_and_rollback_wait_for_the_answer(fleet: Fleet, capsys: pytest.
     assert cli.main(["cmd", "pi-00", "rebenchmark", "--model", MODEL, *base]) == 0
     assert json.loads(capsys.readouterr().out)["action"] == "rebenchmark"
     assert fleet.retained(wire.Topics(fleet.ns).cmd("pi-00")) is None  # commands are not retained
+
+
+def test_rollout_plans_from_the_collectors_store(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --db the rollout decides on what the collector stored: a device the store has not seen (it
+    appeared after the collector stopped) is not in the plan, while --from-broker sees it."""
+    from broker_helpers import RunningCollector
+
+    db = fleet.tmp / "fleet.db"
+    options = BrokerOptions(host=fleet.broker.host, port=fleet.broker.port, namespace=fleet.ns)
+    from deploy.store import FleetStore
+
+    def stored_reports() -> int:
+        if not db.exists():
+            return 0
+        with FleetStore(db, readonly=True) as store:
+            return store.counts()["reports"]
+
+    with RunningCollector(options, db):
+        for i in range(3):
+            fleet.add(f"pi-{i:02d}")
+        deadline = time.monotonic() + 15
+        while stored_reports() < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert stored_reports() == 3
+    fleet.add("pi-late")  # on the broker only
+    args = fleet.args()
+    run = ["rollout", MODEL, "--canary", "1", "--wait", "--timeout", "30", "--json"]
+    assert cli.main([*run, "--db", str(db), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["state"] == "completed"
+    assert sorted(d["device"] for d in summary["devices"]) == ["pi-00", "pi-01", "pi-02"]
+    assert fleet.devices["pi-late"].assignments == []
+    # the broker's burst has the late device; the stored ones already run the variant
+    assert cli.main([*run, "--from-broker", *args]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [d["device"] for d in again["devices"]] == ["pi-late"]
