@@ -31,8 +31,8 @@ from agent.wire import (
     ModelState,
     ReasonCode,
     WireError,
+    decode_inbound,
     now,
-    verify_signed,
 )
 
 if TYPE_CHECKING:
@@ -78,8 +78,12 @@ class Activation:
     def on_assignment(self, model: str, payload: bytes) -> None:
         if not payload:
             return None
-        try:
-            a = verify_signed(Assignment, payload, self.trusted, self.max_payload)
+        try:  # signature, schema and topic (this device, this model) checked by the wire's one decoder
+            topics = self.pub.topics
+            topic = topics.assign(self.device, model)
+            a = decode_inbound(topics, topic, payload, trusted=self.trusted, max_bytes=self.max_payload).as_(
+                Assignment
+            )
         except WireError as err:
             log.warning("refused assignment for %s: %s", model, err)
             self.pub.event(EventKind.REJECTED, model, reason=reason_code(err.reason), detail=str(err))
@@ -89,12 +93,6 @@ class Activation:
             log.warning("refused assignment of %s/%s: %s", model, a.variant, detail)
             self.pub.event(EventKind.REJECTED, model, a.variant, a.sha256, reason, detail=detail)
 
-        if a.device != self.device:
-            return reject(
-                ReasonCode.WRONG_DEVICE, f"assignment is for device {a.device!r}, this is {self.device!r}"
-            )
-        if a.model != model:
-            return reject(ReasonCode.MALFORMED, f"assignment for model {a.model!r} on the topic of {model!r}")
         rec = self.book.get(model)
         held = rec.manifest_version
         if held is not None and a.manifest_version < held:

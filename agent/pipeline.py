@@ -57,6 +57,7 @@ from agent.wire import (
     Report,
     Variant,
     WireError,
+    decode_inbound,
     now,
     verify_signed,
 )
@@ -198,15 +199,15 @@ class Pipeline:
         if follow and model not in follow:
             log.info("ignoring manifest of %s (not in models.follow)", model)
             return
-        try:
-            manifest = verify_signed(Manifest, payload, self.trusted, self.max_payload)
+        try:  # signature, schema and topic checked by the one decoder of the wire contract
+            topic = self.topics.manifest(model)
+            decoded = decode_inbound(
+                self.topics, topic, payload, trusted=self.trusted, max_bytes=self.max_payload
+            )
+            manifest = decoded.as_(Manifest)
         except WireError as err:
             log.warning("refused manifest of %s: %s", model, err)
             self.pub.event(EventKind.REJECTED, model, reason=reason_code(err.reason), detail=str(err))
-            return
-        if manifest.model != model:
-            detail = f"manifest for model {manifest.model!r} arrived on the topic of {model!r}"
-            self.pub.event(EventKind.REJECTED, model, reason=ReasonCode.MALFORMED, detail=detail)
             return
         rec = self.book.get(model)
         held = rec.manifest_version
