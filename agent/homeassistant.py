@@ -11,11 +11,18 @@ entity                                 state topic            value
 ``binary_sensor`` connectivity         status                 ``ON`` if ``online`` (no availability:
                                                               it must show OFF when the Will fires)
 ``sensor`` <model> active variant      status                 ``models[<model>].active.variant``
-``sensor`` <model> p50 latency (ms)    reports/<model>        the active variant's ``latency_ms.p50``
-                                                              (or the fastest successful variant)
-``sensor`` <model> energy (mJ/inf.)    reports/<model>        ``energy.mj_per_inference`` likewise
+``sensor`` <model> p50 latency (ms)    status                 ``models[<model>].active.latency_ms_p50``
+``sensor`` <model> energy (mJ/inf.)    status                 ``...active.energy_mj_per_inference``
 ``sensor`` CPU temperature (°C)        telemetry              ``temperature_c`` (expires after 3 periods)
 =====================================  =====================  ==========================================
+
+The latency and energy sensors read the STATUS, where the agent puts the active file's figures from its
+latest benchmark of it (:func:`agent.publishing.with_figures`), and which it republishes on every
+activation, rollback and report: Home Assistant keeps its subscription and templates when a discovery
+config is republished with the same topic, so sensors that picked "the active variant" out of the report
+kept showing the previous variant's numbers after an assignment (measured in Home Assistant 2024.3.3).
+Before any activation they are "unknown" (no running variant, no figure to show). The configs do not
+depend on which variant runs, so they never need republishing when it changes.
 
 Config topics are ``homeassistant/<component>/<device id>/<object id>/config`` (QoS1, retained), which the
 broker ACL lets each device write for its own id only. Keys are Home Assistant's full (unabbreviated)
@@ -98,6 +105,24 @@ def active_variant_template(model: str) -> str:
     )
 
 
+def active_figure_template(model: str, field: str) -> str:
+    """The active variant's ``field`` (``latency_ms_p50``, ``energy_mj_per_inference``) from the status;
+    ``None`` with no active variant or no figure."""
+    return (
+        f"{{% set m = value_json.models.get({_literal(model)}) %}}"
+        f"{{{{ m.active.get({field!r}) if m and m.get('active') else None }}}}"
+    )
+
+
+def active_attributes_template(model: str) -> str:
+    """Attributes of the figure sensors: which variant and manifest version the figures belong to."""
+    return (
+        f"{{% set m = value_json.models.get({_literal(model)}) %}}"
+        "{{ {'variant': m.active.variant if m and m.get('active') else None,"
+        " 'manifest_version': m.active.manifest_version if m and m.get('active') else None} | tojson }}"
+    )
+
+
 def result_template(path: str, variant: str | None = None) -> str:
     """First value at ``path`` (e.g. ``latency_ms.p50``) of the ``variant``'s successful result, or the
     smallest over all successful results when no variant is given; ``None`` when there is none."""
@@ -157,13 +182,12 @@ def discovery_messages(
     namespace: str = wire.DEFAULT_NAMESPACE,
     telemetry_interval_s: float | None = 60.0,
 ) -> list[DiscoveryMessage]:
-    """Every discovery config of one device. ``active`` (model → variant id) pins the latency and energy
-    sensors to the running variant; republish when it changes (the configs are retained)."""
+    """Every discovery config of one device. ``active`` is accepted for callers of earlier versions and
+    not used: the figure sensors read the active variant from the status (module docstring)."""
     topics = wire.Topics(namespace)
     device = wire.check_id(info.device, "device")
     status = topics.status(device)
     origin = {"name": ORIGIN_NAME, "sw_version": info.agent_version or "unknown"}
-    active = active or {}
     out = [
         _entity(
             info,
@@ -188,9 +212,6 @@ def discovery_messages(
     ]
     for model in sorted(set(models)):
         wire.check_id(model, "model")
-        report = topics.report(device, model)
-        variant = active.get(model)
-        which = f"variant {variant}" if variant else "fastest variant"
         out += [
             _entity(
                 info,
@@ -208,28 +229,24 @@ def discovery_messages(
                 "sensor",
                 f"{model}_latency_p50",
                 name=f"{model} p50 latency",
-                state_topic=report,
-                value_template=result_template("latency_ms.p50", variant),
+                state_topic=status,
+                value_template=active_figure_template(model, "latency_ms_p50"),
                 origin=origin,
                 availability_topic=status,
                 unit_of_measurement="ms",
                 state_class="measurement",
                 device_class="duration",
                 suggested_display_precision=2,
-                json_attributes_topic=report,
-                json_attributes_template=(
-                    "{{ {'manifest_version': value_json.manifest_version, 'selected': "
-                    + repr(which)
-                    + "} | tojson }}"
-                ),
+                json_attributes_topic=status,
+                json_attributes_template=active_attributes_template(model),
             ),
             _entity(
                 info,
                 "sensor",
                 f"{model}_energy",
                 name=f"{model} energy per inference",
-                state_topic=report,
-                value_template=result_template("energy.mj_per_inference", variant),
+                state_topic=status,
+                value_template=active_figure_template(model, "energy_mj_per_inference"),
                 origin=origin,
                 availability_topic=status,
                 unit_of_measurement="mJ",

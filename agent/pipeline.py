@@ -564,6 +564,8 @@ class Pipeline:
         # delivers a QoS1 message it could not get acknowledged in time on its own)
         topic = self.topics.report(self.device, report.model)
         self.client.publish(topic, report.to_json(), qos=1, retain=True, timeout=2.0)
+        self.pub.note_report(report)
+        self.pub.request_status()  # the active file's figures may have changed
         log.info(
             "published report of %s v%d: %d result(s)%s",
             report.model,

@@ -15,6 +15,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,20 @@ import agent
 from agent.active import read_counters
 from agent.config import AgentConfig
 from agent.thermal import cpu_temperature, read_throttled
-from agent.wire import Event, EventKind, ReasonCode, RuntimeInfo, Status, Telemetry, Topics, now
+from agent.wire import (
+    Event,
+    EventKind,
+    ModelStatus,
+    ReasonCode,
+    Report,
+    RuntimeInfo,
+    Status,
+    Telemetry,
+    Topics,
+    WireError,
+    decode,
+    now,
+)
 
 if TYPE_CHECKING:
     from agent.board import BoardInfo
@@ -40,8 +54,11 @@ def build_status(
     board: str,
     runtime: RuntimeInfo | None,
     online: bool = True,
+    reports: Mapping[str, Report] | None = None,
 ) -> Status:
-    """The device's Status from a snapshot of its records (also the Last Will, built before any client)."""
+    """The device's Status from a snapshot of its records (also the Last Will, built before any client);
+    ``reports`` (model → this device's latest report) put the active file's figures in the status."""
+    reports = reports or {}
     return Status(
         device=config.device.id,
         online=online,
@@ -53,8 +70,24 @@ def build_status(
         cpu_count=board_info.cpu_count,
         ram_bytes=total_ram(),
         device_class=config.device.device_class,
-        models={m: rec.status() for m, rec in book.models.items()},
+        models={m: with_figures(rec.status(), reports.get(m)) for m, rec in book.models.items()},
     )
+
+
+def with_figures(status: ModelStatus, report: Report | None) -> ModelStatus:
+    """``status`` with its active variant's p50 latency and energy from ``report``'s successful result for
+    that file (the fastest thread count, uncontended first, as select ranks them); unchanged without."""
+    if status.active is None or report is None:
+        return status
+    runs = [r for r in report.results if r.ok and r.sha256 == status.active.sha256 and r.latency_ms]
+    if not runs:
+        return status
+    best = min(runs, key=lambda r: (bool(r.contended), r.latency_ms.p50 if r.latency_ms else 0.0))
+    figures = {
+        "latency_ms_p50": best.latency_ms.p50 if best.latency_ms else None,
+        "energy_mj_per_inference": best.energy.mj_per_inference if best.energy else None,
+    }
+    return status.model_copy(update={"active": status.active.model_copy(update=figures)})
 
 
 class Publisher:
@@ -84,6 +117,22 @@ class Publisher:
         self._ha_published: dict[str, bytes] = {}
         self._cpu = CpuPercent()
         self._status_wanted = threading.Event()
+        self._reports_lock = threading.Lock()
+        self._reports: dict[str, Report] = {}  # model → latest report (figures for the status)
+        for model in book.models:
+            payload = store.read_report(model)
+            if payload:
+                with contextlib.suppress(WireError):
+                    self._reports[model] = decode(Report, payload)
+
+    def note_report(self, report: Report) -> None:
+        """A report was published: keep it (and on disk, for a restart) for the status's figures."""
+        with self._reports_lock:
+            self._reports[report.model] = report
+        try:
+            self.store.write_report(report.model, report.to_json())
+        except OSError as err:  # a full disk must not lose the report already published
+            log.warning("could not keep the report of %s: %s", report.model, err)
 
     def event(
         self,
@@ -117,7 +166,11 @@ class Publisher:
         self.client.publish(self.topics.events(self.device), ev.to_json(), qos=1, retain=False, timeout=5.0)
 
     def status(self, online: bool = True) -> Status:
-        return build_status(self.config, self.book, self.board_info, self.board, self.runtime, online)
+        with self._reports_lock:
+            reports = dict(self._reports)
+        return build_status(
+            self.config, self.book, self.board_info, self.board, self.runtime, online, reports=reports
+        )
 
     def request_status(self) -> None:
         """Another thread changed a record: the main loop publishes the status at its next turn."""

@@ -388,6 +388,16 @@ class Store:
             log.warning("ignoring unreadable %s: %s", path, err)
             return None
 
+    def write_report(self, model: str, payload: bytes) -> None:
+        """The latest report this device published for ``model`` (its figures go in the status)."""
+        atomic_write(self.model_dir(model) / "report.json", payload)
+
+    def read_report(self, model: str) -> bytes | None:
+        try:
+            return (self.model_dir(model) / "report.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
     def write_manifest(self, model: str, payload: bytes) -> None:
         atomic_write(self.model_dir(model) / "manifest.json", payload)
 

@@ -528,6 +528,10 @@ class ActiveVariant(WireModel):
     sha256: Sha256
     manifest_version: int = Field(ge=1)
     activated_at: float
+    # In a Status only: the active file's figures from this device's latest successful benchmark of it,
+    # so a dashboard reading the status shows the running variant's numbers the moment it changes.
+    latency_ms_p50: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    energy_mj_per_inference: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class ModelStatus(WireModel):

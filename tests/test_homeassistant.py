@@ -8,7 +8,15 @@ import re
 import pytest
 
 from agent import wire
-from deploy.homeassistant import DeviceInfo, discovery_messages, removal_messages, result_template
+from agent.publishing import with_figures
+from deploy.homeassistant import (
+    DeviceInfo,
+    active_attributes_template,
+    active_figure_template,
+    discovery_messages,
+    removal_messages,
+    result_template,
+)
 
 # Full (unabbreviated) option names documented for MQTT sensor / binary_sensor discovery.
 COMMON = {
@@ -59,7 +67,7 @@ TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor)/([a-z0-9][a-z0-9_-]*)
 
 def messages() -> list:
     info = DeviceInfo("pi-kitchen", board="Raspberry Pi 5", agent_version="0.1.0")
-    return discovery_messages(info, models=["digits"], active={"digits": "int8"})
+    return discovery_messages(info, models=["digits"])
 
 
 def test_payloads_use_documented_keys_and_topics() -> None:
@@ -85,7 +93,8 @@ def test_payloads_use_documented_keys_and_topics() -> None:
     by_id = {json.loads(m.payload_bytes())["unique_id"]: json.loads(m.payload_bytes()) for m in msgs}
     latency = by_id["edgefleet_pi_kitchen_digits_latency_p50"]
     assert (latency["unit_of_measurement"], latency["state_class"]) == ("ms", "measurement")
-    assert latency["state_topic"] == "edgefleet/devices/pi-kitchen/reports/digits"
+    # figures come from the status, republished on every activation: never a previous variant's numbers
+    assert latency["state_topic"] == latency["json_attributes_topic"] == "edgefleet/devices/pi-kitchen/status"
     temp = by_id["edgefleet_pi_kitchen_cpu_temperature"]
     assert (temp["device_class"], temp["unit_of_measurement"], temp["expire_after"]) == (
         "temperature",
@@ -124,6 +133,7 @@ def test_templates_reference_wire_fields() -> None:
             names |= {p for path in re.findall(r"attribute='([\w.]+)'", text) for p in path.split(".")}
             names |= set(re.findall(r"selectattr\('(\w+)'", text))
             names |= set(re.findall(r"m\.(?:get\(')?(\w+)", text)) - {"get"}
+            names |= set(re.findall(r"active\.(?:get\(')?(\w+)", text)) - {"get"}
             names |= set(re.findall(r"value_json\.get\('(\w+)'", text))
             assert names <= fields, (m.topic, key, names - fields)
 
@@ -145,3 +155,43 @@ def test_templates_render_with_jinja() -> None:
     assert render(result_template("latency_ms.p50"), report) == "2.5"
     assert render(result_template("latency_ms.p50", "f32"), report) == "None"
     assert render(result_template("energy.mj_per_inference", "int8"), report) == "1.5"
+
+
+def test_figure_sensors_follow_the_active_variant() -> None:
+    """The status carries the ACTIVE file's figures (from the device's latest report), so the p50 and
+    energy sensors change the moment an activation changes the status, and never mix two variants."""
+    lat = {
+        v: wire.LatencyStats(count=5, mean=p, std=0, min=p, p50=p, p90=p, p95=p, p99=p, max=p)
+        for v, p in (("int8", 0.008), ("f32", 0.0157))
+    }
+    energy = {
+        v: wire.Energy(method=wire.EnergyMethod.MODEL, measured=False, mj_per_inference=mj, avg_power_w=3)
+        for v, mj in (("int8", 0.153), ("f32", 0.274))
+    }
+    sha = {"int8": "a" * 64, "f32": "b" * 64}
+    results = [
+        wire.BenchResult(variant=v, sha256=sha[v], ok=True, latency_ms=lat[v], energy=energy[v], ts=1)
+        for v in ("int8", "f32")
+    ]
+    report = wire.Report(device="pi-1", model="digits", manifest_version=1, ts=1, results=results)
+    fig = active_figure_template("digits", "latency_ms_p50")
+    mj = active_figure_template("digits", "energy_mj_per_inference")
+    attrs = active_attributes_template("digits")
+
+    def status(variant: str | None) -> bytes:
+        active = None
+        if variant is not None:
+            active = wire.ActiveVariant(
+                variant=variant, sha256=sha[variant], manifest_version=1, activated_at=1
+            )
+        ms = with_figures(wire.ModelStatus(state=wire.ModelState.COMMITTED, active=active), report)
+        return wire.Status(device="pi-1", online=True, ts=1, models={"digits": ms}).to_json()
+
+    assert (render(fig, status(None)), render(mj, status(None))) == ("None", "None")  # nothing runs yet
+    assert (render(fig, status("int8")), render(mj, status("int8"))) == ("0.008", "0.153")
+    assert (render(fig, status("f32")), render(mj, status("f32"))) == ("0.0157", "0.274")
+    assert json.loads(render(attrs, status("f32"))) == {"variant": "f32", "manifest_version": 1}
+    # an active file the report has no successful result for: no figure rather than another variant's
+    other = wire.ActiveVariant(variant="fp16", sha256="c" * 64, manifest_version=1, activated_at=1)
+    ms = with_figures(wire.ModelStatus(state=wire.ModelState.COMMITTED, active=other), report)
+    assert ms.active is not None and ms.active.latency_ms_p50 is None
