@@ -28,8 +28,8 @@ Broker options (publish/select/assign/fleet/report/plot/rollout/cmd; rollout cal
 one for the controller); a flag given on the command line overrides its key. The first line on stderr
 names the broker and where its settings came from.
 
-Where the fleet is read (select, assign, rollout's plan, fleet, report): ``--db URL``, the collector's store (a file,
-``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see ``deploy/store_sql.py``); else
+Where the fleet is read (select, assign, rollout's plan, fleet, report): ``--db URL``, the collector's
+store (a file, ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see ``deploy/store_sql.py``); else
 ``$EDGEFLEET_COLLECTOR_DB`` (a URL, or a file when it exists) or ``/var/lib/edgefleet-collector/fleet.db``
 when it exists (a stderr line says so); else, or with ``--from-broker``, the broker's retained
 messages, a burst the broker cuts past its queue limit: a burst that looks cut is named on stderr, and
