@@ -1,7 +1,7 @@
 """Why a connection to the broker failed, in words an operator can act on.
 
 Shared by the agent (one log line per reconnect step, ``--check-config --connect``) and the host commands
-(``deploy.mqtt``; deploy may import agent, never the other way round).
+(``deploy.broker.client``; deploy may import agent, never the other way round).
 
 * :func:`classify_error` maps the exception of a connect attempt (DNS, TCP, TLS handshake) to a
   :class:`Cause`; :func:`classify_connack` maps a refused CONNACK.

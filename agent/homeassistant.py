@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery for edgefleet devices: pure payload builders, no MQTT client.
 
 Only the standard library and :mod:`agent.wire` are imported. The agent publishes these on every
-connect when ``[telemetry] home_assistant = true``; ``deploy.homeassistant`` re-exports them for the host
+connect when ``[telemetry] home_assistant = true``; ``deploy.observe.homeassistant`` re-exports them for the
+host
 (the agent never imports ``deploy``). Every entity reads the topics of the wire contract directly — the
 device publishes nothing extra for Home Assistant besides these retained config messages:
 

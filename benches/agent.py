@@ -58,7 +58,7 @@ from agent.wire import (  # noqa: E402
     iter_chunks,
     sign,
 )
-from deploy.broker import MosquittoBroker  # noqa: E402
+from deploy.broker.spawn import MosquittoBroker  # noqa: E402
 
 DEVICE, MODEL, CHUNK = "bench-pi", "bench", 64 * 1024
 

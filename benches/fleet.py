@@ -5,10 +5,11 @@ Prints one JSON object on stdout (progress on stderr):
 * ``ingest``: ``--devices`` fake devices x ``--reports`` reports each (8 BenchResults per report, as an
   agent sends for 8 variants) published QoS1 on each device's report topic by a separate publisher
   process (one fast paho client, so the publisher is not what is measured) to a private mosquitto,
-  while a :class:`deploy.collect.Collector` stores them in SQLite. Measured: reports/s from the first
+  while a :class:`deploy.observe.collect.Collector` stores them in SQLite. Measured: reports/s from the first
   report received to the last one committed (target >= 2,000/s); lost = published - rows in
   ``report_history`` (must be 0).
-* ``select``: :func:`deploy.select.select` over ``--select-devices`` devices x 8 variants, with a policy
+* ``select``: :func:`deploy.control.select.select` over ``--select-devices`` devices x 8 variants, with a
+policy
   with constraints and class overrides (one judging on-device accuracy), manifest, reports and statuses
   built in memory (target < 1 s);
   three calls, after a full garbage collection counted with the build.
@@ -43,10 +44,10 @@ import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent import wire  # noqa: E402
-from deploy.broker import MosquittoBroker  # noqa: E402
-from deploy.collect import Collector, CollectorOptions  # noqa: E402
-from deploy.mqtt import BrokerOptions  # noqa: E402
-from deploy.select import Policy, select  # noqa: E402
+from deploy.broker.client import BrokerOptions  # noqa: E402
+from deploy.broker.spawn import MosquittoBroker  # noqa: E402
+from deploy.control.select import Policy, select  # noqa: E402
+from deploy.observe.collect import Collector, CollectorOptions  # noqa: E402
 
 MODEL = "kws"
 N_VARIANTS = 8

@@ -7,7 +7,7 @@ Prints ONE JSON object on stdout (progress on stderr)::
 
 What runs, all real processes on loopback:
 
-* mosquitto on a free port with the configuration ``edgefleet broker-config`` writes (deploy.brokerconf:
+* mosquitto on a free port with the configuration ``edgefleet broker-config`` writes (deploy.broker.conf:
   per-device passwords, the generated ACL, queue limits, persistence), on a plain listener: 2,000 TLS
   handshakes from Python clients would measure the handshakes, not the fleet;
 * ``--devices`` simulated devices (benches/_sim_device.py: the agent's wire behaviour, Ed25519 checks,
@@ -73,8 +73,8 @@ from _sim_fleet import SimFleet  # noqa: E402
 from _sim_models import write_bundle  # noqa: E402
 
 from agent import wire  # noqa: E402
-from deploy.broker import MosquittoBroker, free_port  # noqa: E402
-from deploy.brokerconf import COLLECTOR_USER, BrokerSpec, write_broker_config  # noqa: E402
+from deploy.broker.conf import COLLECTOR_USER, BrokerSpec, write_broker_config  # noqa: E402
+from deploy.broker.spawn import MosquittoBroker, free_port  # noqa: E402
 from deploy.keys import init_keys  # noqa: E402
 
 MODEL = "kws"
@@ -105,7 +105,7 @@ SETTLED = ("committed", "rolled_back")
 
 
 def policy_text() -> str:
-    from deploy.select import Rule
+    from deploy.control.select import Rule
 
     return POLICY + (LAB_CLASS if "reject_contended" in Rule.model_fields else "")
 
@@ -559,7 +559,8 @@ def start_controller(
 
 
 def controller_rollout(db: FleetDb) -> dict[str, Any]:
-    """--controller: the v2 rollout it ran, from the store (deploy.rollout's tables): each state's time
+    """--controller: the v2 rollout it ran, from the store (deploy.control.rollout's tables): each
+    state's time
     since planning, and how many devices it covered."""
     rows = db.rows(
         "SELECT r.id, r.state, t.to_state, t.at FROM rollouts r "
@@ -670,7 +671,7 @@ def pick_canaries(
 def rollout_summary(
     code: int, so: str, se: str, expected: dict[str, tuple[str, str]], canaries: Sequence[str]
 ) -> dict[str, Any]:
-    # the controller re-reads every status when its bounded watch dropped messages (deploy/rollout.py)
+    # the controller re-reads every status when its bounded watch dropped messages (deploy/control/rollout.py)
     resyncs = se.count("dropped while busy")
     out: dict[str, Any] = {"exit_code": code, "canaries": len(canaries), "status_resyncs": resyncs}
     try:

@@ -27,9 +27,9 @@ import psutil  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from agent import wire  # noqa: E402
-from deploy.broker import MosquittoBroker  # noqa: E402
-from deploy.mqtt import BrokerOptions, MqttSession  # noqa: E402
-from deploy.publish import publish_bundle  # noqa: E402
+from deploy.broker.client import BrokerOptions, MqttSession  # noqa: E402
+from deploy.broker.spawn import MosquittoBroker  # noqa: E402
+from deploy.control.publish import publish_bundle  # noqa: E402
 
 
 def make_bundle(path: Path, mib: int, version: int, seed: int) -> None:

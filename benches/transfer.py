@@ -5,7 +5,8 @@ Prints one JSON object on stdout (progress on stderr):
 * ``single`` (``--reps`` repetitions, default 5, the agent fetch and mosquitto_pub/sub alternating, each
   figure reported as median, min, max and spread = (max - min) / median, because one sample read 0.80x and
   1.20x of mosquitto_sub on two runs of the same code): a ``--mib`` MiB random "model" in a valid bundle,
-  signed and published as retained 256 KiB chunks with :func:`deploy.publish.publish_bundle` to a private
+  signed and published as retained 256 KiB chunks with :func:`deploy.control.publish.publish_bundle` to a
+  private
   mosquitto, then fetched by the agent's :class:`agent.fetch.Fetcher` with a real
   :class:`agent.store.Store` (temp dir) and the real paho seam :class:`agent.mqtt.PahoBroker`. The fetcher
   is driven exactly as ``agent.daemon.Daemon`` drives it (verify the signed manifest, ``add`` + ``pump``,
@@ -58,9 +59,9 @@ from agent.config import parse_config  # noqa: E402
 from agent.fetch import Fetcher  # noqa: E402
 from agent.mqtt import PahoBroker  # noqa: E402
 from agent.store import Store  # noqa: E402
-from deploy.broker import MosquittoBroker  # noqa: E402
-from deploy.mqtt import BrokerOptions, MqttSession  # noqa: E402
-from deploy.publish import publish_bundle  # noqa: E402
+from deploy.broker.client import BrokerOptions, MqttSession  # noqa: E402
+from deploy.broker.spawn import MosquittoBroker  # noqa: E402
+from deploy.control.publish import publish_bundle  # noqa: E402
 
 MIB = 1024 * 1024
 MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"

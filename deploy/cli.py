@@ -12,9 +12,9 @@
     edgefleet report DEVICE [--model M] [--json] [--db URL]    every benchmark result of one device
     edgefleet plot MODEL --out FILE.png              latency (p50, log) vs host accuracy per device
     edgefleet rollout MODEL [--canary N | --canary-percent P] [--wait] [--timeout S] [--resume]
-    edgefleet rollout status|abort MODEL             staged rollouts (see deploy/rollout.py)
+    edgefleet rollout status|abort MODEL             staged rollouts (see deploy/control/rollout.py)
     edgefleet controller [--db URL] [--policy P]     assign and roll out by policy, long-running
-    edgefleet approve|mode|pause|resume ...          steer the controller (see deploy/controller.py)
+    edgefleet approve|mode|pause|resume ...          steer the controller (see deploy/control/controller.py)
     edgefleet cmd DEVICE ping|rebenchmark|cancel|rollback [--model M] [--wait S]   signed command
     edgefleet schema --out DIR                       JSON Schemas of every wire message
     edgefleet compress ...                           (provided by the compressor, when installed)
@@ -29,11 +29,13 @@ one for the controller); a flag given on the command line overrides its key. The
 names the broker and where its settings came from.
 
 Where the fleet is read (select, assign, rollout's plan, fleet, report): ``--db URL``, the collector's
-store (a file, ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see ``deploy/store_sql.py``); else
+store (a file, ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see
+``deploy/observe/store_sql.py``); else
 ``$EDGEFLEET_COLLECTOR_DB`` (a URL, or a file when it exists) or ``/var/lib/edgefleet-collector/fleet.db``
 when it exists (a stderr line says so); else, or with ``--from-broker``, the broker's retained
 messages, a burst the broker cuts past its queue limit: a burst that looks cut is named on stderr, and
-select/assign/rollout then refuse to decide (exit 2) unless ``--allow-partial`` (see ``deploy/state.py``).
+select/assign/rollout then refuse to decide (exit 2) unless ``--allow-partial`` (see
+``deploy/observe/state.py``).
 
 Exit codes: 0 success, 1 usage error, 2 an expected failure (message on stderr, no traceback).
 """
@@ -125,7 +127,7 @@ def broker_options(args: argparse.Namespace, announce: Callable[[str], None] | N
 
 
 def _session(args: argparse.Namespace) -> Any:
-    from deploy.mqtt import MqttSession
+    from deploy.broker.client import MqttSession
 
     options = broker_options(args, announce=_progress)  # the first progress line of every host command
     return MqttSession(options, ack_timeout_s=max(options.connect_timeout_s, 30.0))
@@ -156,9 +158,9 @@ def _cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
+    from deploy.control.publish import load_bundle, publish_bundle
     from deploy.keys import load_signing_key
     from deploy.progress import ByteProgress
-    from deploy.publish import load_bundle, publish_bundle
 
     bundle = load_bundle(args.bundle)  # before connecting: a broken bundle fails fast
     key = load_signing_key(args.key)
@@ -205,10 +207,10 @@ def _plan(args: argparse.Namespace, session: Any) -> Any:
     A burst that looks cut is refused unless --allow-partial: deciding on it would silently leave out
     the devices the broker dropped.
     """
-    from deploy.assign import plan
+    from deploy.control.assign import plan
+    from deploy.control.select import load_policy
     from deploy.errors import StateError
-    from deploy.select import load_policy
-    from deploy.state import collect_state, state_from_store
+    from deploy.observe.state import collect_state, state_from_store
 
     policy = load_policy(args.policy)
     model = wire.check_id(args.model, "model")
@@ -238,14 +240,14 @@ def _plan(args: argparse.Namespace, session: Any) -> Any:
 
 def _broker_manifests(session: Any) -> dict[str, wire.Manifest]:
     """Every manifest the broker holds retained (a few messages: never cut)."""
-    from deploy.state import parse_state
+    from deploy.observe.state import parse_state
 
     raw = session.collect_retained([session.topics.all_manifests()])
     return dict(parse_state(raw, session.topics).manifests)
 
 
 def _print_plan(plan: Any, as_json: bool) -> None:
-    from deploy.fleet import decisions_table
+    from deploy.observe.fleet import decisions_table
 
     if as_json:
         print(json.dumps([d.to_json() for d in plan.decisions], indent=2, sort_keys=True))
@@ -263,7 +265,7 @@ def _print_plan(plan: Any, as_json: bool) -> None:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from deploy.views import chosen_db
+    from deploy.observe.views import chosen_db
 
     args.db = chosen_db(args)
     if args.db is not None:
@@ -276,9 +278,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_assign(args: argparse.Namespace) -> int:
-    from deploy.assign import assign
+    from deploy.control.assign import assign
     from deploy.keys import load_signing_key
-    from deploy.views import chosen_db
+    from deploy.observe.views import chosen_db
 
     key = None if args.dry_run else load_signing_key(args.key)
     args.db = chosen_db(args)
@@ -369,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=_cmd_publish)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        from deploy.views import source_args
+        from deploy.observe.views import source_args
 
         p.add_argument("--model", required=True, help="model id")
         p.add_argument("--policy", type=Path, help="policy TOML (default: highest accuracy, no limits)")
@@ -399,8 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     _register_compress(sub)
 
     # Subcommands that live in their own modules (imports as light as the rest of deploy).
-    from deploy import brokerconf, collect, command, controller, provision, rollout_cli, views
     from deploy import demo as demo_command
+    from deploy.broker import conf as brokerconf
+    from deploy.broker import provision
+    from deploy.control import command, controller, rollout_cli
+    from deploy.observe import collect, views
 
     collect.register(sub, parents=[broker])
     controller.register(sub, parents=[broker])

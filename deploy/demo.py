@@ -1,7 +1,7 @@
 """``edgefleet demo``: the whole loop on one machine, started and stopped by one command.
 
 Stages: broker (a private mosquitto on a free loopback port; without mosquitto, amqtt in a child
-process, see deploy.embedded_broker) → signing key → compress (the seed CNN on scikit-learn's digits,
+process, see deploy.broker.embedded) → signing key → compress (the seed CNN on scikit-learn's digits,
 in a child process so TensorFlow never loads here) → publish → two agents as separate processes
 (separate stores, 1 and 2 benchmark threads, device classes ``accurate`` and ``fast``) → wait for
 their reports → select → assign → wait until both report the assigned variant active → result.
@@ -31,13 +31,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
-from deploy.assign import assign
-from deploy.embedded_broker import BROKER_CHOICES, AmqttBroker, BrokerChoice, start_broker
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.embedded import BROKER_CHOICES, AmqttBroker, BrokerChoice, start_broker
+from deploy.control.assign import assign
+from deploy.control.publish import publish_bundle
+from deploy.control.select import Decision, Policy, select
 from deploy.errors import DeployError
 from deploy.keys import init_keys, load_signing_key
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.publish import publish_bundle
-from deploy.select import Decision, Policy, select
 
 Progress = Callable[[str], None]
 

@@ -48,8 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent import wire
 from agent.mqttclient import Endpoint
+from deploy.broker.client import BrokerOptions
 from deploy.errors import DeployError
-from deploy.mqtt import BrokerOptions
 
 ENV_VAR = "EDGEFLEET_HOST_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edgefleet/host.toml")

@@ -1,7 +1,7 @@
 """Helpers shared by the real-agent chaos, rollout and ACL tests (on top of test_agent_integration's).
 
 Everything here drives *real* processes: ``python -m agent`` subprocesses against private mosquittos
-(``deploy.broker.MosquittoBroker``, never the system broker on 1883).
+(``deploy.broker.spawn.MosquittoBroker``, never the system broker on 1883).
 """
 
 from __future__ import annotations

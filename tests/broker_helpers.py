@@ -10,10 +10,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.broker import MosquittoBroker, free_port
-from deploy.brokerconf import BrokerSpec, write_broker_config
-from deploy.collect import Collector, CollectorOptions
-from deploy.mqtt import BrokerOptions
+from deploy.broker.client import BrokerOptions
+from deploy.broker.conf import BrokerSpec, write_broker_config
+from deploy.broker.spawn import MosquittoBroker, free_port
+from deploy.observe.collect import Collector, CollectorOptions
 
 
 @contextlib.contextmanager
@@ -41,7 +41,8 @@ def generated_tls_broker(
 
 
 class RunningCollector:
-    """A collector (deploy.collect.Collector) storing from ``options``'s broker into ``db`` in a thread,
+    """A collector (deploy.observe.collect.Collector) storing from ``options``'s broker into ``db`` in a
+    thread,
     until the ``with`` block ends; its exit asserts that it stopped cleanly."""
 
     def __init__(self, options: BrokerOptions, db: Path, duration_s: float = 60, **collector: Any) -> None:

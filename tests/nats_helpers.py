@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.broker import free_port
+from deploy.broker.spawn import free_port
 
 
 def find_nats_server() -> str | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.broker import free_port
+from deploy.broker.spawn import free_port
 
 USER = "edgefleet"  # the cluster's superuser (trust authentication on loopback: a test cluster)
 _SETTINGS = (

@@ -54,7 +54,7 @@ from test_agent_integration import (  # the shared helpers and the TF-built tiny
 from agent.active import ActiveModel
 from agent.store import Store
 from agent.wire import ActiveVariant, BlobRef, Manifest, Topics, Variant, blob_fields, iter_chunks, sign
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 
 __all__ = ["tiny_models"]  # re-exported fixture
 

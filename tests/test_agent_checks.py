@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from agent import cli
 from agent.checks import Level, ServiceUser, check_config, check_connect, resolve_service_user
 from agent.config import load_config
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 
 LOOP = "127.0.0.1"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create files another user cannot read")

@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_agent_integration import DEVICE, PY, new_key, write_config
 
 from agent.wire import Status, Telemetry, Topics
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 
 pytestmark = [
     pytest.mark.integration,

@@ -44,7 +44,7 @@ from agent.wire import (
     sha256_hex,
     sign,
 )
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 
 pytestmark = [
     pytest.mark.integration,
@@ -607,7 +607,7 @@ def test_offline_queue_and_reconnect_after_broker_restart(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd is not installed")
 def test_tls_with_password_and_with_client_certificate(tmp_path: Path) -> None:
-    from deploy.brokerconf import create_ca, issue_cert
+    from deploy.broker.conf import create_ca, issue_cert
 
     topics = Topics()
     key, pub = new_key()
@@ -623,7 +623,7 @@ def test_tls_with_password_and_with_client_certificate(tmp_path: Path) -> None:
         ["mosquitto_passwd", "-c", "-b", str(pwfile), DEVICE, "s3cret"], check=True, capture_output=True
     )
     pwfile.chmod(0o644)
-    from deploy.broker import free_port
+    from deploy.broker.spawn import free_port
 
     cert_port = free_port()
     tls = f"cafile {tmp_path}/ca.crt\ncertfile {tmp_path}/server.crt\nkeyfile {tmp_path}/server.key\n"

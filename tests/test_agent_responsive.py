@@ -48,7 +48,7 @@ from agent.wire import (
     iter_chunks,
     sign,
 )
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 
 __all__ = ["tiny_models"]  # re-exported fixture
 

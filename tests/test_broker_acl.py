@@ -1,4 +1,4 @@
-"""The generated broker config (deploy.brokerconf) against a real mosquitto, beyond test_deploy_provision:
+"""The generated broker config (deploy.broker.conf) against a real mosquitto, beyond test_deploy_provision:
 
 * device A cannot read device B's assignments: its subscription to B's assign topic is granted but
   filtered (FACTS.md), so a retained assignment the controller publishes for B reaches B and not A;
@@ -33,11 +33,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import wire
-from deploy import brokerconf, cli
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import BrokerSpec, write_broker_config
+from deploy import cli
+from deploy.broker import conf as brokerconf
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.conf import BrokerSpec, write_broker_config
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError, PublishError
-from deploy.mqtt import BrokerOptions, MqttSession
 
 pytestmark = [
     pytest.mark.integration,

@@ -27,7 +27,7 @@ from compressor import cli as compressor_cli
 from compressor.errors import DataError
 from deploy import cli
 from deploy import demo as demo_module
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 from deploy.keys import init_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_standalone_compressor_typo(argv: list[str], line: str, capsys: pytest.C
 @pytest.mark.parametrize(
     ("script", "argv", "line"),
     [
-        (["-m", "deploy.embedded_broker"], ["--prot", "1"], "unknown flag --prot; did you mean --port?"),
+        (["-m", "deploy.broker.embedded"], ["--prot", "1"], "unknown flag --prot; did you mean --port?"),
         (["benches/publish.py"], ["--windw", "3"], "unknown flag --windw; did you mean --window?"),
         (
             ["scripts/arm64_smoke_check.py"],

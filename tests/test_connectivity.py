@@ -38,10 +38,10 @@ from agent.connectivity import (
     duration,
     tls_context,
 )
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import create_ca
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.conf import create_ca
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError
-from deploy.mqtt import BrokerOptions, MqttSession
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOP = "127.0.0.1"

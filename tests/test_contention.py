@@ -22,7 +22,7 @@ from agent import contention
 from agent.config import BenchConfig, parse_config
 from agent.errors import ConfigError
 from agent.wire import BenchResult, Contention, Report
-from deploy.select import Policy, Rule
+from deploy.control.select import Policy, Rule
 
 # Two recorded /proc/stat snapshots 2 s apart on a 4-core board (USER_HZ 100): cpu2 went from 1000 to
 # 1190 busy jiffies (1.9 s), cpu3 stayed idle. The benchmark child ran on {2} and used 1.0 s itself.

@@ -18,9 +18,9 @@ from test_deploy import make_manifest, make_report, make_status, make_variant, o
 from test_rollout import FakeBus, FakeClock
 
 from agent import wire
-from deploy.controller import Controller, LeaderLock
-from deploy.controller_journal import Journal, JournalError, summary_lines
-from deploy.controller_policy import (
+from deploy.control.controller import Controller, LeaderLock
+from deploy.control.controller_journal import Journal, JournalError, summary_lines
+from deploy.control.controller_policy import (
     AdvanceRollout,
     AssignAction,
     Assigned,
@@ -38,8 +38,8 @@ from deploy.controller_policy import (
     load_controller_policy,
 )
 from deploy.errors import PolicyError
-from deploy.state import FleetState
-from deploy.store import FleetStore
+from deploy.observe.state import FleetState
+from deploy.observe.store import FleetStore
 
 MODEL = "digits"
 NOW = 10_000.0
@@ -123,8 +123,8 @@ def test_bad_input_is_noted_and_never_assigned() -> None:
 
 
 def test_contended_or_failed_health_files_are_refused_by_the_guard() -> None:
-    from deploy.controller_policy import unsafe_reason
-    from deploy.select import Policy, select
+    from deploy.control.controller_policy import unsafe_reason
+    from deploy.control.select import Policy, select
 
     rep = report("pi-1")
     d = select(MANIFEST, {"pi-1": rep}, {}, Policy())[0]
@@ -362,7 +362,7 @@ def test_journal_round_trip(store_url: str, tmp_path: Path) -> None:
 
 
 def test_postgresql_leader_lock_is_an_advisory_lock(pg_url: str) -> None:
-    from deploy.controller import AdvisoryLock, leader_lock
+    from deploy.control.controller import AdvisoryLock, leader_lock
 
     a, b = leader_lock(pg_url), leader_lock(pg_url)
     assert isinstance(a, AdvisoryLock)
@@ -391,7 +391,7 @@ def test_leader_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> No
         f"""
         import sys, time
         from pathlib import Path
-        from deploy.controller import LeaderLock
+        from deploy.control.controller import LeaderLock
         lock = LeaderLock(Path({str(db)!r}))
         assert lock.try_acquire("child")
         print("locked", flush=True)
@@ -640,7 +640,7 @@ def test_a_rollout_on_postgresql_survives_a_change_of_controller(pg_url: str) ->
 
 
 def test_the_rate_limit_paces_a_rollouts_rest_stage(tmp_path: Path) -> None:
-    from deploy.rollout import Role, RolloutController, RolloutState, RolloutStore
+    from deploy.control.rollout import Role, RolloutController, RolloutState, RolloutStore
 
     key = Ed25519PrivateKey.generate()
     devices = ["pi-1", "pi-2", "pi-3", "pi-4"]

@@ -30,9 +30,9 @@ from test_agent_chaos import chunk_items
 from test_agent_integration import CHUNK, MODEL, Bus, tiny_models, variant_for, write_config
 
 from agent.wire import BlobRef, HostMetrics, Manifest, Topics, sign
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.client import BrokerOptions
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 from deploy.keys import init_keys, load_signing_key, public_text
-from deploy.mqtt import BrokerOptions
 
 __all__ = ["tiny_models"]  # re-exported fixture
 
@@ -79,7 +79,7 @@ def committed(dev: str, variant: str, version: int) -> Callable[[str, dict[str, 
 
 def rollouts(db: str) -> list[tuple[str, int, str, str | None]]:
     """(id, manifest_version, state, reason) of every rollout in the store (SQLite or PostgreSQL)."""
-    from deploy.store_sql import StoreError, close_quietly, driver_errors, open_store, parse_db_url
+    from deploy.observe.store_sql import StoreError, close_quietly, driver_errors, open_store, parse_db_url
 
     try:
         opened = open_store(parse_db_url(db), readonly=True)

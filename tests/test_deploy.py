@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
 from deploy import cli
-from deploy.assign import make_assignment, plan
+from deploy.control.assign import make_assignment, plan
+from deploy.control.publish import load_bundle, referenced_blobs
+from deploy.control.select import Policy, Rule, decide, load_policy, select, unreachable_rules
 from deploy.errors import BundleError, PolicyError, SigningKeyError, StateError
-from deploy.fleet import decisions_table, fleet_rows, fleet_table
 from deploy.keys import init_keys, load_signing_key, trusted_keys
-from deploy.publish import load_bundle, referenced_blobs
-from deploy.select import Policy, Rule, decide, load_policy, select, unreachable_rules
-from deploy.state import parse_state
+from deploy.observe.fleet import decisions_table, fleet_rows, fleet_table
+from deploy.observe.state import parse_state
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = wire.TensorSpec(name="x", shape=[1, 8], dtype="float32")

@@ -11,10 +11,10 @@ import pytest
 from broker_helpers import RunningCollector
 
 from agent import wire
-from deploy.broker import MosquittoBroker, find_mosquitto
-from deploy.collect import CollectorOptions, subscriptions
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.store import FleetStore
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
+from deploy.observe.collect import CollectorOptions, subscriptions
+from deploy.observe.store import FleetStore
 
 SHA = "a" * 64
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")

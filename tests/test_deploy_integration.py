@@ -20,11 +20,11 @@ from test_deploy import make_report, make_status, make_variant, ok_result, write
 
 from agent import wire
 from deploy import cli
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
+from deploy.control.publish import publish_bundle, referenced_blobs
 from deploy.errors import BrokerError, PublishError
 from deploy.keys import init_keys, load_signing_key, trusted_keys
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.publish import publish_bundle, referenced_blobs
 
 pytestmark = [
     pytest.mark.integration,

@@ -21,12 +21,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import wire
 from agent.config import parse_config
-from deploy import brokerconf, cli, collect, provision
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import BrokerSpec, check_password, hash_password, render_acl, write_broker_config
+from deploy import cli
+from deploy.broker import conf as brokerconf
+from deploy.broker import provision
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.conf import BrokerSpec, check_password, hash_password, render_acl, write_broker_config
+from deploy.broker.provision import ProvisionError, ProvisionRequest
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError, PublishError
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.provision import ProvisionError, ProvisionRequest
+from deploy.observe import collect
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 

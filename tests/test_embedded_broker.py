@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from deploy.broker import MosquittoBroker
-from deploy.demo import DEMO_DEVICES, DemoSettings, run_demo
-from deploy.embedded_broker import (
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.embedded import (
     NEITHER_INSTALLED,
     AmqttBroker,
     amqtt_available,
@@ -28,8 +27,9 @@ from deploy.embedded_broker import (
     main,
     start_broker,
 )
+from deploy.broker.spawn import MosquittoBroker
+from deploy.demo import DEMO_DEVICES, DemoSettings, run_demo
 from deploy.errors import BrokerError
-from deploy.mqtt import BrokerOptions, MqttSession
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_amqtt = pytest.mark.skipif(not amqtt_available(), reason="amqtt is not installed")

@@ -12,11 +12,11 @@ from test_deploy import make_manifest, make_report, make_status, make_variant, o
 
 from agent import wire
 from deploy import cli
-from deploy.fleet import fleet_rows, fleet_table, report_rows, report_table
-from deploy.plot import plot_model, plot_points
-from deploy.select import Policy, decide
-from deploy.state import FleetState
-from deploy.store import FleetStore
+from deploy.control.select import Policy, decide
+from deploy.observe.fleet import fleet_rows, fleet_table, report_rows, report_table
+from deploy.observe.plot import plot_model, plot_points
+from deploy.observe.state import FleetState
+from deploy.observe.store import FleetStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def test_plot_writes_a_png(m: wire.Manifest, tmp_path: Path) -> None:
 
 def test_deploy_imports_no_matplotlib() -> None:
     code = (
-        "import sys, deploy.cli, deploy.views, deploy.plot, deploy.rollout\n"
+        "import sys, deploy.cli, deploy.observe.views, deploy.observe.plot, deploy.control.rollout\n"
         "print('matplotlib' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
-from deploy.broker import find_mosquitto
+from deploy.broker.spawn import find_mosquitto
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 sys.path.append(str(BENCHES))  # after the `agent` package is imported: benches/agent.py must not shadow it

@@ -19,12 +19,12 @@ from test_deploy import make_manifest, make_report, make_status, make_variant, o
 
 from agent import wire
 from deploy import cli
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.client import BrokerOptions, MqttSession, Watch
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
+from deploy.control.select import Decision, Policy, load_policy, select
 from deploy.keys import init_keys, load_signing_key, trusted_keys
-from deploy.mqtt import BrokerOptions, MqttSession, Watch
-from deploy.select import Decision, Policy, load_policy, select
-from deploy.state import DB_ENV, burst_problems, collect_state, parse_state, state_from_store
-from deploy.store import FleetStore
+from deploy.observe.state import DB_ENV, burst_problems, collect_state, parse_state, state_from_store
+from deploy.observe.store import FleetStore
 
 MODEL = "digits"
 QUEUE = 100  # the test broker's max_queued_messages

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from agent import wire
-from deploy.broker import find_mosquitto
+from deploy.broker.spawn import find_mosquitto
 from deploy.demo import DemoSettings, run_demo
 
 pytestmark = [

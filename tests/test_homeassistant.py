@@ -9,7 +9,7 @@ import pytest
 
 from agent import wire
 from agent.publishing import with_figures
-from deploy.homeassistant import (
+from deploy.observe.homeassistant import (
     DeviceInfo,
     active_attributes_template,
     active_figure_template,

@@ -14,11 +14,12 @@ import pytest
 from broker_helpers import generated_tls_broker
 
 from agent import wire
-from deploy import cli, collect, hostconfig
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import CONTROLLER_USER
+from deploy import cli, hostconfig
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.conf import CONTROLLER_USER
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 from deploy.hostconfig import HostConfigError, find_config, load_host_config, resolve_broker
-from deploy.mqtt import BrokerOptions, MqttSession
+from deploy.observe import collect
 
 
 @pytest.fixture(autouse=True)

@@ -72,8 +72,8 @@ from install_steps import (
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.brokerconf import BrokerSpec, write_broker_config
+from deploy.broker.conf import BrokerSpec, write_broker_config
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_UNIT = REPO / "systemd" / "edgefleet-agent.service"
@@ -596,8 +596,8 @@ def test_provision_install_md_commands_work(install: Install) -> None:
 
 def test_provision_install_md_tells_the_same_story(tmp_path: Path) -> None:
     """The INSTALL.md that `edgefleet provision` writes agrees with the README on paths, user and modes."""
+    from deploy.broker.provision import ProvisionRequest, provision
     from deploy.keys import init_keys
-    from deploy.provision import ProvisionRequest, provision
 
     keys = init_keys(tmp_path / "keys")
     bundle = provision(

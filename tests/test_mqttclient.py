@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from agent.config import parse_config
 from agent.errors import ConfigError
 from agent.mqttclient import ClientSpec, Endpoint, Rotation, build_client, parse_endpoints
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError
 from deploy.hostconfig import resolve_broker
-from deploy.mqtt import BrokerOptions, MqttSession
 
 KEY = "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE="
 

@@ -1,7 +1,7 @@
 """Failover on a clustered broker: a real agent against a three-node NATS JetStream cluster with MQTT.
 
 A bundle whose variants need hundreds of chunks (1 KiB chunks) is published retained to the cluster by a
-host session (deploy.mqtt.MqttSession, MQTT 3.1.1) whose first listed endpoint is dead; an agent with
+host session (deploy.broker.client.MqttSession, MQTT 3.1.1) whose first listed endpoint is dead; an agent with
 all three endpoints fetches it, logged in as a NATS user limited to its own topics; while it fetches,
 the node it is connected to is killed (SIGKILL). The agent reconnects to another node, finishes the
 fetch (chunks already stored are kept), verifies every blob and publishes its report. The retained
@@ -36,8 +36,8 @@ from test_agent_integration import new_key, tiny_models, variant_for  # noqa: F4
 from agent import wire
 from agent.mqttclient import Endpoint
 from agent.wire import BlobRef, Manifest, Topics, iter_chunks, sign
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.mqtt import BrokerOptions, MqttSession
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 
 pytestmark = [pytest.mark.integration]
 needs_nats = pytest.mark.skipif(
@@ -209,7 +209,7 @@ def test_agent_fails_over_mid_fetch(cluster: NatsCluster, tiny_models: Path, tmp
     bus = Client(last.mqtt_port, "test-bus", HOST)
     bus.client.subscribe(f"{topics.ns}/devices/#", 0)
     t0 = time.monotonic()
-    # published the way host commands do (deploy.mqtt.MqttSession, MQTT 3.1.1), with a dead endpoint
+    # published the way host commands do (deploy.broker.client.MqttSession, MQTT 3.1.1), with a dead endpoint
     # listed first: the session skips it and publishes through the next one
     host_options = BrokerOptions(
         endpoints=(

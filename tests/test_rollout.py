@@ -17,11 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_deploy import make_manifest, make_report, make_variant, ok_result
 
 from agent import wire
-from deploy import command as command_mod
-from deploy.errors import CommandTimeout, RolloutError
-from deploy.keys import trusted_keys
-from deploy.mqtt import Watch
-from deploy.rollout import (
+from deploy.broker.client import Watch
+from deploy.control import command as command_mod
+from deploy.control.rollout import (
     TRANSITIONS,
     Outcome,
     Role,
@@ -33,7 +31,9 @@ from deploy.rollout import (
     check_transition,
     order_canaries,
 )
-from deploy.select import Policy
+from deploy.control.select import Policy
+from deploy.errors import CommandTimeout, RolloutError
+from deploy.keys import trusted_keys
 
 S = RolloutState
 MODEL = "digits"

@@ -2,7 +2,8 @@
 own, the controller halts, and the two other agents never see the new assignment.
 
 Three ``python -m agent`` subprocesses (each its own store and config) share one private mosquitto; the
-controller is ``edgefleet rollout`` (deploy.rollout.RolloutController) in-process. The canary is made to
+controller is ``edgefleet rollout`` (deploy.control.rollout.RolloutController) in-process. The canary is made
+to
 fail by configuration only: float16's manifest gives a host sample accuracy of 0.0 and the canary's
 ``[health] accuracy_tolerance`` is 0, so its post-activation accuracy check cannot pass; the other agents
 have a tolerance of 1.0 (they would commit). ``[bench] accuracy_tolerance = 1.0`` everywhere, so the
@@ -31,7 +32,7 @@ from test_agent_integration import CHUNK, MODEL, Bus, tiny_models, variant_for, 
 
 from agent.wire import BlobRef, HostMetrics, Manifest, Topics, sign
 from deploy import cli
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 from deploy.keys import init_keys, load_signing_key, public_text
 
 __all__ = ["tiny_models"]  # re-exported fixture

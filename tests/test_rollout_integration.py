@@ -27,10 +27,10 @@ from test_deploy import make_manifest, make_report, make_variant, ok_result
 
 from agent import wire
 from deploy import cli
-from deploy.broker import MosquittoBroker, find_mosquitto
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto
+from deploy.control.rollout import Outcome, Role, RolloutState, RolloutStore
 from deploy.keys import init_keys, load_signing_key, trusted_keys
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.rollout import Outcome, Role, RolloutState, RolloutStore
 
 pytestmark = [
     pytest.mark.integration,
@@ -423,7 +423,7 @@ def test_rollout_plans_from_the_collectors_store(fleet: Fleet, capsys: pytest.Ca
 
     db = fleet.tmp / "fleet.db"
     options = BrokerOptions(host=fleet.broker.host, port=fleet.broker.port, namespace=fleet.ns)
-    from deploy.store import FleetStore
+    from deploy.observe.store import FleetStore
 
     def stored_reports() -> int:
         if not db.exists():

@@ -12,11 +12,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_deploy import make_manifest, make_report, make_status, make_variant, ok_result, raw_state
 
 from agent import wire
-from deploy.assign import plan
+from deploy.control.assign import plan
+from deploy.control.select import (
+    Decision,
+    Policy,
+    Rule,
+    load_policy,
+    metric_directions,
+    select,
+    unreachable_rules,
+)
 from deploy.errors import PolicyError
-from deploy.fleet import decisions_table
-from deploy.select import Decision, Policy, Rule, load_policy, metric_directions, select, unreachable_rules
-from deploy.state import parse_state
+from deploy.observe.fleet import decisions_table
+from deploy.observe.state import parse_state
 
 # --------------------------------------------------------------------------------------------------------
 # Builders
@@ -494,9 +502,9 @@ def test_the_decisions_table_names_the_metric_on_a_generic_manifest(generic: wir
 
 
 def documented_policies() -> list[str]:
-    import deploy.select
+    import deploy.control.select
 
-    doc = deploy.select.__doc__ or ""
+    doc = deploy.control.select.__doc__ or ""
     block = doc.split("Policy (TOML, every key optional)::\n", 1)[1].split("\nHow a decision is made", 1)[0]
     texts = ["\n".join(line.removeprefix("    ") for line in block.splitlines())]
     operator = (Path(__file__).resolve().parent.parent / "docs" / "operator.md").read_text(encoding="utf-8")

@@ -30,11 +30,11 @@ from test_fleet_store import MODEL, POLICY, as_json, fleet, manifest
 
 from agent import wire
 from deploy import cli
-from deploy.broker import MosquittoBroker, find_mosquitto, free_port
-from deploy.mqtt import BrokerOptions, MqttSession
-from deploy.select import load_policy, select
-from deploy.state import DB_ENV
-from deploy.store import (
+from deploy.broker.client import BrokerOptions, MqttSession
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
+from deploy.control.select import load_policy, select
+from deploy.observe.state import DB_ENV
+from deploy.observe.store import (
     SCHEMA_VERSION,
     FleetStore,
     ReportRow,
@@ -43,7 +43,7 @@ from deploy.store import (
     StoreUnavailable,
     parse_db_url,
 )
-from deploy.store_sql import StoreError
+from deploy.observe.store_sql import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ keeps its password, taken from ``credentials/<device>.password`` or the bundle's
 (checked against the hash); if neither exists provisioning refuses and asks for ``--rotate``, which
 issues a new password (the old one stops working at the next reload). A client certificate in the
 bundle that still fits is kept likewise. Files mosquitto reads (passwd, acl) keep their owner, group
-and mode; see deploy.brokerconf for the ownership rule.
+and mode; see deploy.broker.conf for the ownership rule.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from agent import wire
 from agent.config import parse_config
 from agent.errors import ConfigError
-from deploy.brokerconf import (
+from deploy.broker.conf import (
     RELOAD_HINT,
     BrokerConfigError,
     FileChange,
@@ -68,7 +68,7 @@ from deploy.errors import DeployError
 
 ETC = Path("/etc/edgefleet")
 VENV = Path("/opt/edgefleet/venv")
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 AGENT_UNIT = SYSTEMD_DIR / "edgefleet-agent.service"
 SYSUSERS = SYSTEMD_DIR / "edgefleet.sysusers.conf"
 

@@ -66,8 +66,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
+from deploy.broker.client import Bus, Watch
 from deploy.errors import RolloutError
-from deploy.mqtt import Bus, Watch
 
 Progress = Callable[[str], None]
 
@@ -560,9 +560,9 @@ class RolloutController:
     ) -> PlanResult:
         """Select per device, freeze the decisions, persist a ``planned`` rollout (None: nothing to do).
 
-        A retained burst that looks cut (``deploy.state``) is refused unless ``allow_partial``.
+        A retained burst that looks cut (``deploy.observe.state``) is refused unless ``allow_partial``.
         """
-        from deploy.state import collect_state
+        from deploy.observe.state import collect_state
 
         state = collect_state(self.bus, model)
         if state.cut:
@@ -581,9 +581,9 @@ class RolloutController:
         canary_devices: Sequence[str] = (),
         only: Iterable[str] | None = None,
     ) -> PlanResult:
-        """:meth:`plan` on a state already read (``deploy.state.FleetState``; the controller reads its
+        """:meth:`plan` on a state already read (``deploy.observe.state.FleetState``; the controller reads its
         store), for the devices in ``only`` if given."""
-        from deploy.assign import make_assignment, plan
+        from deploy.control.assign import make_assignment, plan
 
         p = plan(state, model, policy, only)
         skipped: dict[str, str] = {d: "no report for this manifest version" for d in p.devices_without_report}
@@ -763,7 +763,7 @@ class RolloutController:
         return r
 
     def _restore(self, r: Rollout, devices: Sequence[RolloutDevice]) -> bool:
-        from deploy.command import make_command
+        from deploy.control.command import make_command
 
         todo = [d for d in devices if d.assigned_at is not None and d.restored is None]
         for d in todo:

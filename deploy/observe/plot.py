@@ -11,8 +11,8 @@ from typing import Any
 
 from agent import wire
 from deploy.errors import DeployError, StateError
-from deploy.fleet import active_result
-from deploy.state import FleetState
+from deploy.observe.fleet import active_result
+from deploy.observe.state import FleetState
 
 _MARKERS = "osD^v<>pP*hX"
 

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from agent import wire
-from deploy.select import Decision
-from deploy.state import FleetState
+from deploy.control.select import Decision
+from deploy.observe.state import FleetState
 
 
 class DeviceModelRow(BaseModel):

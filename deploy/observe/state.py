@@ -36,8 +36,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
+from deploy.broker.client import Bus
 from deploy.errors import StateError
-from deploy.mqtt import Bus
 
 
 @dataclass
@@ -203,7 +203,7 @@ def default_store() -> Path | str:
     """Where the commands look for the collector's store when given neither --db nor --from-broker:
     ``$EDGEFLEET_COLLECTOR_DB`` (a path or a URL such as ``postgresql://...``), else :data:`DEFAULT_DB`."""
     env = os.environ.get(DB_ENV, "").strip()
-    from deploy.store_sql import is_url, parse_db_url
+    from deploy.observe.store_sql import is_url, parse_db_url
 
     if not is_url(env):
         return default_db()
@@ -224,7 +224,7 @@ def choose_db(db: Path | str | None, from_broker: bool) -> tuple[Path | str | No
     path = default_store()
     if isinstance(path, Path) and not path.is_file():
         return None, ""
-    from deploy.store import FleetStore
+    from deploy.observe.store import FleetStore
 
     with FleetStore(path, readonly=True) as store:
         last = store.last_received()
@@ -243,7 +243,7 @@ def state_from_store(
     Statuses, latest reports, manifests and assignments as the collector stored them; the payloads are
     decoded (and manifests verified, with ``trusted``) exactly as :func:`parse_state` does.
     """
-    from deploy.store import FleetStore, parse_db_url
+    from deploy.observe.store import FleetStore, parse_db_url
 
     url = parse_db_url(path)  # a path, sqlite:///PATH or postgresql://...
     if url.path is not None and not url.path.exists():

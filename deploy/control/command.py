@@ -30,8 +30,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
+from deploy.broker.client import Bus
 from deploy.errors import CommandTimeout
-from deploy.mqtt import Bus
 
 
 def new_correlation_id(prefix: str = "cmd") -> str:

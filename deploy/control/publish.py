@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from agent import wire
+from deploy.broker.client import MqttSession
 from deploy.errors import BundleError, PublishError
-from deploy.mqtt import MqttSession
 
 MANIFEST_NAME = "manifest.json"
 Progress = Callable[[str], None]

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import wire
+from deploy.broker.client import Bus
+from deploy.control.select import Decision, Policy, select, unreachable_rules
 from deploy.errors import PolicyError, StateError
-from deploy.mqtt import Bus
-from deploy.select import Decision, Policy, select, unreachable_rules
-from deploy.state import FleetState, collect_state
+from deploy.observe.state import FleetState, collect_state
 
 Progress = Callable[[str], None]
 
@@ -60,7 +60,7 @@ def collect_plan(
 ) -> Plan:
     """Read the retained state of ``model`` from the broker, then :func:`plan`.
 
-    A burst that looks cut (:attr:`deploy.state.FleetState.cut`) is refused unless ``allow_partial``.
+    A burst that looks cut (:attr:`deploy.observe.state.FleetState.cut`) is refused unless ``allow_partial``.
     """
     state = collect_state(session, model)
     if state.cut and not allow_partial:

@@ -1,7 +1,7 @@
 """The demo's fallback broker: amqtt (pure Python) in a child process, when mosquitto is not installed.
 
-``edgefleet demo`` prefers a private mosquitto (deploy.broker). Without the binary it runs
-``python -m deploy.embedded_broker --port N --config FILE --log FILE``, a child process it stops by
+``edgefleet demo`` prefers a private mosquitto (deploy.broker.spawn). Without the binary it runs
+``python -m deploy.broker.embedded --port N --config FILE --log FILE``, a child process it stops by
 PID exactly like mosquitto, so the demo's own Ctrl-C handling stays the same. amqtt is a host-only
 extra (``pip install 'edgefleet[host]'``); devices never need it.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from agent.argparsing import StrictParser
-from deploy.broker import BrokerProcess, MosquittoBroker, find_mosquitto, free_port
+from deploy.broker.spawn import BrokerProcess, MosquittoBroker, find_mosquitto, free_port
 from deploy.errors import BrokerError
 
 _LOOPBACK = "127.0.0.1"
@@ -128,7 +128,7 @@ class AmqttBroker(BrokerProcess):
         cmd = [
             self.python,
             "-m",
-            "deploy.embedded_broker",
+            "deploy.broker.embedded",
             "--port",
             str(self.port),
             "--config",
@@ -137,7 +137,7 @@ class AmqttBroker(BrokerProcess):
             str(self.log_path),
         ]
         # The child imports ``deploy`` from wherever we were imported (a checkout or site-packages).
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         # A fresh log (readiness is read from it); the child's stderr (a crash) goes there too.
         with self.log_path.open("wb") as log:
@@ -236,13 +236,13 @@ async def _serve(config: dict[str, Any]) -> None:
     broker = broker_class(config)
     await broker.start()
     bind = config["listeners"]["default"]["bind"]
-    logging.getLogger("deploy.embedded_broker").warning("%s %s (pid %d)", _READY, bind, os.getpid())
+    logging.getLogger("deploy.broker.embedded").warning("%s %s (pid %d)", _READY, bind, os.getpid())
     await stop.wait()
     await broker.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = StrictParser(prog="python -m deploy.embedded_broker", description=__doc__)
+    parser = StrictParser(prog="python -m deploy.broker.embedded", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", type=Path, required=True, help="JSON written by AmqttBroker")
     parser.add_argument("--log", type=Path, required=True, help="log file (readiness is announced there)")

@@ -1,7 +1,7 @@
 """The controller's persisted state, in the fleet store's database: what it did and proposed (with the
 reason), operator settings (pause, modes), quarantined devices and the manifest versions it has seen.
 
-Tables (created with ``CREATE TABLE IF NOT EXISTS`` through :func:`deploy.store.connect`, beside the
+Tables (created with ``CREATE TABLE IF NOT EXISTS`` through :func:`deploy.observe.store.connect`, beside the
 collector's and the rollouts' tables; a database without them simply has no controller history yet)::
 
     controller_actions   one row per action, proposal or note: kind, key, model, device, variant,
@@ -11,10 +11,12 @@ collector's and the rollouts' tables; a database without them simply has no cont
     controller_quarantine (device, model) -> at, reason
     controller_versions  (model, version) -> first_seen (the rollout's report_wait_s counts from it)
 
-Every tick the controller rebuilds its :class:`deploy.controller_policy.Memory` from these tables and the
-rollout tables (:mod:`deploy.rollout`, same database), so a restarted or newly elected controller knows
+Every tick the controller rebuilds its :class:`deploy.control.controller_policy.Memory` from these tables and
+the
+rollout tables (:mod:`deploy.control.rollout`, same database), so a restarted or newly elected controller
+knows
 everything its predecessor did. The SQL is shared by SQLite and PostgreSQL: ``?`` placeholders and
-column types translated by the store's dialect (:mod:`deploy.store_sql`), ``ON CONFLICT`` upserts.
+column types translated by the store's dialect (:mod:`deploy.observe.store_sql`), ``ON CONFLICT`` upserts.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.controller_policy import MODES, RATE_WINDOW_S, Assigned, Memory, Mode, RolloutView
+from deploy.control.controller_policy import MODES, RATE_WINDOW_S, Assigned, Memory, Mode, RolloutView
 from deploy.errors import DeployError
-from deploy.store_sql import StoreError, close_quietly, driver_errors, open_store, parse_db_url, wrap
+from deploy.observe.store_sql import StoreError, close_quietly, driver_errors, open_store, parse_db_url, wrap
 
 
 class JournalError(DeployError):

@@ -7,11 +7,12 @@
     edgefleet plot MODEL --out FILE.png [--db URL | --from-broker]   p50 latency (log) vs host accuracy
 
 With ``--db``, or without it when the collector's database exists at the default path
-(:func:`deploy.state.default_store`), they read that store, SQLite or PostgreSQL (``edgefleet collect``):
+(:func:`deploy.observe.state.default_store`), they read that store, SQLite or PostgreSQL
+(``edgefleet collect``):
 statuses, latest reports, manifests and assignments (a collector whose ACL does not let it read the
 manifests and assignments leaves host accuracy and "assigned" empty). Otherwise, or
 with ``--from-broker``, they read what the broker holds retained, and print one warning line when that
-burst looks cut (the broker's queue limit; see :mod:`deploy.state`). ``plot`` reads the same way.
+burst looks cut (the broker's queue limit; see :mod:`deploy.observe.state`). ``plot`` reads the same way.
 Energy figures that come from the utilisation model are always marked "(modelled)".
 """
 
@@ -26,19 +27,19 @@ from typing import Any
 
 from agent import wire
 from deploy.errors import StateError
-from deploy.state import FleetState
+from deploy.observe.state import FleetState
 
 
 def state_from_db(path: Path | str, model: str | None = None) -> FleetState:
-    """A FleetState from the collector database (see :func:`deploy.state.state_from_store`)."""
-    from deploy.state import state_from_store
+    """A FleetState from the collector database (see :func:`deploy.observe.state.state_from_store`)."""
+    from deploy.observe.state import state_from_store
 
     return state_from_store(path, model)
 
 
 def source_args(p: argparse.ArgumentParser, what: str) -> None:
     """``--db URL`` and ``--from-broker``: where a command reads the fleet (see :func:`choose_db`)."""
-    from deploy.state import DB_ENV, DEFAULT_DB
+    from deploy.observe.state import DB_ENV, DEFAULT_DB
 
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -57,7 +58,7 @@ def source_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def chosen_db(args: argparse.Namespace) -> Path | str | None:
     """The database the command reads (None: the broker); says so on stderr when it is the default one."""
-    from deploy.state import choose_db
+    from deploy.observe.state import choose_db
 
     path, note = choose_db(getattr(args, "db", None), getattr(args, "from_broker", False))
     if note:
@@ -70,7 +71,7 @@ def _read_state(args: argparse.Namespace, model: str | None) -> FleetState:
     if db is not None:
         return state_from_db(db, model)
     from deploy.cli import _session
-    from deploy.state import collect_state
+    from deploy.observe.state import collect_state
 
     with _session(args) as session:
         state = collect_state(session, model)
@@ -85,7 +86,7 @@ def _warn_skipped(state: FleetState) -> None:
 
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
-    from deploy.fleet import fleet_rows, fleet_table
+    from deploy.observe.fleet import fleet_rows, fleet_table
 
     model = wire.check_id(args.model, "model") if args.model else None
     state = _read_state(args, model)
@@ -99,7 +100,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     else:
         print("no device has published a status yet")
     if not args.json and state.source != "broker":  # the controller's proposals and last actions
-        from deploy.controller_journal import summary_lines
+        from deploy.control.controller_journal import summary_lines
 
         for line in summary_lines(getattr(args, "db", None) or state.source):
             print(line)
@@ -108,7 +109,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from deploy.fleet import report_rows, report_table
+    from deploy.observe.fleet import report_rows, report_table
 
     device = wire.check_id(args.device, "device")
     model = wire.check_id(args.model, "model") if args.model else None
@@ -126,7 +127,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from deploy.plot import plot_model
+    from deploy.observe.plot import plot_model
 
     model = wire.check_id(args.model, "model")
     state = _read_state(args, model)

@@ -19,7 +19,7 @@ How it loses nothing:
   for messages of the connection still up (an earlier connection's are redelivered on this one).
   While the database is unreachable (PostgreSQL restarting) the batch is retried with backoff over a
   new connection, never dropped; meanwhile the full queue holds paho back. A crash between receive and
-  commit means the broker redelivers; the store is idempotent (see :mod:`deploy.store`), so a
+  commit means the broker redelivers; the store is idempotent (see :mod:`deploy.observe.store`), so a
   redelivery never creates a second row. The client's Receive Maximum is kept below the queue size;
   mosquitto 2.0.11 does not always honour it under load, so a full queue makes paho's callback wait
   for the writer (backpressure) rather than drop the message (which, unacknowledged, would only come
@@ -62,9 +62,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import wire
 from agent.mqttclient import FleetClient, build_client
+from deploy.broker.client import BrokerOptions
 from deploy.errors import BrokerError, DeployError
-from deploy.mqtt import BrokerOptions
-from deploy.store import FleetStore, ReportRow, StoreError, StoreUnavailable, parse_db_url
+from deploy.observe.store import FleetStore, ReportRow, StoreError, StoreUnavailable, parse_db_url
 
 log = logging.getLogger("edgefleet.collect")
 
@@ -144,7 +144,7 @@ class Collector:
     def __init__(
         self,
         broker: BrokerOptions,
-        db_path: Path | str,  # a path, sqlite:///PATH or postgresql://... (deploy.store_sql)
+        db_path: Path | str,  # a path, sqlite:///PATH or postgresql://... (deploy.observe.store_sql)
         options: CollectorOptions | None = None,
         stop: threading.Event | None = None,
     ) -> None:
@@ -607,7 +607,8 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
         required=True,
         metavar="URL",
         help="the store: an SQLite file (created if missing), sqlite:///PATH, or "
-        "postgresql://USER@HOST:PORT/DATABASE (several collectors may share one; see deploy/store_sql.py)",
+        "postgresql://USER@HOST:PORT/DATABASE (several collectors may share one; see "
+        "deploy/observe/store_sql.py)",
     )
     p.add_argument(
         "--name",

@@ -1,10 +1,12 @@
 """Staged-rollout state in a PostgreSQL fleet store, for the controller.
 
-:class:`deploy.rollout.RolloutStore` keeps rollouts in SQLite (its own file, or the collector's). A
+:class:`deploy.control.rollout.RolloutStore` keeps rollouts in SQLite (its own file, or the collector's). A
 controller whose store is PostgreSQL keeps them there too, in the same three tables with the same
 columns (``rollouts``, ``rollout_devices``, ``rollout_transitions``), through the store's dialect layer
-(:mod:`deploy.store_sql`): :class:`SqlRolloutStore` is a ``RolloutStore`` whose every method speaks that
-dialect, so :class:`deploy.rollout.RolloutController` runs on it unchanged, and a standby controller on
+(:mod:`deploy.observe.store_sql`): :class:`SqlRolloutStore` is a ``RolloutStore`` whose every method
+speaks that
+dialect, so :class:`deploy.control.rollout.RolloutController` runs on it unchanged, and a standby controller
+on
 another host resumes a rollout from the shared database. SQLite keeps using ``RolloutStore`` itself.
 """
 
@@ -15,8 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import RolloutError
-from deploy.rollout import (
+from deploy.control.rollout import (
     Outcome,
     Rollout,
     RolloutDevice,
@@ -25,7 +26,8 @@ from deploy.rollout import (
     Transition,
     check_transition,
 )
-from deploy.store_sql import DbUrl, StoreError, close_quietly, driver_errors, open_store
+from deploy.errors import RolloutError
+from deploy.observe.store_sql import DbUrl, StoreError, close_quietly, driver_errors, open_store
 
 _DDL = (
     """CREATE TABLE IF NOT EXISTS rollouts (
@@ -262,7 +264,7 @@ class SqlRolloutStore(RolloutStore):
         return r if pending else None
 
     def devices(self, rollout_id: str) -> list[RolloutDevice]:
-        from deploy.rollout import Role
+        from deploy.control.rollout import Role
 
         rows = self._all(
             f"SELECT {_DEVICE} FROM rollout_devices WHERE rollout = ? ORDER BY ordinal",  # noqa: S608

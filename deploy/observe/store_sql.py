@@ -1,7 +1,7 @@
 """Where the fleet store lives and how it speaks SQL: database URLs, the two dialects (SQLite, PostgreSQL),
 the one schema with its migrations, and opening a connection with the schema created or checked.
 
-:class:`deploy.store.FleetStore` holds the queries, written once: ``?`` placeholders and SQL that both
+:class:`deploy.observe.store.FleetStore` holds the queries, written once: ``?`` placeholders and SQL that both
 databases accept (``INSERT ... ON CONFLICT (...) DO NOTHING`` / ``DO UPDATE ... WHERE``). A
 :class:`Dialect` carries only what differs: the placeholder, column types (SQLite's ``REAL`` is a
 double, PostgreSQL's is 4 bytes: a Unix time in it is off by minutes), the identity column, the schema

@@ -1,4 +1,5 @@
-"""``edgefleet rollout``: the command line and the presentation of staged rollouts (see deploy.rollout)."""
+"""``edgefleet rollout``: the command line and the presentation of staged rollouts (see
+:mod:`deploy.control.rollout`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from typing import Any
 
 from agent import wire
 from agent.argparsing import closest
+from deploy.control.rollout import Rollout, RolloutController, RolloutStore, default_state_db
+from deploy.control.rollout import RolloutState as S
 from deploy.errors import RolloutError
-from deploy.rollout import Rollout, RolloutController, RolloutStore, default_state_db
-from deploy.rollout import RolloutState as S
-from deploy.views import chosen_db, source_args
+from deploy.observe.views import chosen_db, source_args
 
 # ---------------------------------------------------------------- presentation
 
@@ -45,7 +46,7 @@ def summary(store: RolloutStore, r: Rollout) -> dict[str, Any]:
 
 
 def summary_text(store: RolloutStore, r: Rollout) -> str:
-    from deploy.fleet import render_table
+    from deploy.observe.fleet import render_table
 
     devices = store.devices(r.id)
     head = f"rollout {r.id}: {r.model} v{r.manifest_version}, policy {r.policy}: {r.state}"
@@ -115,8 +116,8 @@ def _cmd_abort(args: argparse.Namespace, model: str) -> int:
 
 def _cmd_run(args: argparse.Namespace, model: str) -> int:
     from deploy.cli import _session
+    from deploy.control.select import load_policy
     from deploy.keys import load_signing_key
-    from deploy.select import load_policy
 
     key = load_signing_key(args.key)
     policy = load_policy(args.policy)  # before connecting: a broken policy fails fast
@@ -136,7 +137,7 @@ def _cmd_run(args: argparse.Namespace, model: str) -> int:
             }
             db = chosen_db(args)
             if db is not None:  # the collector's store: the whole fleet, never a cut burst
-                from deploy.state import state_from_store
+                from deploy.observe.state import state_from_store
 
                 result = ctl.plan_from_state(state_from_store(db, model), model, policy, **canary)
             else:

@@ -1,9 +1,10 @@
 """The collector's store (SQLite embedded, or PostgreSQL for several collectors): latest status per
 device, latest report per device+model with history, an append-only, duplicate-free event log, and
 sampled telemetry with bounded retention. Where it lives and how each database is spoken to (URLs, the
-one schema and its migrations, dialects) is :mod:`deploy.store_sql`; the queries here serve both.
+one schema and its migrations, dialects) is :mod:`deploy.observe.store_sql`; the queries here serve both.
 
-Writers: one thread per FleetStore (:class:`deploy.collect.Collector`'s writer); several collectors may
+Writers: one thread per FleetStore (:class:`deploy.observe.collect.Collector`'s writer); several collectors
+may
 write one PostgreSQL database (or one SQLite file, serialised by its lock). Readers open their own
 FleetStore (SQLite's WAL lets them read while the writer commits; a PostgreSQL reader runs in autocommit,
 read-only). Every ``ingest_*`` method is idempotent, so a QoS1 redelivery, or the retained copy a broker
@@ -24,13 +25,13 @@ per row (PostgreSQL re-checks the ``WHERE`` against the row it locked):
 * manifests / assignments (what the controller published, as signed and received): the newest per
   model (by version) and per device+model (by issue time); an empty retained payload (the topic was
   cleared) deletes the row, as it deletes the broker's copy. Signatures are checked when read
-  (:func:`deploy.state.state_from_store`), with the same code as a broker read;
+  (:func:`deploy.observe.state.state_from_store`), with the same code as a broker read;
 * devices: ``last_seen`` only moves forward;
 * telemetry: at most one row per device per ``telemetry_every_s`` (per collector), rows older than the
   retention window are deleted by :meth:`FleetStore.prune`.
 
 Query API for the fleet view and the selector: :meth:`FleetStore.latest_statuses`,
-:meth:`FleetStore.latest_reports` (shaped like ``deploy.select.select``'s arguments),
+:meth:`FleetStore.latest_reports` (shaped like ``deploy.control.select.select``'s arguments),
 :meth:`FleetStore.all_latest_reports` (every model),
 :meth:`FleetStore.events`, :meth:`FleetStore.devices`, :meth:`FleetStore.telemetry`.
 """
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent import wire
-from deploy.store_sql import (
+from deploy.observe.store_sql import (
     SCHEMA_VERSION,
     DbUrl,
     StoreError,
@@ -485,7 +486,7 @@ class FleetStore:
         return {device: wire.Status.from_json(payload) for device, payload in rows}
 
     def latest_reports(self, model: str) -> dict[str, wire.Report]:
-        """Device id → its newest report for ``model`` (the shape ``deploy.select.select`` takes)."""
+        """Device id → its newest report for ``model`` (the shape ``deploy.control.select.select`` takes)."""
         wire.check_id(model, "model")
         rows = self._rows("SELECT device, payload FROM reports WHERE model = ? ORDER BY device", (model,))
         return {device: wire.Report.from_json(payload) for device, payload in rows}
@@ -497,7 +498,8 @@ class FleetStore:
 
     def retained_payloads(self, topics: wire.Topics, model: str | None = None) -> dict[str, bytes]:
         """What the broker would hold retained, as {topic: payload}: every manifest and status, the latest
-        report and assignment per device (of ``model`` only, if given). Feeds ``deploy.state.parse_state``.
+        report and assignment per device (of ``model`` only, if given). Feeds
+        ``deploy.observe.state.parse_state``.
         """
         where, params = ("", ()) if model is None else (" WHERE model = ?", (wire.check_id(model, "model"),))
         out: dict[str, bytes] = {}

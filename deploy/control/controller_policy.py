@@ -1,15 +1,15 @@
 """The controller's decision step, a pure function: (store snapshot, controller memory, policy) → actions.
 
-``decide(snapshot, memory, policy)`` never reads or writes anything; ``deploy.controller`` reads the
-store, calls it every tick, applies what it returns and journals it (``deploy.controller_journal``).
+``decide(snapshot, memory, policy)`` never reads or writes anything; ``deploy.control.controller`` reads the
+store, calls it every tick, applies what it returns and journals it (``deploy.control.controller_journal``).
 
 Per model (its mode ``auto`` / ``approve`` / ``manual``, nothing at all while paused or manual):
 
 * **initial**: a device with a status and a report for the current manifest version, and no assignment
-  for the model, gets its best variant (``deploy.select``), unless a rollout of that version is still
+  for the model, gets its best variant (``deploy.control.select``), unless a rollout of that version is still
   planned or in flight (canaries first: the newcomer waits for them) or the version's rollout halted;
 * **rollout**: devices assigned an older manifest version move to the new one through a staged rollout
-  (``deploy.rollout``: canaries first, the rest once they committed, halt and restore when one rolls
+  (``deploy.control.rollout``: canaries first, the rest once they committed, halt and restore when one rolls
   back). It starts once every online device concerned has reported on the new version, or
   ``rollout.report_wait_s`` after the controller first saw it; later reporters catch up after it completed;
 * **reassign**: a device assigned the current version whose report is newer than its assignment, at
@@ -39,9 +39,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent import wire
+from deploy.control.select import Decision, Policy, select, unreachable_rules
 from deploy.errors import PolicyError
-from deploy.select import Decision, Policy, select, unreachable_rules
-from deploy.state import FleetState
+from deploy.observe.state import FleetState
 
 Mode = Literal["auto", "approve", "manual"]
 MODES: tuple[Mode, ...] = ("auto", "approve", "manual")
@@ -105,7 +105,7 @@ class ControllerPolicy(_Strict):
     rollout: RolloutRules = Field(default_factory=RolloutRules)
     quarantine: QuarantineRules = Field(default_factory=QuarantineRules)
     selection: dict[str, Any] = Field(
-        default_factory=dict, description="a deploy.select policy (name, default, classes)"
+        default_factory=dict, description="a deploy.control.select policy (name, default, classes)"
     )
 
     def selection_policy(self) -> Policy:
@@ -171,7 +171,7 @@ class RolloutView:
     id: str
     model: str
     manifest_version: int
-    state: str  # deploy.rollout.RolloutState value
+    state: str  # deploy.control.rollout.RolloutState value
     devices: frozenset[str]
     needs_restore: bool = False  # halted with devices not yet restored
 

@@ -9,13 +9,15 @@
     edgefleet pause [MODEL] [--db URL]                      stop acting (on one model, or on all)
     edgefleet resume [MODEL] [--device D] [--db URL]        act again; --device releases a quarantine
 
-A thin shell around the pure :func:`deploy.controller_policy.decide`: every ``interval_s`` (``while not
+A thin shell around the pure :func:`deploy.control.controller_policy.decide`: every ``interval_s`` (``while
+not
 stop.wait(t)``) it takes the leader lock (or stands by), reads the fleet store (``edgefleet collect``'s
 database; manifests verified with the fleet key), rebuilds its memory from the store
-(:mod:`deploy.controller_journal`, :mod:`deploy.rollout`'s tables in the same database), decides, and
-applies: signed retained assignments (:func:`deploy.assign.make_assignment`), staged rollouts
-(:class:`deploy.rollout.RolloutController`, whose state lives in the same database, SQLite or
-PostgreSQL (:mod:`deploy.controller_rollouts`), so whoever leads next resumes them), quarantines,
+(:mod:`deploy.control.controller_journal`, :mod:`deploy.control.rollout`'s tables in the same database),
+decides, and
+applies: signed retained assignments (:func:`deploy.control.assign.make_assignment`), staged rollouts
+(:class:`deploy.control.rollout.RolloutController`, whose state lives in the same database, SQLite or
+PostgreSQL (:mod:`deploy.control.controller_rollouts`), so whoever leads next resumes them), quarantines,
 proposals. Every action, proposal and note is journaled with its reason.
 
 One controller acts at a time: the leader holds an exclusive ``fcntl`` lock on ``<db>.controller.lock``
@@ -47,8 +49,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent import wire
 from agent.notify import Notifier
-from deploy.controller_journal import Journal, JournalError
-from deploy.controller_policy import (
+from deploy.broker.client import Bus
+from deploy.control.controller_journal import Journal, JournalError
+from deploy.control.controller_policy import (
     MODES,
     Action,
     AdvanceRollout,
@@ -66,7 +69,6 @@ from deploy.controller_policy import (
     load_controller_policy,
 )
 from deploy.errors import DeployError, PolicyError, RolloutError
-from deploy.mqtt import Bus
 
 log = logging.getLogger("edgefleet.controller")
 
@@ -142,7 +144,7 @@ class AdvisoryLock:
         return self._conn is not None
 
     def try_acquire(self, name: str) -> bool:
-        from deploy.store_sql import POSTGRES, close_quietly, lost_connection, open_store
+        from deploy.observe.store_sql import POSTGRES, close_quietly, lost_connection, open_store
 
         if self._conn is not None:
             if not lost_connection(POSTGRES, self._conn):
@@ -169,7 +171,7 @@ class AdvisoryLock:
         return "another controller (PostgreSQL advisory lock)"
 
     def release(self) -> None:
-        from deploy.store_sql import close_quietly
+        from deploy.observe.store_sql import close_quietly
 
         if self._conn is not None:
             close_quietly(self._conn)  # ending the session releases the lock
@@ -177,7 +179,7 @@ class AdvisoryLock:
 
 
 def leader_lock(db: Path | str) -> LeaderLock | AdvisoryLock:
-    from deploy.store_sql import parse_db_url
+    from deploy.observe.store_sql import parse_db_url
 
     url = parse_db_url(db)
     if url.path is not None:
@@ -209,8 +211,8 @@ def read_snapshot(
     db: Path | str, trusted: Mapping[str, Ed25519PublicKey], now: float
 ) -> tuple[Snapshot, dict[str, list[wire.Event]]]:
     """The store now (manifests verified against ``trusted``), and the events rollouts judge by."""
-    from deploy.state import state_from_store
-    from deploy.store import FleetStore
+    from deploy.observe.state import state_from_store
+    from deploy.observe.store import FleetStore
 
     state = state_from_store(db, None, trusted)
     events: dict[str, list[wire.Event]] = {}
@@ -450,7 +452,7 @@ class Controller:
                 journal.record("note", note.key, "note", note.why, self.name, note.model, note.device, at=now)
 
     def _assign(self, action: AssignAction, now: float, result: TickResult) -> None:
-        from deploy.assign import make_assignment
+        from deploy.control.assign import make_assignment
 
         journal = self._journal
         assert journal is not None
@@ -478,14 +480,14 @@ class Controller:
         result.applied.append(action.key)
 
     def _rollouts(self, events: dict[str, list[wire.Event]], snapshot: Snapshot, limit: int | None) -> Any:
-        from deploy.rollout import RolloutController, RolloutStore
-        from deploy.store_sql import parse_db_url
+        from deploy.control.rollout import RolloutController, RolloutStore
+        from deploy.observe.store_sql import parse_db_url
 
         url = parse_db_url(self.db)
         if url.path is not None:
             store: RolloutStore = RolloutStore(url.path)  # the same file as the collector's tables
         else:
-            from deploy.controller_rollouts import SqlRolloutStore
+            from deploy.control.controller_rollouts import SqlRolloutStore
 
             store = SqlRolloutStore(url)  # PostgreSQL: the same tables, shared by every controller
         rc = RolloutController(self._bus_now(), store, self.key, progress=lambda m: log.info("%s", m))
@@ -585,13 +587,13 @@ class Controller:
 
 
 def _db(args: argparse.Namespace) -> Path | str:
-    from deploy.state import default_store
+    from deploy.observe.state import default_store
 
     return str(args.db) if args.db is not None else default_store()
 
 
 def with_selection(policy: ControllerPolicy, path: Path) -> ControllerPolicy:
-    """``policy`` with its ``[selection]`` replaced by a ``deploy.select`` policy file (the one
+    """``policy`` with its ``[selection]`` replaced by a ``deploy.control.select`` policy file (the one
     ``edgefleet select --policy`` takes); PolicyError names the file."""
     import tomllib
 
@@ -691,7 +693,7 @@ def _cmd_mode(args: argparse.Namespace) -> int:
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
-    from deploy.state import DB_ENV, DEFAULT_DB
+    from deploy.observe.state import DB_ENV, DEFAULT_DB
 
     p.add_argument(
         "--db",
