@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -270,8 +272,60 @@ def test_window_keeps_many_publishes_bounded(broker: MosquittoBroker, ns: str) -
 # select / assign / fleet
 
 
+@contextlib.contextmanager
+def fleet_source(
+    kind: str, broker: MosquittoBroker, ns: str, tmp_path: Path
+) -> Iterator[tuple[list[str], Any]]:
+    """Where the commands read the fleet: ("store") a collector running through the block, its database
+    passed as --db, and a ``synced(**counts)`` that waits until the store holds at least those rows;
+    ("broker") --from-broker and a ``synced`` that returns at once."""
+    if kind == "broker":
+        yield ["--from-broker"], lambda **_: None
+        return
+    from broker_helpers import RunningCollector
+
+    from deploy.observe.store import FleetStore
+
+    db = tmp_path / "fleet.db"
+
+    def synced(**want: int) -> None:
+        deadline = time.monotonic() + 15
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            if db.exists():
+                with FleetStore(db, readonly=True) as store:
+                    counts = store.counts()
+                if all(counts.get(t, 0) >= n for t, n in want.items()):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"the collector stored {counts}, the test waits for {want}")
+
+    with RunningCollector(options(broker, ns), db):
+        yield ["--db", str(db)], synced
+
+
+@pytest.mark.parametrize("source", ["store", "broker"])
 def test_select_assign_fleet(
-    broker: MosquittoBroker, ns: str, tmp_path: Path, key_path: Path, capsys: pytest.CaptureFixture[str]
+    broker: MosquittoBroker,
+    ns: str,
+    tmp_path: Path,
+    key_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+) -> None:
+    """select, assign and fleet decide from the collector's store (and, in the lab, the broker)."""
+    with fleet_source(source, broker, ns, tmp_path) as (where, synced):
+        _select_assign_fleet(broker, ns, tmp_path, key_path, capsys, where, synced)
+
+
+def _select_assign_fleet(
+    broker: MosquittoBroker,
+    ns: str,
+    tmp_path: Path,
+    key_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: list[str],
+    synced: Any,
 ) -> None:
     bundle = tmp_path / "bundle"
     m = write_bundle(bundle, {"fp32": 3_000, "fp16": 2_000, "int8": 1_000})  # acc .97, .96, .95
@@ -299,8 +353,9 @@ def test_select_assign_fleet(
                 topics.report(dev, "digits"), make_report(dev, m, res, ts=wire.now()).to_json(), retain=True
             )
         s.flush()
+    synced(statuses=3, reports=2, manifests=1)
 
-    common = ["--model", "digits", "--policy", str(policy), *broker_args(broker, ns)]
+    common = ["--model", "digits", "--policy", str(policy), *broker_args(broker, ns), *where]
     assert cli.main(["select", *common, "--json"]) == 0
     decisions = {d["device"]: d for d in json.loads(capsys.readouterr().out)}
     assert decisions["pi-a"]["variant"] == "int8"
@@ -325,18 +380,19 @@ def test_select_assign_fleet(
         assert retained(s, topics.assign("pi-c", "digits")) is None
 
     # Re-running changes nothing on the wire; --device limits the scope.
+    synced(assignments=2)
     assert cli.main(["assign", *common, "--key", str(key_path), "--device", "pi-a"]) == 0
     assert "assigned 0, unchanged 1" in capsys.readouterr().err
     with MqttSession(options(broker, ns)) as s:
         assert retained(s, topics.assign("pi-a", "digits")) == first["pi-a"]
 
-    assert cli.main(["fleet", "--json", *broker_args(broker, ns)]) == 0
+    assert cli.main(["fleet", "--json", *broker_args(broker, ns), *where]) == 0
     rows = {(r["device"], r["model"]): r for r in json.loads(capsys.readouterr().out)}
     assert rows[("pi-a", "digits")]["active"] == "fp32"
     assert rows[("pi-a", "digits")]["assigned"] == "int8"
     assert rows[("pi-a", "digits")]["p50_ms"] == 10.0
     assert rows[("pi-c", None)]["online"] is True
-    assert cli.main(["fleet", *broker_args(broker, ns)]) == 0
+    assert cli.main(["fleet", *broker_args(broker, ns), *where]) == 0
     assert "fp32 (v1) → int8" in capsys.readouterr().out
 
 
