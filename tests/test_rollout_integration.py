@@ -120,6 +120,7 @@ class FakeDevice:
             },
         )
         self.c.publish(self.t.status(self.name), st.to_json(), qos=1, retain=True)
+        self.last_status_ts = st.ts
 
     def event(self, kind: wire.EventKind, **kw: Any) -> None:
         ev = wire.Event(device=self.name, ts=wire.now(), kind=kind, **kw)
@@ -197,8 +198,14 @@ class FakeDevice:
 
 
 class Fleet:
-    def __init__(self, broker: MosquittoBroker, ns: str, tmp_path: Path) -> None:
+    """The fake devices, the signing key and the rollout database; ``source`` is where the rollout plans
+    from: "store" (a collector runs beside the fleet and the rollout gets --db) or "broker"."""
+
+    def __init__(self, broker: MosquittoBroker, ns: str, tmp_path: Path, source: str = "broker") -> None:
         self.broker, self.ns, self.tmp = broker, ns, tmp_path
+        self.source = source
+        self.store_db = tmp_path / "fleet.db"
+        self.collector: Any = None
         self.key_path = init_keys(tmp_path / "keys").private_path
         self.key = load_signing_key(self.key_path)
         self.trusted = trusted_keys(self.key)
@@ -231,18 +238,54 @@ class Fleet:
             str(self.db),
         ]
 
+    def rollout_args(self) -> list[str]:
+        """:meth:`args` plus where the plan reads the fleet; with the store, once the collector has
+        stored every device's latest status and its report (what an operator's store would hold)."""
+        if self.source == "broker":
+            return [*self.args(), "--from-broker"]
+        if self.collector is None:
+            from broker_helpers import RunningCollector
+
+            options = BrokerOptions(host=self.broker.host, port=self.broker.port, namespace=self.ns)
+            self.collector = RunningCollector(options, self.store_db, name="fixture").__enter__()
+        self.synced()
+        return [*self.args(), "--db", str(self.store_db)]
+
+    def synced(self, timeout_s: float = 15.0) -> None:
+        from deploy.observe.store import FleetStore
+
+        deadline = time.monotonic() + timeout_s
+        behind: list[str] = list(self.devices)
+        while time.monotonic() < deadline:
+            if self.store_db.exists():
+                with FleetStore(self.store_db, readonly=True) as store:
+                    statuses, reports = store.latest_statuses(), store.latest_reports(MODEL)
+                behind = [
+                    name
+                    for name, d in self.devices.items()
+                    if name not in reports or name not in statuses or statuses[name].ts < d.last_status_ts
+                ]
+                if not behind:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"the collector has not stored the latest status/report of {behind}")
+
     def retained(self, topic: str) -> bytes | None:
         with self.session() as s:
             return s.collect_retained([topic], quiet_s=0.2).get(topic)
 
     def close(self) -> None:
+        if self.collector is not None:
+            self.collector.__exit__(None, None, None)
         for d in self.devices.values():
             d.close()
 
 
-@pytest.fixture
-def fleet(broker: MosquittoBroker, ns: str, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(broker, ns, tmp_path)
+@pytest.fixture(params=["store", "broker"])
+def fleet(
+    broker: MosquittoBroker, ns: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Fleet]:
+    f = Fleet(broker, ns, tmp_path, source=request.param)
     yield f
     f.close()
 
@@ -251,7 +294,9 @@ def test_rollout_over_ten_devices_completes(fleet: Fleet, capsys: pytest.Capture
     for i in range(10):
         fleet.add(f"pi-{i:02d}")
     started = time.monotonic()
-    code = cli.main(["rollout", MODEL, "--canary", "2", "--wait", "--timeout", "30", "--json", *fleet.args()])
+    code = cli.main(
+        ["rollout", MODEL, "--canary", "2", "--wait", "--timeout", "30", "--json", *fleet.rollout_args()]
+    )
     elapsed = time.monotonic() - started
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -283,7 +328,7 @@ def test_rollout_over_ten_devices_completes(fleet: Fleet, capsys: pytest.Capture
     assert cli.main(["rollout", "status", MODEL, "--state-db", str(fleet.db)]) == 0
     text = capsys.readouterr().out
     assert "completed" in text and "pi-09" in text and "canary" in text
-    assert cli.main(["rollout", MODEL, *fleet.args()]) == 0
+    assert cli.main(["rollout", MODEL, *fleet.rollout_args()]) == 0
     assert "nothing to roll out" in capsys.readouterr().out
 
     # The fleet view shows the rollout id of each device's assignment; plot and report read the broker.
@@ -325,7 +370,9 @@ def test_canary_rollback_halts_restores_and_spares_the_rest(
         time.sleep(0.02)
     good.assignments.clear()
 
-    code = cli.main(["rollout", MODEL, "--canary", "2", "--wait", "--timeout", "20", "--json", *fleet.args()])
+    code = cli.main(
+        ["rollout", MODEL, "--canary", "2", "--wait", "--timeout", "20", "--json", *fleet.rollout_args()]
+    )
     out = capsys.readouterr()
     assert code == 2, out.err
     summary = json.loads(out.out)
@@ -353,7 +400,7 @@ def test_controller_killed_mid_rollout_resumes(fleet: Fleet, capsys: pytest.Capt
         fleet.add(f"pi-{i:02d}", delay_s=1.5)  # slow canaries: the controller is killed while it waits
     for i in range(2, 6):
         fleet.add(f"pi-{i:02d}")
-    cmd = [sys.executable, "-m", "deploy", "rollout", MODEL, "--canary", "2", "--wait", *fleet.args()]
+    cmd = [sys.executable, "-m", "deploy", "rollout", MODEL, "--canary", "2", "--wait", *fleet.rollout_args()]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -378,7 +425,9 @@ def test_controller_killed_mid_rollout_resumes(fleet: Fleet, capsys: pytest.Capt
         if proc.stderr is not None:
             proc.stderr.close()
 
-    code = cli.main(["rollout", MODEL, "--resume", "--wait", "--timeout", "20", "--json", *fleet.args()])
+    code = cli.main(
+        ["rollout", MODEL, "--resume", "--wait", "--timeout", "20", "--json", *fleet.rollout_args()]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "resuming rollout" in out.err
