@@ -30,7 +30,7 @@ from typing import Any
 # this file is benches/contention.py: drop its directory from sys.path so `import agent` finds the package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 _TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.append(str(_TESTS))  # the flatbuffers model builder of the tests
+sys.path.append(str(_TESTS))  # the flatbuffers model builder and variant() of the tests
 
 
 def _run(model: Path, variant: Any, cfg: Any, label: str) -> dict[str, Any]:
@@ -73,7 +73,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import numpy as np
-    from test_agent_bench import build_fc_model, variant
+    from agent_helpers import build_fc_model
+    from test_agent_bench import variant
 
     from agent.config import BenchConfig
 

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import flatbuffers  # type: ignore[import-untyped]
+import numpy as np
 import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -116,3 +118,81 @@ class RecordingClient:
         self.published.append((topic, payload))
 
     def set_birth(self, topic: str, payload: bytes) -> None: ...
+
+
+def build_fc_model(weights: np.ndarray, bias: np.ndarray, *, custom_op: str | None = None) -> bytes:
+    """A one-op TFLite model ``y = x·Wᵀ + b`` (FULLY_CONNECTED), or that op renamed to a CUSTOM op."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    bv = np.ascontiguousarray(bias, dtype=np.float32)
+    n_out, n_in = w.shape
+    b = flatbuffers.Builder(4096)
+
+    def ints(values: list[int]) -> int:
+        b.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            b.PrependInt32(v)
+        return int(b.EndVector())
+
+    def offsets(values: list[int]) -> int:
+        b.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            b.PrependUOffsetTRelative(v)
+        return int(b.EndVector())
+
+    def buffer(data: bytes | None) -> int:
+        vec = None
+        if data:
+            b.StartVector(1, len(data), 16)
+            b.head = b.head - len(data)
+            b.Bytes[b.head : b.head + len(data)] = data
+            vec = b.EndVector()
+        b.StartObject(1)  # Buffer { data }
+        if vec is not None:
+            b.PrependUOffsetTRelativeSlot(0, vec, 0)
+        return int(b.EndObject())
+
+    buffers = [buffer(None), buffer(w.tobytes()), buffer(bv.tobytes()), buffer(None), buffer(None)]
+
+    def tensor(shape: list[int], buf: int, name: str) -> int:
+        nm, sh = b.CreateString(name), ints(shape)
+        b.StartObject(4)  # Tensor { shape, type, buffer, name }
+        b.PrependUOffsetTRelativeSlot(0, sh, 0)
+        b.PrependInt8Slot(1, 0, 0)  # FLOAT32
+        b.PrependUint32Slot(2, buf, 0)
+        b.PrependUOffsetTRelativeSlot(3, nm, 0)
+        return int(b.EndObject())
+
+    tensors = [
+        tensor([1, n_in], 3, "x"),
+        tensor([n_out, n_in], 1, "w"),
+        tensor([n_out], 2, "b"),
+        tensor([1, n_out], 4, "y"),
+    ]
+    code = 32 if custom_op else 9  # CUSTOM / FULLY_CONNECTED
+    custom = b.CreateString(custom_op) if custom_op else None
+    b.StartObject(4)  # OperatorCode { deprecated_builtin_code, custom_code, version, builtin_code }
+    b.PrependInt8Slot(0, code, 0)
+    if custom is not None:
+        b.PrependUOffsetTRelativeSlot(1, custom, 0)
+    b.PrependInt32Slot(2, 1, 1)
+    b.PrependInt32Slot(3, code, 0)
+    opcode = b.EndObject()
+    op_in, op_out = ints([0, 1, 2]), ints([3])
+    b.StartObject(3)  # Operator { opcode_index, inputs, outputs }
+    b.PrependUint32Slot(0, 0, 0)
+    b.PrependUOffsetTRelativeSlot(1, op_in, 0)
+    b.PrependUOffsetTRelativeSlot(2, op_out, 0)
+    op = b.EndObject()
+    tv, si, so, ov = offsets(tensors), ints([0]), ints([3]), offsets([op])
+    b.StartObject(4)  # SubGraph { tensors, inputs, outputs, operators }
+    for slot, value in enumerate((tv, si, so, ov)):
+        b.PrependUOffsetTRelativeSlot(slot, value, 0)
+    subgraph = b.EndObject()
+    codes, subgraphs, bufs = offsets([opcode]), offsets([subgraph]), offsets(buffers)
+    b.StartObject(5)  # Model { version, operator_codes, subgraphs, description, buffers }
+    b.PrependUint32Slot(0, 3, 0)
+    b.PrependUOffsetTRelativeSlot(1, codes, 0)
+    b.PrependUOffsetTRelativeSlot(2, subgraphs, 0)
+    b.PrependUOffsetTRelativeSlot(4, bufs, 0)
+    b.Finish(b.EndObject(), file_identifier=b"TFL3")
+    return bytes(b.Output())

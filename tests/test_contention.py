@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_agent_bench import build_fc_model
+from agent_helpers import build_fc_model
 from test_deploy import four, make_status, ok_result, one, var  # noqa: F401 - `four` is a fixture
 
 import agent.bench as bench
