@@ -18,13 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.control.rollout import (
-    Outcome,
-    Rollout,
-    RolloutDevice,
-    RolloutState,
     RolloutStore,
-    Transition,
-    check_transition,
 )
 from deploy.errors import RolloutError
 from deploy.observe.store_sql import DbUrl, StoreError, close_quietly, driver_errors, open_store
@@ -73,15 +67,14 @@ _DDL = (
 )""",
 )
 
-_ROLLOUT = "id, model, manifest_version, policy, state, created_at, updated_at, reason"
-_DEVICE = (
-    "rollout, device, role, ordinal, variant, sha256, manifest_version, why, assignment, previous, "
-    "baseline_status_ts, assigned_at, outcome, outcome_at, detail, restored, restored_at"
-)
-
 
 class SqlRolloutStore(RolloutStore):
-    """``RolloutStore`` on the fleet store's connection (PostgreSQL); every method commits."""
+    """``RolloutStore`` on the fleet store's connection (PostgreSQL): only its primitives differ (the
+    connection, one transaction per cursor, the dialect's placeholders, a row lock in ``transition``);
+    every method is RolloutStore's own."""
+
+    _FOR_UPDATE = " FOR UPDATE"
+    _NEWEST = "created_at DESC, id DESC"
 
     def __init__(self, url: DbUrl) -> None:  # no super().__init__(): that one opens SQLite
         self.url = url
@@ -116,176 +109,5 @@ class SqlRolloutStore(RolloutStore):
         cur.execute(self._dialect.sql(sql), self._dialect.params(tuple(params)))
         return cur
 
-    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        with self._cursor() as cur:
-            return list(self._q(cur, sql, params).fetchall())
-
-    # writing
-
-    def create(self, rollout: Rollout, devices: Sequence[RolloutDevice]) -> None:
-        if rollout.state is not RolloutState.PLANNED:
-            raise RolloutError("a rollout is created in state planned")
-        unfinished = self.unfinished(rollout.model)
-        if unfinished is not None:
-            raise RolloutError(
-                f"rollout {unfinished.id} of {rollout.model} is still {unfinished.state}: resume or abort it"
-            )
-        r = rollout
-        with self._cursor() as cur:
-            self._q(
-                cur,
-                f"INSERT INTO rollouts ({_ROLLOUT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 (constant)
-                (
-                    r.id,
-                    r.model,
-                    r.manifest_version,
-                    r.policy,
-                    r.state.value,
-                    r.created_at,
-                    r.updated_at,
-                    r.reason,
-                ),
-            )
-            rows = [
-                (d.rollout, d.device, d.role.value, d.ordinal, d.variant, d.sha256, d.manifest_version, d.why,
-                 d.assignment, d.previous, d.baseline_status_ts, None, None, None, None, None, None)
-                for d in devices
-            ]  # fmt: skip
-            if rows:
-                cur.executemany(
-                    self._dialect.sql(
-                        f"INSERT INTO rollout_devices ({_DEVICE}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
-                    ),
-                    [self._dialect.params(row) for row in rows],
-                )
-            self._q(
-                cur,
-                "INSERT INTO rollout_transitions (rollout, seq, from_state, to_state, at, reason) "
-                "VALUES (?, 0, NULL, ?, ?, ?)",
-                (r.id, r.state.value, r.created_at, r.reason),
-            )
-
-    def transition(self, rollout: Rollout, target: RolloutState, reason: str, at: float) -> Rollout:
-        from dataclasses import replace
-
-        with self._cursor() as cur:
-            row = self._q(cur, "SELECT state FROM rollouts WHERE id = ? FOR UPDATE", (rollout.id,)).fetchone()
-            if row is None:
-                raise RolloutError(f"no rollout {rollout.id}")
-            current = RolloutState(row[0])
-            if current is not rollout.state:
-                raise RolloutError(
-                    f"rollout {rollout.id} is {current} in the database, not {rollout.state}: "
-                    "another controller is running it"
-                )
-            check_transition(current, target)
-            seq = self._q(
-                cur,
-                "SELECT coalesce(max(seq), -1) + 1 FROM rollout_transitions WHERE rollout = ?",
-                (rollout.id,),
-            ).fetchone()[0]
-            self._q(
-                cur,
-                "UPDATE rollouts SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
-                (target.value, at, reason, rollout.id),
-            )
-            self._q(
-                cur,
-                "INSERT INTO rollout_transitions (rollout, seq, from_state, to_state, at, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (rollout.id, seq, current.value, target.value, at, reason),
-            )
-        return replace(rollout, state=target, updated_at=at, reason=reason)
-
-    def mark_assigned(self, rollout: str, device: str, at: float) -> None:
-        self.mark_assigned_many(rollout, [device], at)
-
-    def mark_assigned_many(self, rollout: str, devices: Sequence[str], at: float) -> None:
-        with self._cursor() as cur:
-            for device in devices:
-                self._q(
-                    cur,
-                    "UPDATE rollout_devices SET assigned_at = ? WHERE rollout = ? AND device = ? "
-                    "AND assigned_at IS NULL",
-                    (at, rollout, device),
-                )
-
-    def set_outcome(self, rollout: str, device: str, outcome: Outcome, detail: str | None, at: float) -> bool:
-        return bool(self.set_outcomes(rollout, [(device, outcome, detail)], at))
-
-    def set_outcomes(
-        self, rollout: str, found: Sequence[tuple[str, Outcome, str | None]], at: float
-    ) -> list[str]:
-        recorded = []
-        with self._cursor() as cur:
-            for device, outcome, detail in found:
-                self._q(
-                    cur,
-                    "UPDATE rollout_devices SET outcome = ?, outcome_at = ?, detail = ? "
-                    "WHERE rollout = ? AND device = ? AND outcome IS NULL",
-                    (outcome.value, at, detail, rollout, device),
-                )
-                if cur.rowcount > 0:
-                    recorded.append(device)
-        return recorded
-
-    def mark_restored(self, rollout: str, device: str, how: str, at: float) -> None:
-        with self._cursor() as cur:
-            self._q(
-                cur,
-                "UPDATE rollout_devices SET restored = ?, restored_at = ? WHERE rollout = ? AND device = ?",
-                (how, at, rollout, device),
-            )
-
-    # reading
-
-    def _one(self, where: str, params: Sequence[Any]) -> Rollout | None:
-        rows = self._all(f"SELECT {_ROLLOUT} FROM rollouts {where}", params)  # noqa: S608 (constant)
-        return self._rollout(rows[0] if rows else None)
-
-    def get(self, rollout_id: str) -> Rollout | None:
-        return self._one("WHERE id = ?", (rollout_id,))
-
-    def unfinished(self, model: str) -> Rollout | None:
-        return self._one("WHERE model = ? AND state NOT IN ('completed', 'halted')", (model,))
-
-    def latest(self, model: str) -> Rollout | None:
-        return self._one("WHERE model = ? ORDER BY created_at DESC, id DESC LIMIT 1", (model,))
-
-    def halted_unrestored(self, model: str) -> Rollout | None:
-        r = self.latest(model)
-        if r is None or r.state is not RolloutState.HALTED:
-            return None
-        pending = self._all(
-            "SELECT 1 FROM rollout_devices "
-            "WHERE rollout = ? AND assigned_at IS NOT NULL AND restored IS NULL",
-            (r.id,),
-        )
-        return r if pending else None
-
-    def devices(self, rollout_id: str) -> list[RolloutDevice]:
-        from deploy.control.rollout import Role
-
-        rows = self._all(
-            f"SELECT {_DEVICE} FROM rollout_devices WHERE rollout = ? ORDER BY ordinal",  # noqa: S608
-            (rollout_id,),
-        )
-        return [
-            RolloutDevice(
-                r[0], r[1], Role(r[2]), int(r[3]), r[4], r[5], int(r[6]), r[7], bytes(r[8]),
-                bytes(r[9]) if r[9] is not None else None, r[10], r[11],
-                Outcome(r[12]) if r[12] else None, r[13], r[14], r[15], r[16],
-            )
-            for r in rows
-        ]  # fmt: skip
-
-    def transitions(self, rollout_id: str) -> list[Transition]:
-        rows = self._all(
-            "SELECT seq, from_state, to_state, at, reason FROM rollout_transitions WHERE rollout = ? "
-            "ORDER BY seq",
-            (rollout_id,),
-        )
-        return [
-            Transition(r[0], RolloutState(r[1]) if r[1] else None, RolloutState(r[2]), r[3], r[4])
-            for r in rows
-        ]
+    def _many(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        cur.executemany(self._dialect.sql(sql), [self._dialect.params(tuple(r)) for r in rows])

@@ -224,6 +224,7 @@ CREATE TABLE IF NOT EXISTS rollout_transitions (
 );
 """
 
+_ROLLOUT_COLUMNS = "id, model, manifest_version, policy, state, created_at, updated_at, reason"
 _DEVICE_COLUMNS = (
     "rollout, device, role, ordinal, variant, sha256, manifest_version, why, assignment, previous, "
     "baseline_status_ts, assigned_at, outcome, outcome_at, detail, restored, restored_at"
@@ -260,15 +261,32 @@ class RolloutStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # The primitives every method below is written with; deploy.control.controller_rollouts'
+    # SqlRolloutStore replaces only these, to keep the same tables in a PostgreSQL fleet store.
+    _FOR_UPDATE = ""  # SQLite locks the database for a write transaction: no row lock to ask for
+    _NEWEST = "created_at DESC, rowid DESC"
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _cursor(self) -> Iterator[Any]:
+        """One transaction: commits at the end, rolls back and raises RolloutError on a database error."""
         try:
             with self._conn:  # commits, or rolls back on an exception
-                yield self._conn
+                yield self._conn.cursor()
         except sqlite3.IntegrityError as err:
             raise RolloutError(f"rollout database refused the change: {err}") from err
         except sqlite3.Error as err:
             raise RolloutError(f"rollout database error ({self.path}): {err}") from err
+
+    def _q(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        cur.execute(sql, tuple(params))
+        return cur
+
+    def _many(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        cur.executemany(sql, [tuple(r) for r in rows])
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._cursor() as cur:
+            return list(self._q(cur, sql, params).fetchall())
 
     # writing
 
@@ -280,54 +298,48 @@ class RolloutStore:
             raise RolloutError(
                 f"rollout {unfinished.id} of {rollout.model} is still {unfinished.state}: resume or abort it"
             )
-        with self._tx() as c:
-            c.execute(
-                "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        r = rollout
+        with self._cursor() as cur:
+            self._q(
+                cur,
+                f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                 (
-                    rollout.id,
-                    rollout.model,
-                    rollout.manifest_version,
-                    rollout.policy,
-                    rollout.state.value,
-                    rollout.created_at,
-                    rollout.updated_at,
-                    rollout.reason,
+                    r.id,
+                    r.model,
+                    r.manifest_version,
+                    r.policy,
+                    r.state.value,
+                    r.created_at,
+                    r.updated_at,
+                    r.reason,
                 ),
             )
-            c.executemany(
-                f"INSERT INTO rollout_devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 17)})",  # noqa: S608
-                [
-                    (
-                        d.rollout,
-                        d.device,
-                        d.role.value,
-                        d.ordinal,
-                        d.variant,
-                        d.sha256,
-                        d.manifest_version,
-                        d.why,
-                        d.assignment,
-                        d.previous,
-                        d.baseline_status_ts,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                    )
-                    for d in devices
-                ],
-            )
-            c.execute(
-                "INSERT INTO rollout_transitions VALUES (?, 0, NULL, ?, ?, ?)",
-                (rollout.id, rollout.state.value, rollout.created_at, rollout.reason),
+            rows = [
+                (d.rollout, d.device, d.role.value, d.ordinal, d.variant, d.sha256, d.manifest_version, d.why,
+                 d.assignment, d.previous, d.baseline_status_ts, None, None, None, None, None, None)
+                for d in devices
+            ]  # fmt: skip
+            if rows:
+                self._many(
+                    cur,
+                    f"INSERT INTO rollout_devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 17)})",  # noqa: S608
+                    rows,
+                )
+            self._q(
+                cur,
+                "INSERT INTO rollout_transitions (rollout, seq, from_state, to_state, at, reason) "
+                "VALUES (?, 0, NULL, ?, ?, ?)",
+                (r.id, r.state.value, r.created_at, r.reason),
             )
 
     def transition(self, rollout: Rollout, target: RolloutState, reason: str, at: float) -> Rollout:
         """Move ``rollout`` to ``target`` (checked against the table and against the stored state)."""
-        with self._tx() as c:
-            row = c.execute("SELECT state FROM rollouts WHERE id = ?", (rollout.id,)).fetchone()
+        with self._cursor() as cur:
+            row = self._q(
+                cur,
+                f"SELECT state FROM rollouts WHERE id = ?{self._FOR_UPDATE}",  # noqa: S608 (a constant)
+                (rollout.id,),
+            ).fetchone()
             if row is None:
                 raise RolloutError(f"no rollout {rollout.id}")
             current = RolloutState(row[0])
@@ -337,15 +349,20 @@ class RolloutStore:
                     "another controller is running it"
                 )
             check_transition(current, target)
-            seq = c.execute(
-                "SELECT coalesce(max(seq), -1) + 1 FROM rollout_transitions WHERE rollout = ?", (rollout.id,)
+            seq = self._q(
+                cur,
+                "SELECT coalesce(max(seq), -1) + 1 FROM rollout_transitions WHERE rollout = ?",
+                (rollout.id,),
             ).fetchone()[0]
-            c.execute(
+            self._q(
+                cur,
                 "UPDATE rollouts SET state = ?, updated_at = ?, reason = ? WHERE id = ?",
                 (target.value, at, reason, rollout.id),
             )
-            c.execute(
-                "INSERT INTO rollout_transitions VALUES (?, ?, ?, ?, ?, ?)",
+            self._q(
+                cur,
+                "INSERT INTO rollout_transitions (rollout, seq, from_state, to_state, at, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (rollout.id, seq, current.value, target.value, at, reason),
             )
         return replace(rollout, state=target, updated_at=at, reason=reason)
@@ -355,8 +372,9 @@ class RolloutStore:
 
     def mark_assigned_many(self, rollout: str, devices: Sequence[str], at: float) -> None:
         """One transaction for many devices: a commit costs an fsync (~3 ms here), 2,000 of them 6 s."""
-        with self._tx() as c:
-            c.executemany(
+        with self._cursor() as cur:
+            self._many(
+                cur,
                 "UPDATE rollout_devices SET assigned_at = ? WHERE rollout = ? AND device = ? "
                 "AND assigned_at IS NULL",
                 [(at, rollout, device) for device in devices],
@@ -371,9 +389,10 @@ class RolloutStore:
     ) -> list[str]:
         """:meth:`set_outcome` for many devices in one transaction; the devices whose outcome was new."""
         recorded = []
-        with self._tx() as c:
+        with self._cursor() as cur:
             for device, outcome, detail in found:
-                cur = c.execute(
+                self._q(
+                    cur,
                     "UPDATE rollout_devices SET outcome = ?, outcome_at = ?, detail = ? "
                     "WHERE rollout = ? AND device = ? AND outcome IS NULL",
                     (outcome.value, at, detail, rollout, device),
@@ -383,8 +402,9 @@ class RolloutStore:
         return recorded
 
     def mark_restored(self, rollout: str, device: str, how: str, at: float) -> None:
-        with self._tx() as c:
-            c.execute(
+        with self._cursor() as cur:
+            self._q(
+                cur,
                 "UPDATE rollout_devices SET restored = ?, restored_at = ? WHERE rollout = ? AND device = ?",
                 (how, at, rollout, device),
             )
@@ -396,72 +416,51 @@ class RolloutStore:
             return None
         return Rollout(row[0], row[1], int(row[2]), row[3], RolloutState(row[4]), row[5], row[6], row[7])
 
+    def _one(self, where: str, params: Sequence[Any]) -> Rollout | None:
+        rows = self._all(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts {where}", params)  # noqa: S608 (constant)
+        return self._rollout(rows[0] if rows else None)
+
     def get(self, rollout_id: str) -> Rollout | None:
-        return self._rollout(
-            self._conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-        )
+        return self._one("WHERE id = ?", (rollout_id,))
 
     def unfinished(self, model: str) -> Rollout | None:
-        return self._rollout(
-            self._conn.execute(
-                "SELECT * FROM rollouts WHERE model = ? AND state NOT IN ('completed', 'halted')", (model,)
-            ).fetchone()
-        )
+        return self._one("WHERE model = ? AND state NOT IN ('completed', 'halted')", (model,))
 
     def latest(self, model: str) -> Rollout | None:
-        return self._rollout(
-            self._conn.execute(
-                "SELECT * FROM rollouts WHERE model = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                (model,),
-            ).fetchone()
-        )
+        return self._one(f"WHERE model = ? ORDER BY {self._NEWEST} LIMIT 1", (model,))
 
     def halted_unrestored(self, model: str) -> Rollout | None:
         """The latest rollout of ``model`` if it halted before every assigned device was restored."""
         r = self.latest(model)
         if r is None or r.state is not S.HALTED:
             return None
-        pending = self._conn.execute(
+        pending = self._all(
             "SELECT 1 FROM rollout_devices "
             "WHERE rollout = ? AND assigned_at IS NOT NULL AND restored IS NULL",
             (r.id,),
-        ).fetchone()
+        )
         return r if pending else None
 
     def devices(self, rollout_id: str) -> list[RolloutDevice]:
-        rows = self._conn.execute(
+        rows = self._all(
             f"SELECT {_DEVICE_COLUMNS} FROM rollout_devices WHERE rollout = ? ORDER BY ordinal",  # noqa: S608
             (rollout_id,),
-        ).fetchall()
+        )
         return [
             RolloutDevice(
-                r[0],
-                r[1],
-                Role(r[2]),
-                int(r[3]),
-                r[4],
-                r[5],
-                int(r[6]),
-                r[7],
-                bytes(r[8]),
-                bytes(r[9]) if r[9] is not None else None,
-                r[10],
-                r[11],
-                Outcome(r[12]) if r[12] else None,
-                r[13],
-                r[14],
-                r[15],
-                r[16],
+                r[0], r[1], Role(r[2]), int(r[3]), r[4], r[5], int(r[6]), r[7], bytes(r[8]),
+                bytes(r[9]) if r[9] is not None else None, r[10], r[11],
+                Outcome(r[12]) if r[12] else None, r[13], r[14], r[15], r[16],
             )
             for r in rows
-        ]
+        ]  # fmt: skip
 
     def transitions(self, rollout_id: str) -> list[Transition]:
-        rows = self._conn.execute(
+        rows = self._all(
             "SELECT seq, from_state, to_state, at, reason FROM rollout_transitions WHERE rollout = ? "
             "ORDER BY seq",
             (rollout_id,),
-        ).fetchall()
+        )
         return [
             Transition(r[0], RolloutState(r[1]) if r[1] else None, RolloutState(r[2]), r[3], r[4])
             for r in rows
