@@ -4,7 +4,10 @@ Prints ONE JSON object on stdout (everything else, TensorFlow's noise included, 
 
 Each model's float .tflite FILE is compressed with ``compressor.pipeline.build_bundle(path, None, out,
 calibration=rows.npz, ...)`` (the built-in ``tflite`` recipe: the original, weight-only int8, dynamic-range
-int8, full-integer int8); the .npz rows are split by the pipeline into calibration and held-out rows.
+int8, full-integer int8, mixed int4/int8) with the floor's fidelity as the user's budget
+(``min_metric="cosine=0.99"``: a variant ships when its worst output keeps that cosine on the validation
+and on the held-out rows, and the int4 search aims at it); the .npz rows are split by the pipeline into
+calibration and held-out rows.
 
 * dev models (``compressor.devmodels``): trained with ``make(name, seed=0, width=4)``, converted to a float32
   .tflite and a float16-weight .tflite; each file is compressed with its 300 first training rows
@@ -281,6 +284,7 @@ def compress_file(
             model_id=model_id,
             latency_budget_s=LATENCY_BUDGET_S,
             progress=progress,
+            min_metric=f"cosine={MIN_COSINE}",  # the floor's fidelity, stated as a user would
         )
     except CompressorError as err:
         return {

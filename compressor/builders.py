@@ -24,12 +24,19 @@ from compressor.metrics import fidelity_metrics
 from compressor.recipe import REPRESENTATIVE_SAMPLES, Recipe
 
 GPTQ_ROWS = 64  # calibration rows whose layer inputs GPTQ rounds int4 weights against
+# With a user cosine budget, the int4 search aims this share of the allowed error (1 - budget) inside it:
+# it judges on the validation rows, and the variant ships only if the test rows pass the budget too.
+SEARCH_HEADROOM = 0.2
+DEFAULT_MIN_COSINE = 0.995  # the int4 search's target when neither the recipe nor a budget sets one
 
 Progress = Callable[[str], None]
 
 
 class Builder:
     notes: list[str]
+    # The user's budget as a minimum output cosine (``--min-metric cosine=X``), set by the pipeline once
+    # the baseline is measured: the int4 search then aims at it (:func:`int4_target`), not the recipe's.
+    cosine_budget: float | None = None
 
     def build(self, recipe: Recipe, stage: Callable[[str], None]) -> tuple[bytes, list[str]]:
         raise NotImplementedError
@@ -95,7 +102,9 @@ class KerasBuilder(Builder):
             from compressor.recipe import QuantizeStep
 
             float_file = to_tflite(model, QuantizeStep(mode="float32"))
-            tflite, search_notes = mixed_int4(float_file, recipe.quantize, self.ctx.data, self.report)
+            tflite, search_notes = mixed_int4(
+                float_file, int4_target(recipe.quantize, self.cosine_budget), self.ctx.data, self.report
+            )
             return tflite, [*notes, *search_notes]
         with warnings.catch_warnings():
             # The int8 converter warns that it has no input statistics; it takes them from the
@@ -171,7 +180,7 @@ class TfliteBuilder(Builder):
         self.report(f"convert {recipe.id}")
         if step.mode == "weight_only_int4":
             assert self.data_rows is not None
-            return mixed_int4(self.data, step, self.data_rows, self.report)
+            return mixed_int4(self.data, int4_target(step, self.cosine_budget), self.data_rows, self.report)
         calibration = None
         if step.mode == "int8":
             assert self.data_rows is not None
@@ -219,15 +228,33 @@ def _signature_rows(tflite: bytes, rows: Rows, count: int | None) -> list[dict[s
     return [dict(zip(names, row, strict=True)) for row in _file_order_rows(tflite, rows, count)]
 
 
-def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) -> tuple[bytes, list[str]]:
-    """int4 weights on the least sensitive layers of ``float_file``, judged on the validation rows
-    (the worst output's cosine against the float file's outputs there); the test rows confirm later."""
+def int4_target(step: Any, cosine_budget: float | None) -> tuple[float, str]:
+    """(cosine the int4 search must keep on the validation rows, where that figure comes from).
+
+    A user budget on cosine wins over the recipe's ``min_cosine``, which is the default for a user who
+    set none: the budget is the user's own statement of the fidelity they accept (looser: smaller
+    files; stricter: fewer int4 layers), less :data:`SEARCH_HEADROOM` of the error it allows, since
+    the test rows must pass it too."""
+    if cosine_budget is not None:
+        target = min(1.0, 1.0 - (1.0 - cosine_budget) * (1.0 - SEARCH_HEADROOM))
+        return target, f"the budget cosine >= {cosine_budget:g} less {SEARCH_HEADROOM:.0%} headroom"
+    if step.min_cosine is not None:
+        return float(step.min_cosine), "the recipe's min_cosine"
+    return DEFAULT_MIN_COSINE, "the default"
+
+
+def mixed_int4(
+    float_file: bytes, aim: tuple[float, str], data: Dataset, report: Progress
+) -> tuple[bytes, list[str]]:
+    """int4 weights on the least sensitive layers of ``float_file`` while the worst output's cosine
+    against the float file's outputs on the validation rows stays at ``aim`` (:func:`int4_target`);
+    the test rows confirm later."""
     from compressor.mixed import search_mixed_int4
 
     reference = evaluate_tflite(
         float_file, data.val, classification=False, latency_budget_s=0.0, min_runs=1, warmup_runs=0
     )
-    target = step.min_cosine if step.min_cosine is not None else 0.995
+    target, why = aim
 
     def cosine(candidate: bytes) -> float:
         ev = evaluate_tflite(
@@ -245,7 +272,10 @@ def mixed_int4(float_file: bytes, step: Any, data: Dataset, report: Progress) ->
     tflite, notes = search_mixed_int4(
         float_file, cosine, min_cosine=target, progress=report, int4_weights=int4_weights
     )
-    note = f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:g} against float)"
+    note = (
+        f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:.4g} against float: "
+        f"{why})"
+    )
     return tflite, [*gptq_notes, *notes, note]
 
 

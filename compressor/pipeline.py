@@ -416,6 +416,8 @@ def build_bundle(
                 available = sorted(set(bv.named) | set(ctx.user_directions))
                 budget = make_budget(max_drop, min_metric, data.task, available, ctx.user_directions)
                 report(f"budget: {budget.describe() if budget else 'none'}")
+                if budget is not None and budget.metric == "cosine" and not budget.max_drop:
+                    builder.cosine_budget = budget.limit  # the int4 search aims at the user's budget
         built.append(bv)
 
     compare_unstructured(built, recipes)

@@ -90,7 +90,8 @@ class QuantizeStep(Base):
         gt=0,
         le=1,
         description="weight_only_int4 only: int4 weights on the least sensitive layers while the outputs "
-        "keep this cosine with float on the validation rows (default 0.995)",
+        "keep this cosine with float on the validation rows (default 0.995; a user budget --min-metric "
+        "cosine=X replaces it, less 20 % of the error it allows as headroom)",
     )
 
     @model_validator(mode="after")

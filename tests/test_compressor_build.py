@@ -199,6 +199,51 @@ def test_same_seed_same_figures_and_same_files(built: dict[str, Any], tmp_path: 
         assert v.sha256 == ref.sha256, v.id  # conversion of the same weights is byte-deterministic
 
 
+def test_int4_target_follows_the_users_cosine_budget() -> None:
+    from types import SimpleNamespace
+
+    from compressor.builders import DEFAULT_MIN_COSINE, int4_target
+
+    step = SimpleNamespace(min_cosine=0.995)
+    assert int4_target(step, None) == (0.995, "the recipe's min_cosine")
+    assert int4_target(SimpleNamespace(min_cosine=None), None)[0] == DEFAULT_MIN_COSINE
+    target, why = int4_target(step, 0.99)  # the budget wins, a fifth of its allowed error kept as headroom
+    assert target == pytest.approx(0.992) and "budget cosine >= 0.99" in why
+    assert int4_target(step, 0.999)[0] == pytest.approx(0.9992)  # stricter than the recipe: stricter search
+    assert int4_target(step, 1.0)[0] == 1.0
+
+
+def test_mixed4_searches_against_the_users_cosine_budget(built: dict[str, Any], tmp_path: Path) -> None:
+    """``--min-metric cosine=X`` steers the int4 search: a loose budget never gives a larger file than a
+    strict one, the notes say which target was searched, and the shipped variant meets the budget."""
+    pytest.importorskip("ai_edge_quantizer")
+    from compressor.pipeline import build_bundle
+
+    src = tmp_path / "m.tflite"
+    src.write_bytes((built["out"] / "float32.tflite").read_bytes())
+    sizes = {}
+    for budget in (0.9, 0.9999):
+        result = build_bundle(
+            src,
+            built["data"],
+            tmp_path / f"b{budget}",
+            variants=["original", "mixed4"],
+            min_metric=f"cosine={budget}",
+            keep_all=True,
+            latency_budget_s=0.05,
+        )
+        m = {v.id: v for v in result.manifest.variants}
+        if "mixed4" not in m:  # the strict budget may leave no layer int4: then it is refused, not shipped
+            assert budget > 0.99 and [f.variant for f in result.failures] == ["mixed4"]
+            continue
+        notes = " ".join(m["mixed4"].notes)
+        assert f"the budget cosine >= {budget:g} less 20% headroom" in notes, notes
+        sizes[budget] = m["mixed4"].metrics.size_bytes
+        if budget < 0.99:
+            assert m["mixed4"].metrics.named["cosine"] >= budget
+    assert 0.9 in sizes and sizes[0.9] <= sizes.get(0.9999, sizes[0.9])
+
+
 def test_tflite_input_really_quantized(built: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("ai_edge_quantizer")
     from compressor.graph import graph_stats
