@@ -32,8 +32,9 @@ Where the fleet is read (select, assign, rollout's plan, fleet, report): ``--db 
 store (a file, ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB``, see
 ``deploy/observe/store_sql.py``); else
 ``$EDGEFLEET_COLLECTOR_DB`` (a URL, or a file when it exists) or ``/var/lib/edgefleet-collector/fleet.db``
-when it exists (a stderr line says so); else, or with ``--from-broker``, the broker's retained
-messages, a burst the broker cuts past its queue limit: a burst that looks cut is named on stderr, and
+when it exists (a stderr line says so); no store there is an error (exit 2) naming what to run.
+Only with ``--from-broker`` (lab mode, never implicit) the broker's retained messages are read, a burst
+the broker cuts past its queue limit: a burst that looks cut is named on stderr, and
 select/assign/rollout then refuse to decide (exit 2) unless ``--allow-partial`` (see
 ``deploy/observe/state.py``).
 

@@ -5,7 +5,10 @@ process, see deploy.broker.embedded) → signing key → compress (the seed CNN 
 in a child process so TensorFlow never loads here) → publish → two agents as separate processes
 (separate stores, 1 and 2 benchmark threads, device classes ``accurate`` and ``fast``) → wait for
 their reports → select → assign → wait until both report the assigned variant active → result.
-Everything it started is stopped on the way out, also on Ctrl-C.
+A collector (deploy.observe.collect, in a thread) stores everything the fleet says in ``<workdir>/fleet.db``
+from the start, and select decides from that store, as ``edgefleet select --db`` does: the demo shows
+the operator's loop, not a shortcut around it. Everything it started is stopped on the way out, also on
+Ctrl-C.
 
 The integration test runs this same code with a smaller budget, so the demo and the test cannot drift.
 """
@@ -142,6 +145,10 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
             limits = "; ".join(AmqttBroker.limitations)
             progress(f"      {why}embedded amqtt fallback, for a one-machine demo only: {limits}")
 
+        db = workdir / "fleet.db"
+        stack.enter_context(_collector(options, db, settings.timeout_s + 60))
+        progress(f"      collector storing the fleet's messages in {db}")
+
         progress("[2/7] keys: creating the fleet signing key")
         pair = init_keys(workdir / "keys", force=True)
         key = load_signing_key(pair.private_path)
@@ -164,10 +171,9 @@ def run_demo(settings: DemoSettings, progress: Progress) -> DemoResult:
             _agents(settings, workdir, options, pair.public_text, manifest.model, progress)
         )
         with MqttSession(options, window=window) as watch:
-            reports = _wait_for_reports(watch, manifest, settings.devices, agents, deadline, progress)
-            statuses = _statuses(watch)
+            reports, statuses = _wait_for_reports(db, manifest, settings.devices, agents, deadline, progress)
 
-            progress("[6/7] select + assign: choosing a variant per device under the demo policy")
+            progress(f"[6/7] select + assign: the demo policy decides per device on what {db.name} holds")
             decisions = _select_and_assign(
                 manifest, reports, statuses, key, watch, workdir, progress, settings.policy or DEMO_POLICY
             )
@@ -354,44 +360,60 @@ def _poll(watch: MqttSession, filters: list[str]) -> dict[str, bytes]:
     return watch.collect_retained(filters, quiet_s=0.2, timeout_s=5.0)
 
 
+@contextlib.contextmanager
+def _collector(options: BrokerOptions, db: Path, duration_s: float) -> Iterator[None]:
+    """``edgefleet collect --db DB`` in a thread through the block (stopped and joined on the way out)."""
+    from deploy.observe.collect import Collector, CollectorOptions
+
+    collector = Collector(options, db, CollectorOptions(name="demo"))
+    ready = threading.Event()
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(collector.run(duration_s=duration_s, ready=ready)),
+        name="demo-collector",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        if not ready.wait(15.0):
+            raise DemoError(f"the collector did not subscribe within 15 s: {collector.fatal or 'no answer'}")
+        yield
+    finally:
+        collector.stop()
+        thread.join(15.0)
+
+
 def _wait_for_reports(
-    watch: MqttSession,
+    db: Path,
     manifest: wire.Manifest,
     devices: tuple[DemoDevice, ...],
     agents: list[_Agent],
     deadline: float,
     progress: Progress,
-) -> dict[str, wire.Report]:
-    topics = watch.topics
-    wanted = {d.id: topics.report(d.id, manifest.model) for d in devices}
+) -> tuple[dict[str, wire.Report], dict[str, wire.Status]]:
+    """Until the collector's store holds every device's complete report of this manifest: the reports
+    and the statuses, as select reads them (deploy.observe.state.state_from_store)."""
+    from deploy.observe.state import state_from_store
+
+    wanted = {d.id for d in devices}
     reports: dict[str, wire.Report] = {}
     while True:
-        got = _poll(watch, list(wanted.values()))
-        for device, topic in wanted.items():
-            if device in reports or topic not in got:
-                continue
-            with contextlib.suppress(wire.WireError):
-                report = wire.decode(wire.Report, got[topic])
-                if report.manifest_version == manifest.version and len(
-                    {r.variant for r in report.results}
-                ) == len(manifest.variants):
-                    reports[device] = report
-                    ok = sum(r.ok for r in report.results)
-                    progress(f"      {device}: report with {ok}/{len(report.results)} successful benchmarks")
-        if len(reports) == len(wanted):
-            return reports
+        state = state_from_store(db, manifest.model) if db.exists() else None
+        stored = state.reports_for(manifest.model) if state is not None else {}
+        for device in sorted(wanted - set(reports)):
+            report = stored.get(device)
+            if (
+                report is not None
+                and report.manifest_version == manifest.version
+                and len({r.variant for r in report.results}) == len(manifest.variants)
+            ):
+                reports[device] = report
+                ok = sum(r.ok for r in report.results)
+                progress(f"      {device}: report stored, {ok}/{len(report.results)} successful benchmarks")
+        if state is not None and len(reports) == len(wanted) and wanted <= set(state.statuses):
+            return reports, {d: state.statuses[d] for d in wanted}
         _check(agents, deadline, "reports")
         time.sleep(0.5)
-
-
-def _statuses(watch: MqttSession) -> dict[str, wire.Status]:
-    out: dict[str, wire.Status] = {}
-    for topic, payload in _poll(watch, [watch.topics.all_statuses()]).items():
-        with contextlib.suppress(wire.WireError):
-            status = wire.decode(wire.Status, payload)
-            if watch.topics.parse(topic).device == status.device:
-                out[status.device] = status
-    return out
 
 
 def _select_and_assign(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,30 @@ class RunningCollector:
         self.thread.join(15)
         assert not self.thread.is_alive()
         assert self.code == 0, self.collector.fatal
+
+
+@contextlib.contextmanager
+def fleet_source(kind: str, options: BrokerOptions, db: Path) -> Iterator[tuple[list[str], Any]]:
+    """Where the host commands read the fleet: ("store") a collector storing from ``options``'s broker
+    into ``db`` through the block, passed as --db, and a ``synced(**counts)`` that waits until the store
+    holds at least those rows (e.g. ``synced(manifests=1, reports=2)``); ("broker") --from-broker, the
+    explicit lab mode, and a ``synced`` that returns at once."""
+    if kind == "broker":
+        yield ["--from-broker"], lambda **_: None
+        return
+    from deploy.observe.store import FleetStore
+
+    def synced(**want: int) -> None:
+        deadline = time.monotonic() + 15
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            if db.exists():
+                with FleetStore(db, readonly=True) as store:
+                    counts = store.counts()
+                if all(counts.get(t, 0) >= n for t, n in want.items()):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"the collector stored {counts}, the test waits for {want}")
+
+    with RunningCollector(options, db):
+        yield ["--db", str(db)], synced

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_helpers import fleet_source
 from test_deploy import write_bundle
 
 from agent import cli as agent_cli
@@ -27,6 +28,7 @@ from compressor import cli as compressor_cli
 from compressor.errors import DataError
 from deploy import cli
 from deploy import demo as demo_module
+from deploy.broker.client import BrokerOptions
 from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 from deploy.keys import init_keys
 
@@ -248,35 +250,58 @@ def fleet_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mos
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("source", ["store", "broker"])
 @pytest.mark.parametrize("command", ["select", "assign", "rollout"])
 def test_unknown_model_lists_the_published_ones(
     command: str,
+    source: str,
     fleet_broker: tuple[MosquittoBroker, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     broker, key = fleet_broker
-    capsys.readouterr()
-    where = ["--host", broker.host, "--port", str(broker.port), "--namespace", "ux"]
-    argv = {
-        "select": ["select", "--model", "nope", *where],
-        "assign": ["assign", "--model", "nope", "--key", str(key), *where],
-        "rollout": ["rollout", "nope", "--key", str(key), "--state-db", str(tmp_path / "r.db"), *where],
-    }[command]
-    assert cli.main(argv) == 2
+    options = BrokerOptions(host=broker.host, port=broker.port, namespace="ux")
+    with fleet_source(source, options, tmp_path / "fleet.db") as (store, synced):
+        synced(manifests=2)
+        capsys.readouterr()
+        where = ["--host", broker.host, "--port", str(broker.port), "--namespace", "ux", *store]
+        argv = {
+            "select": ["select", "--model", "nope", *where],
+            "assign": ["assign", "--model", "nope", "--key", str(key), *where],
+            "rollout": ["rollout", "nope", "--key", str(key), "--state-db", str(tmp_path / "r.db"), *where],
+        }[command]
+        assert cli.main(argv) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err == "edgefleet: no manifest for model 'nope' on the broker; models published: digits, face-det"
+    published = "; models published: digits, face-det"
+    assert re.fullmatch(r"edgefleet: no manifest for model 'nope' .*" + published, err), err
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("source", ["store", "broker"])
 def test_unknown_model_on_an_empty_broker(
-    fleet_broker: tuple[MosquittoBroker, Path], capsys: pytest.CaptureFixture[str]
+    source: str,
+    fleet_broker: tuple[MosquittoBroker, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     broker, _ = fleet_broker
-    capsys.readouterr()
-    argv = ["select", "--model", "digits", "--host", broker.host, "--port", str(broker.port)]
-    assert cli.main([*argv, "--namespace", "empty"]) == 2
+    options = BrokerOptions(host=broker.host, port=broker.port, namespace="empty")
+    with fleet_source(source, options, tmp_path / "fleet.db") as (store, _):
+        capsys.readouterr()
+        argv = ["select", "--model", "digits", "--host", broker.host, "--port", str(broker.port), *store]
+        assert cli.main([*argv, "--namespace", "empty"]) == 2
     assert "no model is published yet" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_no_store_and_no_from_broker_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """Reading the broker is never implicit: without a collector store the deciding commands stop and
+    say what to run (no broker is contacted: none listens on port 1)."""
+    dry = ["assign", "--model", "d", "--dry-run"]
+    deciding = (["select", "--model", "d"], ["fleet"], ["report", "p"], dry)
+    for argv in deciding:
+        assert cli.main([*argv, "--port", "1"]) == 2, argv
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert "no collector store at" in err and "edgefleet collect" in err and "--from-broker" in err
 
 
 # ------------------------------------------------------------------------------ demo work directory

@@ -248,7 +248,7 @@ def _edgefleet(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
 
 @needs_mosquitto
 def test_cli_names_tls_expected_quickly(tls_broker: TlsBroker) -> None:
-    proc, took = _edgefleet("fleet", "--host", LOOP, "--port", str(tls_broker.port))
+    proc, took = _edgefleet("fleet", "--from-broker", "--host", LOOP, "--port", str(tls_broker.port))
     assert proc.returncode != 0
     assert "TLS expected" in proc.stderr and "--tls-ca" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and took < 5.0 + 3.0  # the interpreter's start-up included
@@ -256,7 +256,7 @@ def test_cli_names_tls_expected_quickly(tls_broker: TlsBroker) -> None:
 
 def test_cli_refused_fails_immediately() -> None:
     port = free_port()
-    proc, took = _edgefleet("fleet", "--host", LOOP, "--port", str(port))
+    proc, took = _edgefleet("fleet", "--from-broker", "--host", LOOP, "--port", str(port))
     assert proc.returncode != 0 and "connection refused" in proc.stderr, proc.stderr
     assert took < 5.0 + 3.0
 

@@ -100,7 +100,23 @@ def test_progress_names_every_stage(demo: tuple[object, list[str]]) -> None:
         "[7/7] activate",
     ):
         assert any(line.startswith(stage) for line in lines), stage
-    assert sum("report with" in line for line in lines) == len(DEMO_DEVICES)
+    assert sum("report stored" in line for line in lines) == len(DEMO_DEVICES)
+
+
+def test_the_demo_decides_from_the_collectors_store(demo: tuple[object, list[str]]) -> None:
+    """The demo runs the operator's loop: a collector stores what the fleet says, select reads that
+    store; the store also holds the manifest and the assignments the demo published."""
+    from deploy.observe.state import state_from_store
+
+    result, lines = demo
+    db = result.workdir / "fleet.db"  # type: ignore[attr-defined]
+    model = result.model  # type: ignore[attr-defined]
+    state = state_from_store(db, model)
+    assert model in state.manifests
+    assert set(state.reports_for(model)) == {d.id for d in DEMO_DEVICES}
+    for row in result.devices:  # type: ignore[attr-defined]
+        assert state.assignments[(row["device"], model)].variant == row["variant"]
+    assert any(line.startswith("[6/7]") and "fleet.db" in line for line in lines)
 
 
 def test_demo_json_and_ctrl_c_leave_no_process_behind(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_helpers import fleet_source
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_deploy import make_report, make_status, make_variant, ok_result, write_bundle
 
@@ -272,38 +272,6 @@ def test_window_keeps_many_publishes_bounded(broker: MosquittoBroker, ns: str) -
 # select / assign / fleet
 
 
-@contextlib.contextmanager
-def fleet_source(
-    kind: str, broker: MosquittoBroker, ns: str, tmp_path: Path
-) -> Iterator[tuple[list[str], Any]]:
-    """Where the commands read the fleet: ("store") a collector running through the block, its database
-    passed as --db, and a ``synced(**counts)`` that waits until the store holds at least those rows;
-    ("broker") --from-broker and a ``synced`` that returns at once."""
-    if kind == "broker":
-        yield ["--from-broker"], lambda **_: None
-        return
-    from broker_helpers import RunningCollector
-
-    from deploy.observe.store import FleetStore
-
-    db = tmp_path / "fleet.db"
-
-    def synced(**want: int) -> None:
-        deadline = time.monotonic() + 15
-        counts: dict[str, int] = {}
-        while time.monotonic() < deadline:
-            if db.exists():
-                with FleetStore(db, readonly=True) as store:
-                    counts = store.counts()
-                if all(counts.get(t, 0) >= n for t, n in want.items()):
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"the collector stored {counts}, the test waits for {want}")
-
-    with RunningCollector(options(broker, ns), db):
-        yield ["--db", str(db)], synced
-
-
 @pytest.mark.parametrize("source", ["store", "broker"])
 def test_select_assign_fleet(
     broker: MosquittoBroker,
@@ -314,7 +282,7 @@ def test_select_assign_fleet(
     source: str,
 ) -> None:
     """select, assign and fleet decide from the collector's store (and, in the lab, the broker)."""
-    with fleet_source(source, broker, ns, tmp_path) as (where, synced):
+    with fleet_source(source, options(broker, ns), tmp_path / "fleet.db") as (where, synced):
         _select_assign_fleet(broker, ns, tmp_path, key_path, capsys, where, synced)
 
 
@@ -396,8 +364,10 @@ def _select_assign_fleet(
     assert "fp32 (v1) → int8" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("source", ["store", "broker"])
 def test_select_without_manifest_is_an_expected_error(
-    broker: MosquittoBroker, ns: str, capsys: pytest.CaptureFixture[str]
+    broker: MosquittoBroker, ns: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str
 ) -> None:
-    assert cli.main(["select", "--model", "digits", *broker_args(broker, ns)]) == 2
+    with fleet_source(source, options(broker, ns), tmp_path / "fleet.db") as (where, _):
+        assert cli.main(["select", "--model", "digits", *broker_args(broker, ns), *where]) == 2
     assert "no manifest for model 'digits'" in capsys.readouterr().err

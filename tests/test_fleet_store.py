@@ -363,7 +363,7 @@ def test_a_cut_burst_is_refused_then_allowed_and_warned(
         publish_fleet(s, wire.sign(m, Ed25519PrivateKey.generate()), statuses, reports)
     policy = tmp_path / "lab.toml"
     policy.write_text(POLICY)
-    common = ["--model", MODEL, "--policy", str(policy), *broker_args(broker, ns)]
+    common = ["--model", MODEL, "--policy", str(policy), "--from-broker", *broker_args(broker, ns)]
 
     assert cli.main(["select", *common, "--json"]) == 2
     captured = capsys.readouterr()
@@ -377,7 +377,8 @@ def test_a_cut_burst_is_refused_then_allowed_and_warned(
     key = init_keys(tmp_path / "keys").private_path
     assert cli.main(["assign", *common, "--key", str(key)]) == 2
     assert "looks cut" in capsys.readouterr().err
-    rollout = ["rollout", MODEL, "--policy", str(policy), "--key", str(key), *broker_args(broker, ns)]
+    rollout = ["rollout", MODEL, "--policy", str(policy), "--key", str(key), "--from-broker"]
+    rollout += broker_args(broker, ns)
     assert cli.main([*rollout, "--state-db", str(tmp_path / "rollouts.db")]) == 2
     assert "looks cut" in capsys.readouterr().err
 
@@ -387,7 +388,7 @@ def test_a_cut_burst_is_refused_then_allowed_and_warned(
     assert len(decided) < len(statuses)  # measured: 0 of 300 (every message that arrived was a status)
     assert "warning: the broker's retained burst looks cut" in captured.err
 
-    assert cli.main(["fleet", "--json", *broker_args(broker, ns)]) == 0
+    assert cli.main(["fleet", "--json", "--from-broker", *broker_args(broker, ns)]) == 0
     captured = capsys.readouterr()
     assert len({r["device"] for r in json.loads(captured.out)}) < len(statuses)
     assert "edgefleet: warning: the broker's retained burst looks cut" in captured.err
@@ -426,7 +427,7 @@ def test_the_collectors_store_decides_every_device_the_burst_cannot(
 
         common = ["--model", MODEL, "--policy", str(policy)]
         # The broker-read path on the same broker reports the cut ...
-        assert cli.main(["select", *common, *broker_args(broker, ns), "--json"]) == 2
+        assert cli.main(["select", *common, "--from-broker", *broker_args(broker, ns), "--json"]) == 2
         assert "looks cut" in capsys.readouterr().err
         # ... the store decides every device, exactly as the ground truth.
         assert cli.main(["select", *common, "--db", str(db), "--json"]) == 0

@@ -17,6 +17,7 @@ auth needed). Bounded: every wait has a timeout; Home Assistant and mosquitto ar
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,10 +27,21 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from agent_helpers import publish_many, signed_assignment
 from paho.mqtt.enums import CallbackAPIVersion
+from test_agent_chaos import chunk_items
+from test_agent_integration import (  # noqa: F401  (tiny_models: a fixture)
+    Bus,
+    new_key,
+    start_agent,
+    tiny_models,
+    variant_for,
+    write_config,
+)
 
 from agent import wire
 from agent.homeassistant import DeviceInfo, discovery_messages
@@ -46,6 +58,7 @@ pytestmark = [
 ]
 
 DEVICE, MODEL = "pi-kitchen", "digits"
+AGENT_DEVICE = "pi-hall"  # the real agent's own entities, apart from the payload test's
 
 
 def _install() -> Path:
@@ -98,6 +111,22 @@ class States:
             time.sleep(0.1)
         with self.lock:
             raise AssertionError(f"{entity}: {self.values.get(topic)!r}, waited for {want!r}")
+
+    def wait_value(self, entity: str, want: float, timeout_s: float = 30.0) -> float:
+        """Seconds until ``sensor.<entity>``'s state is the number ``want`` (Home Assistant may print it
+        with another number of digits than the JSON it read)."""
+        t0 = time.monotonic()
+        topic = f"hastates/sensor/{entity}/state"
+        while time.monotonic() - t0 < timeout_s:
+            with self.lock:
+                text = self.values.get(topic, "")
+            try:
+                if math.isclose(float(text), want, rel_tol=1e-6, abs_tol=1e-9):
+                    return time.monotonic() - t0
+            except ValueError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{entity}: {text!r}, waited for {want!r}")
 
     def close(self) -> None:
         self.c.loop_stop()
@@ -217,3 +246,83 @@ def test_figure_sensors_follow_each_activation(home_assistant: int) -> None:
         states.close()
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_figure_sensors_follow_a_real_agent(
+    home_assistant: int,
+    tiny_models: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The same with a REAL agent (``python -m agent``, Home Assistant discovery on): it fetches and
+    benchmarks two real variants, reports, and is assigned one then the other; Home Assistant's p50 and
+    energy sensors show, within seconds of each commit, the figures the agent's status carries for the
+    file it runs (which are its own report's figures for that file)."""
+    from types import SimpleNamespace
+
+    models = tiny_models
+    f32, f16 = (models / "float32.tflite").read_bytes(), (models / "float16.tflite").read_bytes()
+    variants = {
+        "float32": variant_for("float32", f32, "none"),
+        "float16": variant_for("float16", f16, "float16"),
+    }
+    key, pub = new_key()
+    manifest = wire.sign(
+        wire.Manifest(
+            model=MODEL,
+            version=1,
+            created_at=time.time(),
+            baseline="float32",
+            variants=list(variants.values()),
+        ),
+        key,
+    )
+    broker: Any = SimpleNamespace(host="127.0.0.1", port=home_assistant)  # write_config/Bus read these
+    cfg = write_config(tmp_path, broker, pub, tmp_path / "store")
+    text = cfg.read_text().replace('id = "pi-test"', f'id = "{AGENT_DEVICE}"')  # not the payload test's
+    cfg.write_text(text.replace("[telemetry]\n", "[telemetry]\nhome_assistant = true\n"))
+    topics = wire.Topics()
+    bus = Bus(broker, topics)
+    states = States(home_assistant)
+    proc = start_agent(cfg, tmp_path / "agent.log")
+    entity = f"edgefleet_{AGENT_DEVICE.replace('-', '_')}_{MODEL}"
+    try:
+        publish_many(bus.client, [*chunk_items(f32), *chunk_items(f16)])
+        bus.publish(topics.manifest(MODEL), manifest.to_json())
+        bus.wait_for(lambda t, o: t == topics.report(AGENT_DEVICE, MODEL), timeout=120)
+        states.wait(f"{entity}_active_variant", "none", timeout_s=240)  # discovery seen, nothing active
+        states.wait(f"{entity}_latency_p50", "unknown")
+        timings = []
+        for i, name in enumerate(("float16", "float32", "float16")):
+            v = variants[name]
+            assignment = signed_assignment(key, AGENT_DEVICE, MODEL, name, v.sha256, 1, policy=f"round-{i}")
+            bus.publish(topics.assign(AGENT_DEVICE, MODEL), assignment)
+            status = bus.wait_for(
+                lambda t, o, name=name: (
+                    t == topics.status(AGENT_DEVICE)
+                    and (o.get("models", {}).get(MODEL) or {}).get("state") == "committed"
+                    and o["models"][MODEL]["active"]["variant"] == name
+                ),
+                timeout=60,
+            )
+            t_commit = time.monotonic()
+            active = status["models"][MODEL]["active"]
+            p50, mj = active["latency_ms_p50"], active["energy_mj_per_inference"]
+            assert p50 is not None and p50 > 0 and mj is not None
+            assert states.wait_value(f"{entity}_latency_p50", p50) < 30
+            assert states.wait_value(f"{entity}_energy", mj) < 30
+            assert states.wait(f"{entity}_active_variant", name) < 30
+            timings.append(time.monotonic() - t_commit)
+        print(
+            f"\nreal agent: Home Assistant showed the active file's figures {max(timings):.2f} s after commit"
+        )
+        assert max(timings) < 10
+        assert proc.poll() is None
+    finally:
+        states.close()
+        bus.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -179,10 +179,10 @@ def test_a_cli_failure_is_one_line_on_stderr_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = write(tmp_path / "host.toml", '[broker]\nhots = "x"\n')
-    assert cli.main(["fleet", "--config", str(cfg)]) == cli.EXIT_FAILED
+    assert cli.main(["fleet", "--from-broker", "--config", str(cfg)]) == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip()
     assert err == f"edgefleet: {cfg}: unknown key broker.hots (did you mean 'host'?)"
-    assert cli.main(["fleet", "--tls-key", "k.pem"]) == cli.EXIT_FAILED
+    assert cli.main(["fleet", "--from-broker", "--tls-key", "k.pem"]) == cli.EXIT_FAILED
     assert "--tls-key needs --tls-cert" in capsys.readouterr().err
 
 
@@ -240,7 +240,7 @@ def test_host_command_with_only_the_generated_config_file(
     # The controller's view, found through $EDGEFLEET_HOST_CONFIG alone: no --host, --port, TLS or password.
     monkeypatch.setenv(hostconfig.ENV_VAR, str(host_toml))
     capsys.readouterr()
-    assert cli.main(["fleet", "--json"]) == cli.EXIT_OK
+    assert cli.main(["fleet", "--json", "--from-broker"]) == cli.EXIT_OK
     captured = capsys.readouterr()
     first = captured.err.splitlines()[0]
     assert first == f"broker mqtts://127.0.0.1:{broker.port} as {CONTROLLER_USER} (from {host_toml})"
@@ -252,11 +252,12 @@ def test_host_command_with_only_the_generated_config_file(
     user_dir.mkdir(parents=True)
     for f in (out / "controller").iterdir():
         (user_dir / f.name).write_bytes(f.read_bytes())
-    assert cli.main(["fleet", "--json"]) == cli.EXIT_OK
+    assert cli.main(["fleet", "--json", "--from-broker"]) == cli.EXIT_OK
     assert capsys.readouterr().err.splitlines()[0].endswith(f"(from {user_dir / 'host.toml'})")
     # A flag still overrides the file: the wrong port fails, and the first line says so.
     wrong = str(free_port())
-    assert cli.main(["fleet", "--json", "--port", wrong, "--timeout", "2"]) == cli.EXIT_FAILED
+    argv = ["fleet", "--json", "--from-broker", "--port", wrong, "--timeout", "2"]
+    assert cli.main(argv) == cli.EXIT_FAILED
     err = capsys.readouterr().err.splitlines()
     origin = f"{user_dir / 'host.toml'} + command line"
     assert err[0] == f"broker mqtts://127.0.0.1:{wrong} as {CONTROLLER_USER} (from {origin})"

@@ -549,9 +549,9 @@ def test_readme_install_steps_bring_up_a_reporting_device(install: Install) -> N
         report = reports.wait("reports", lambda r: r.get("model") == MODEL, 120, agent)
         install.runner.log(f"      report: {json.dumps(report)[:300]}")
         assert [r for r in report["results"] if r.get("ok")], f"no variant benchmarked: {report['results']}"
-        # "on the host, `edgefleet fleet --config broker/controller/host.toml` lists the device"
+        # "on the host, `edgefleet fleet --from-broker --config broker/controller/host.toml` lists the device"
         fleet = subprocess.run(
-            [edgefleet, "fleet", *install.broker_args(), "--json"],
+            [edgefleet, "fleet", "--from-broker", *install.broker_args(), "--json"],
             cwd=install.host, env=install.host_env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert fleet.returncode == 0 and DEVICE in fleet.stdout, fleet.stdout + fleet.stderr

@@ -12,6 +12,7 @@ reports do not mark float16 failed and the policy (highest host accuracy) picks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -27,11 +28,13 @@ from agent_helpers import (
     start_agent,
     terminate,
 )
+from broker_helpers import fleet_source
 from test_agent_chaos import chunk_items
 from test_agent_integration import CHUNK, MODEL, Bus, tiny_models, variant_for, write_config
 
 from agent.wire import BlobRef, HostMetrics, Manifest, Topics, sign
 from deploy import cli
+from deploy.broker.client import BrokerOptions
 from deploy.broker.spawn import MosquittoBroker, find_mosquitto
 from deploy.keys import init_keys, load_signing_key, public_text
 
@@ -65,7 +68,10 @@ def test_canary_health_failure_halts_the_rollout_of_real_agents(
         Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=[v32, v16]), key
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    with MosquittoBroker() as broker:
+    with MosquittoBroker() as broker, contextlib.ExitStack() as stack:
+        # The rollout plans from the collector's store, as an operator's would.
+        options = BrokerOptions(host=broker.host, port=broker.port)
+        where, synced = stack.enter_context(fleet_source("store", options, tmp_path / "fleet.db"))
         bus = Bus(broker, TOPICS)
         publish_many(bus.client, [*chunk_items(f32), *chunk_items(f16), *chunk_items(sample)])
         bus.publish(TOPICS.manifest(MODEL), manifest.to_json())
@@ -98,9 +104,10 @@ def test_canary_health_failure_halts_the_rollout_of_real_agents(
             with bus.cond:
                 bus.messages.clear()  # from here on: what the rollout causes
 
+            synced(reports=len(DEVICES), manifests=1)
             args = [
                 "--host", broker.host, "--port", str(broker.port), "--key", str(key_path),
-                "--state-db", str(tmp_path / "rollouts.db"),
+                "--state-db", str(tmp_path / "rollouts.db"), *where,
             ]  # fmt: skip
             t0 = time.monotonic()
             # Three agents benchmarking at once on the CI machine's cores disturb each other's timed

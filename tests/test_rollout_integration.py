@@ -239,17 +239,21 @@ class Fleet:
         ]
 
     def rollout_args(self) -> list[str]:
-        """:meth:`args` plus where the plan reads the fleet; with the store, once the collector has
+        """:meth:`args` plus where the plan reads the fleet (:meth:`where`)."""
+        return [*self.args(), *self.where()]
+
+    def where(self) -> list[str]:
+        """Where the commands read the fleet: ``--from-broker``, or ``--db`` once the collector has
         stored every device's latest status and its report (what an operator's store would hold)."""
         if self.source == "broker":
-            return [*self.args(), "--from-broker"]
+            return ["--from-broker"]
         if self.collector is None:
             from broker_helpers import RunningCollector
 
             options = BrokerOptions(host=self.broker.host, port=self.broker.port, namespace=self.ns)
             self.collector = RunningCollector(options, self.store_db, name="fixture").__enter__()
         self.synced()
-        return [*self.args(), "--db", str(self.store_db)]
+        return ["--db", str(self.store_db)]
 
     def synced(self, timeout_s: float = 15.0) -> None:
         from deploy.observe.store import FleetStore
@@ -331,8 +335,8 @@ def test_rollout_over_ten_devices_completes(fleet: Fleet, capsys: pytest.Capture
     assert cli.main(["rollout", MODEL, *fleet.rollout_args()]) == 0
     assert "nothing to roll out" in capsys.readouterr().out
 
-    # The fleet view shows the rollout id of each device's assignment; plot and report read the broker.
-    broker_args = fleet.args()[:6]
+    # The fleet view shows the rollout id of each device's assignment; plot and report read the same source.
+    broker_args = [*fleet.args()[:6], *fleet.where()]
     assert cli.main(["fleet", "--json", *broker_args]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["active"], r["rollout"]) for r in rows} == {("fp16", summary["id"])}

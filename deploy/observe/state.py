@@ -215,7 +215,8 @@ def choose_db(db: Path | str | None, from_broker: bool) -> tuple[Path | str | No
 
     ``--db`` wins; ``--from-broker`` forces the broker's retained burst (lab mode); otherwise the
     collector's store at :func:`default_store`: a URL always (reaching it is the check), a file when it
-    exists, else the broker.
+    exists. No store and no ``--from-broker``: StateError — reading the broker is never implicit, since
+    its retained burst can be cut and the commands would decide on part of the fleet.
     """
     if db is not None:
         return db, ""
@@ -223,7 +224,11 @@ def choose_db(db: Path | str | None, from_broker: bool) -> tuple[Path | str | No
         return None, ""
     path = default_store()
     if isinstance(path, Path) and not path.is_file():
-        return None, ""
+        raise StateError(
+            f"no collector store at {path}: run `edgefleet collect` (it stores what the fleet says) or "
+            f"pass --db URL (or set ${DB_ENV}); --from-broker reads the broker's retained messages "
+            "instead (lab mode, without a collector)"
+        )
     from deploy.observe.store import FleetStore
 
     with FleetStore(path, readonly=True) as store:
