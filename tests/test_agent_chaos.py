@@ -14,6 +14,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from agent_helpers import (
     terminate,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from netns_helpers import ADDR_A, LinkShape, NetnsLink, Side, netns_unavailable, ours
 from test_agent_integration import (  # the shared helpers and the TF-built tiny models fixture
     CHUNK,
     DEVICE,
@@ -54,7 +56,7 @@ from test_agent_integration import (  # the shared helpers and the TF-built tiny
 from agent.active import ActiveModel
 from agent.store import Store
 from agent.wire import ActiveVariant, BlobRef, Manifest, Topics, Variant, blob_fields, iter_chunks, sign
-from deploy.broker.spawn import MosquittoBroker, find_mosquitto
+from deploy.broker.spawn import MosquittoBroker, find_mosquitto, free_port
 
 __all__ = ["tiny_models"]  # re-exported fixture
 
@@ -737,10 +739,12 @@ def test_hostile_messages_on_every_topic_are_refused_as_events(live: Live, fetch
 
 
 class SlowLink:
-    """A loopback TCP proxy between the agent and the broker that behaves like a bad link.
+    """A TCP proxy on loopback between the agent and the broker that behaves like a bad link.
 
-    The closest real alternative to netem here: this sandbox has ``ip netns`` and veth pairs but no
-    ``sch_netem`` (``tc qdisc add ... netem`` → "Specified qdisc kind is unknown", no ``modprobe``).
+    Two uses. Where no network namespace can be made (not root), it is the whole bad link, on the root
+    namespace's loopback. Inside the agent's namespace of a kernel link (:mod:`netns_helpers`) on a
+    kernel without ``sch_netem``, it adds only the delay (``rate_bps=math.inf``, and ``loss=0`` unless
+    neither nftables nor iptables can drop packets), in front of the veth that tbf throttles.
     Each direction delays every segment by ``delay_s`` (one way), throttles to ``rate_bps`` and, since
     TCP never loses bytes, models loss as what TCP makes of it: a segment is held back an extra
     retransmission timeout (``rto_s``) with probability ``loss``. When the broker goes away the client
@@ -748,9 +752,16 @@ class SlowLink:
     """
 
     def __init__(
-        self, upstream: int, delay_s: float, rate_bps: float, loss: float, rto_s: float, seed: int
+        self,
+        upstream: int,
+        delay_s: float,
+        rate_bps: float,
+        loss: float,
+        rto_s: float,
+        seed: int,
+        upstream_host: str = "127.0.0.1",
     ) -> None:
-        self.upstream = upstream
+        self.upstream, self.upstream_host = upstream, upstream_host
         self.delay_s, self.rate = delay_s, rate_bps / 8.0
         self.loss, self.rto_s = loss, rto_s
         self.rng = random.Random(seed)
@@ -773,7 +784,7 @@ class SlowLink:
             except OSError:
                 return
             try:
-                broker = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+                broker = socket.create_connection((self.upstream_host, self.upstream), timeout=2)
             except OSError:
                 client.close()
                 continue
@@ -822,14 +833,35 @@ class SlowLink:
             t.join(timeout=5)
 
 
+_PROXY_LINK = "loopback TCP proxy: 200 ms one way, {:g} Mbit/s, 2 % of segments held back 1 s"
+
+
 def bad_link_fetch(
-    models_dir: Path, tmp_path: Path, size: int, chunk: int, seed: int = 5, rate_bps: float = 1e6
+    models_dir: Path,
+    tmp_path: Path,
+    size: int,
+    chunk: int,
+    seed: int = 5,
+    rate_bps: float = 1e6,
+    link: str = "auto",
 ) -> dict[str, Any]:
-    """Fetch a ``size``-byte variant through :class:`SlowLink` (200 ms one way, ``rate_bps``, 2 % of
-    segments held back a retransmission timeout): a third of its chunks is on the broker; once the agent
-    stored them the broker (persistence on) is stopped and restarted on its port, then the rest is
-    published. The variant must complete and verify; returns the figures. The blob is random bytes:
-    it is fetched and verified, not run (the report marks it failed to load, beside the point here)."""
+    """Fetch a ``size``-byte variant over a bad link (200 ms one way, ``rate_bps``, 2 % loss): a third
+    of its chunks is on the broker; once the agent stored them the broker (persistence on) is stopped
+    and restarted on its port, then the rest is published. The variant must complete and verify;
+    returns the figures, ``link_mode`` naming what shaped the link. The blob is random bytes: it is
+    fetched and verified, not run (the report marks it failed to load, beside the point here).
+
+    ``link="netns"``: a real kernel link (:mod:`netns_helpers`): the broker in namespace A, the agent in
+    namespace B, the veth between them throttled by tbf on both ends, delay and loss by netem when the
+    kernel has it, else loss by nftables/iptables drops and delay by a :class:`SlowLink` in B; skips
+    when the machine cannot (not root, no usable ``ip netns``). ``link="proxy"``: :class:`SlowLink`
+    alone on the root namespace's loopback. ``link="auto"``: netns when possible, else the proxy.
+    """
+    if link not in ("auto", "netns", "proxy"):
+        raise ValueError(f"link must be auto, netns or proxy, not {link!r}")
+    why_not = "the loopback proxy was asked for" if link == "proxy" else netns_unavailable()
+    if link == "netns" and why_not:
+        pytest.skip(f"no kernel link here: {why_not}")
     key, pub = new_key()
     store = tmp_path / "store"
     m = Models.load(models_dir)
@@ -839,27 +871,61 @@ def bad_link_fetch(
         Manifest(model=MODEL, version=1, created_at=time.time(), baseline="float32", variants=variants), key
     )
     state_dir = tmp_path / "broker"
-    broker = MosquittoBroker(persistence=True, state_dir=state_dir).start()
-    port = broker.port
-    link = SlowLink(port, delay_s=0.2, rate_bps=rate_bps, loss=0.02, rto_s=1.0, seed=seed)
+    port = free_port()
     log = tmp_path / "agent.log"
+    # what the link needs at least (the throttle), with room for loss and the broker's downtime
+    budget = max(120.0, 10 * 8 * size / rate_bps)
+    net: NetnsLink | None = None
+    proxy: SlowLink | None = None
+    broker: MosquittoBroker | None = None
+    bus: Bus | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
-    class _Via:  # write_config reads host and port only
-        host, port = "127.0.0.1", link.port
+    def side(name: Side) -> contextlib.AbstractContextManager[None]:
+        return net.inside(name) if net is not None else contextlib.nullcontext()
 
-    via: Any = _Via()
-    cfg = write_config(tmp_path, via, pub, store, extra="reconnect_max_s = 1\nreconnect_min_s = 0.2")
-    bus = Bus(broker, TOPICS)
-    first = len(variants[1].chunks) // 3  # the rest is published after the broker restart
-    publish_many(bus.client, [*chunk_items(m.f32), *_chunks_of(big, chunk)[:first]])
-    bus.publish(TOPICS.manifest(MODEL), manifest.to_json())
-    partial = store / "partial" / variants[1].sha256
-    n_chunks = len(variants[1].chunks)
-    proc = start_agent(cfg, log)
-    t0 = time.monotonic()
-    restarted_at = None
+    def start_broker() -> tuple[MosquittoBroker, Bus]:
+        # in namespace A: the test's client on A's own loopback (the base listener), the agent over the
+        # veth on a second listener, same port
+        extra = f"listener {port} {ADDR_A}\n" if net is not None else ""
+        with side("a"):
+            started = MosquittoBroker(port=port, persistence=True, state_dir=state_dir, extra_config=extra)
+            started.start()
+            try:
+                return started, Bus(started, TOPICS)
+            except BaseException:
+                started.stop()
+                raise
+
     try:
-        deadline = time.monotonic() + 120
+        if why_not is None:
+            net = NetnsLink(LinkShape(delay_s=0.2, rate_bps=rate_bps, loss=0.02)).open()
+        broker, bus = start_broker()
+        if net is None:
+            proxy = SlowLink(port, delay_s=0.2, rate_bps=rate_bps, loss=0.02, rto_s=1.0, seed=seed)
+            target = ("127.0.0.1", proxy.port)
+        elif net.delay_by == "proxy":  # no netem: the delay (and the loss if no packet filter) in B
+            with side("b"):
+                loss = 0.02 if net.loss_by == "proxy" else 0.0
+                proxy = SlowLink(port, 0.2, math.inf, loss, rto_s=1.0, seed=seed, upstream_host=ADDR_A)
+            target = ("127.0.0.1", proxy.port)
+        else:
+            target = (ADDR_A, port)
+
+        class _Via:  # write_config reads host and port only
+            host, port = target
+
+        via: Any = _Via()
+        cfg = write_config(tmp_path, via, pub, store, extra="reconnect_max_s = 1\nreconnect_min_s = 0.2")
+        first = len(variants[1].chunks) // 3  # the rest is published after the broker restart
+        publish_many(bus.client, [*chunk_items(m.f32), *_chunks_of(big, chunk)[:first]])
+        bus.publish(TOPICS.manifest(MODEL), manifest.to_json())
+        partial = store / "partial" / variants[1].sha256
+        n_chunks = len(variants[1].chunks)
+        with side("b"):
+            proc = start_agent(cfg, log)
+        t0 = time.monotonic()
+        deadline = time.monotonic() + budget
         while time.monotonic() < deadline and len(list(partial.glob("[0-9]*"))) < first:
             assert proc.poll() is None, f"the agent exited ({proc.returncode})"
             time.sleep(0.02)
@@ -870,18 +936,17 @@ def bad_link_fetch(
         blob = store / "blobs" / f"{variants[1].sha256}.tflite"
         assert 0 < at_stop < n_chunks and not blob.exists(), f"{at_stop}/{n_chunks} chunks: not mid-fetch"
         time.sleep(1.0)
-        broker = MosquittoBroker(port=port, persistence=True, state_dir=state_dir).start()
+        broker, bus = start_broker()
         restarted_at = time.monotonic() - t0
-        bus = Bus(broker, TOPICS)
         bus.proc = proc
         publish_many(bus.client, _chunks_of(big, chunk)[first:])  # the host publishes the rest
-        downloaded = bus.wait_for(
-            is_event("downloaded", variant="big", sha256=variants[1].sha256), timeout=max(120.0, size / 2e4)
-        )
+        republished = time.monotonic()
+        downloaded = bus.wait_for(is_event("downloaded", variant="big", sha256=variants[1].sha256), budget)
         until = time.monotonic() + 30
         while not blob.is_file() and time.monotonic() < until:  # assembled and verified after the chunks
             time.sleep(0.02)
-        fetch_s = time.monotonic() - t0
+        done = time.monotonic()
+        fetch_s = done - t0
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == variants[1].sha256
         pong_cid = "after-bad-link"
         bus.publish(TOPICS.cmd(DEVICE), signed_ping(key, DEVICE, pong_cid), retain=False)
@@ -889,22 +954,40 @@ def bad_link_fetch(
         text = log.read_text(errors="replace")
         assert "Traceback" not in text
         assert downloaded["kind"] == "downloaded"
-        return {
-            "link": "loopback TCP proxy (netem unavailable): 200 ms one way, "
-            f"{rate_bps / 1e6:g} Mbit/s, 2 % of segments held back 1 s",
+        figures: dict[str, Any] = {
+            "link_mode": net.mode if net is not None else "loopback-proxy",
+            "link": net.describe() if net is not None else _PROXY_LINK.format(rate_bps / 1e6),
+            "link_notes": net.notes if net is not None else [f"no kernel link: {why_not}"],
             "variant_bytes": size,
+            "chunk_bytes": chunk,
             "chunks": n_chunks,
             "chunks_stored_when_broker_stopped": at_stop,
             "broker_restarted_at_s": round(restarted_at, 2),
             "fetched_and_verified_s": round(fetch_s, 2),
-            "segments_held_back": link.held_back,
+            # the whole fetch, the broker's downtime included; then the part after the restart alone
+            "payload_rate_bps": round(size * 8 / fetch_s),
+            "payload_rate_after_restart_bps": round((size - at_stop * chunk) * 8 / (done - republished)),
             "verified": True,
         }
+        if proxy is not None:
+            figures["proxy_bytes_to_agent"] = proxy.delivered  # beside wire bytes: MQTT vs TCP overhead
+            if proxy.loss > 0:
+                figures["segments_held_back"] = proxy.held_back
+        if net is not None:
+            figures.update(net.counters())
+        return figures
     finally:
-        terminate(proc)
-        bus.close()
-        broker.stop()
-        link.close()
+        with contextlib.ExitStack() as teardown:  # every step runs even if one fails; the agent first
+            if net is not None:
+                teardown.callback(net.close)  # last: the namespaces, once nothing runs in them
+            if broker is not None:
+                teardown.callback(broker.stop)
+            if bus is not None:
+                teardown.callback(bus.close)
+            if proxy is not None:
+                teardown.callback(proxy.close)
+            if proc is not None:
+                teardown.callback(terminate, proc)
 
 
 def _variant_chunked(vid: str, data: bytes, chunk: int) -> Variant:
@@ -916,12 +999,24 @@ def _chunks_of(data: bytes, chunk: int) -> list[tuple[str, bytes]]:
     return [(TOPICS.blob(sha, i), c) for i, c in enumerate(iter_chunks(data, chunk))]
 
 
-def test_fetch_over_a_slow_lossy_link_with_a_broker_restart(tiny_models: Path, tmp_path: Path) -> None:
-    """128 KiB in 16 KiB chunks through the bad link (200 ms, 1 Mbit/s, 2 % stalls), the broker
-    restarted a third of the way: fetched, verified, the agent still answers."""
-    figures = bad_link_fetch(tiny_models, tmp_path, size=128 * 1024, chunk=16 * 1024)
+@pytest.mark.parametrize("link", ["netns", "proxy"])
+def test_fetch_over_a_slow_lossy_link_with_a_broker_restart(
+    tiny_models: Path, tmp_path: Path, link: str
+) -> None:
+    """128 KiB in 16 KiB chunks over the bad link (200 ms, 1 Mbit/s, 2 % loss), the broker restarted a
+    third of the way: fetched, verified, the agent still answers. ``netns``: over a real veth between
+    two namespaces, shaped by the kernel (skipped when not root); ``proxy``: the loopback proxy."""
+    figures = bad_link_fetch(tiny_models, tmp_path, size=128 * 1024, chunk=16 * 1024, link=link)
+    print(json.dumps(figures, indent=1))
     assert figures["verified"] and figures["chunks_stored_when_broker_stopped"] < figures["chunks"]
     assert figures["fetched_and_verified_s"] > 128 * 1024 * 8 / 1e6  # the throttle really applied
+    if link == "netns":
+        assert figures["link_mode"].startswith("netns+tbf+"), figures["link_mode"]
+        # the variant really crossed the veth (not some other path between the namespaces)
+        assert figures["wire_bytes_broker_to_agent"] > 128 * 1024, figures
+        assert not ours(), f"namespaces left behind: {ours()}"
+    else:
+        assert figures["link_mode"] == "loopback-proxy"
 
 
 # -------------------------------------------------------------------------------- (f) the disk fills up
