@@ -290,10 +290,8 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_table(result.manifest):
         print(line)
     print(f"bundle: {result.out / 'manifest.json'} (recipe {result.recipe}, {result.seconds:.1f} s)")
-    for f in result.failures:
-        print(
-            f"edgefleet compress: variant {f.variant} not shipped ({f.stage}): {f.message}", file=sys.stderr
-        )
+    for line in failure_lines(result.failures):
+        print(f"edgefleet compress: {line}", file=sys.stderr)
     for line in result.merged:
         print(f"edgefleet compress: {line}", file=sys.stderr)
     for line in result.not_shipped:
@@ -396,3 +394,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def failure_lines(failures: Sequence[Any]) -> list[str]:
+    """One line per distinct (stage, reason): the variants that failed the same way share it (an LSTM
+    model fails seven pruned or int8 chains for two reasons, not seven)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for f in failures:
+        groups.setdefault((f.stage, f.message), []).append(f.variant)
+    return [
+        f"variant{'s' if len(names) > 1 else ''} {', '.join(names)} not shipped ({stage}): {message}"
+        for (stage, message), names in groups.items()
+    ]

@@ -14,6 +14,7 @@ ai-edge-litert, tensorflow) onto that scale before comparing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.wire import TensorSpec, version_tuple
 from compressor.errors import EvaluationError
@@ -54,6 +55,13 @@ class CompatReport:
 
 def _max_version(a: str, b: str) -> str:
     return a if version_tuple(a) >= version_tuple(b) else b
+
+
+def tensor_name(tensor: Any, index: int) -> str:
+    """A tensor's name, or ``tensor #index`` when it has none (shipped variants drop the names of
+    intermediate tensors: compressor.tflite_quant.strip_tensor_names)."""
+    raw = tensor.Name()
+    return raw.decode(errors="replace") if raw else f"tensor #{index}"
 
 
 def inspect_tflite(data: bytes) -> CompatReport:
@@ -142,7 +150,7 @@ def _hybrid_per_channel_fc(
             continue
         quant = weights.Quantization()
         if quant is not None and quant.ScaleLength() > 1:
-            name = weights.Name().decode(errors="replace")
+            name = tensor_name(weights, op.Inputs(1))
             found.append(
                 f"hybrid FULLY_CONNECTED with per-channel weights ({name}): "
                 "tflite-runtime 2.14 computes wrong outputs for it"
@@ -171,7 +179,7 @@ def flatbuffer_io(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
             t = graph.Tensors(index)
             dtype = type_names.get(t.Type(), "?")
             if dtype not in ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"):
-                raise EvaluationError(f"tensor {t.Name().decode(errors='replace')!r} has type {dtype}")  # noqa: TRY301
+                raise EvaluationError(f"tensor {tensor_name(t, index)!r} has type {dtype}")  # noqa: TRY301
             q = t.Quantization()
             quant = None
             if q is not None and q.ScaleLength():
@@ -180,9 +188,7 @@ def flatbuffer_io(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
                     zero_point=[int(x) for x in np.asarray(q.ZeroPointAsNumpy()).reshape(-1)],
                 )
             shape = [int(d) for d in t.ShapeAsNumpy()] if t.ShapeLength() else []
-            return TensorSpec(
-                name=t.Name().decode(errors="replace")[:256], shape=shape, dtype=dtype, quantization=quant
-            )
+            return TensorSpec(name=tensor_name(t, index)[:256], shape=shape, dtype=dtype, quantization=quant)
 
         ins = [spec(int(i)) for i in graph.InputsAsNumpy()]
         outs = [spec(int(i)) for i in graph.OutputsAsNumpy()]

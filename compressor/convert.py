@@ -187,8 +187,40 @@ def quantize_keras(model: Any, step: QuantizeStep, data: Dataset, *, seed: int =
             raise NeedsCalibrationError(
                 "full-integer int8 needs calibration data: pass --calibration DIR|FILE.npz (or --data)"
             )
+        recurrent = recurrent_layers(model)
+        if recurrent:
+            # Measured: TF 2.21's calibrator dies with SIGSEGV (calibrator._feed_tensors) on the WHILE
+            # loop a Keras 3 LSTM/GRU converts to, taking the whole compressor with it.
+            raise ConversionError(
+                f"full-integer int8 is not built for recurrent layers ({', '.join(recurrent[:3])}): "
+                "TensorFlow 2.21's int8 calibrator crashes the process on their WHILE loop (float16, "
+                "dynamic-range and weight-only int8 still apply)"
+            )
         rep = representative_subset(data.calibration_rows.inputs, step.representative_samples or 0, seed)
     return to_tflite(model, step, rep)
+
+
+def recurrent_layers(model: Any) -> list[str]:
+    """Names of the recurrent layers (keras.layers.RNN: LSTM, GRU, SimpleRNN, ConvLSTM) in ``model``,
+    nested models and wrappers (Bidirectional, TimeDistributed) included."""
+    from compressor._tf import keras
+
+    rnn = keras().layers.RNN
+    found: list[str] = []
+    stack, seen = [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, rnn):
+            found.append(f"{type(layer).__name__} {layer.name!r}")
+            continue
+        stack.extend(getattr(layer, "layers", None) or [])
+        stack.extend(
+            c for a in ("layer", "forward_layer", "backward_layer") if (c := getattr(layer, a, None))
+        )
+    return sorted(found)
 
 
 class NeedsKerasError(ConversionError):

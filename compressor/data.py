@@ -158,7 +158,7 @@ def load_dataset(spec: str | Path, *, seed: int = 0, task: str | None = None) ->
             f"data {str(spec)!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
             "nor a .npz file"
         )
-    return load_npz(path, task=task)
+    return load_npz(path, task=task, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -218,7 +218,11 @@ SPLITS = ("train", "val", "test")
 TASKS = ("classification", "generic")
 
 
-def load_npz(path: Path, *, task: str | None = None) -> Dataset:
+AUTO_SPLIT = (0.7, 0.15, 0.15)  # train / val / test shares when a .npz gives its rows unsplit
+MIN_SPLIT_ROWS = 20  # fewer unsplit rows leave too few to validate and test on
+
+
+def load_npz(path: Path, *, task: str | None = None, seed: int = 0) -> Dataset:
     """Load labelled or unlabelled splits from a .npz, for a model with any number of inputs.
 
     Inputs: ``x_train`` and ``x_val`` (and optionally ``x_test``) for a single-input model; for several
@@ -234,7 +238,9 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
 
     ``task`` forces the reading ("classification" refuses labels that are not class indices; "generic"
     keeps even class indices as targets). Pickled (object) arrays are refused. Without ``x_test`` the
-    validation split is the test split.
+    validation split is the test split. Rows given unsplit — ``x_train`` alone, or ``x`` / ``x_0, x_1,
+    ...`` with ``y`` — are shuffled with ``seed`` and split :data:`AUTO_SPLIT` (train / val / test); the
+    dataset's notes say how many rows went where.
     """
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -244,11 +250,19 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
         found = _split_inputs(arrays, f"x_{split}", path)
         if found is not None:
             inputs[split] = found
+    split_note = ""
+    unsplit = inputs.get("train") if set(inputs) <= {"train"} else None
+    label_key = "y_train"
+    if not inputs:
+        unsplit, label_key = _split_inputs(arrays, "x", path), "y"
+    if unsplit is not None:
+        inputs, arrays, split_note = _auto_split(unsplit, arrays, label_key, seed, path)
     missing = [f"x_{s}" for s in ("train", "val") if s not in inputs]
     if missing:
         raise DataError(
             f"{str(path)!r} lacks {' and '.join(missing)}: it needs x_train and x_val (optionally x_test), "
-            "or x_train_0, x_train_1, ... for several inputs, with optional labels y_train, y_val, y_test; "
+            "or x_train_0, x_train_1, ... for several inputs, with optional labels y_train, y_val, y_test "
+            "(or the rows unsplit: x_train alone, or x with y, split with --seed); "
             f"found {', '.join(sorted(arrays)) or 'no arrays'}"
         )
     splits = [s for s in SPLITS if s in inputs]
@@ -319,6 +333,8 @@ def load_npz(path: Path, *, task: str | None = None) -> Dataset:
     rows = {s: Rows(inputs[s], ys[s], targets[s]) for s in splits}
     has_test = "test" in rows
     notes = () if has_test else ("no x_test in the .npz: the validation split is the test split",)
+    if split_note:
+        notes = (split_note,)
     from compressor.validate import check_dataset
 
     return check_dataset(
@@ -341,6 +357,35 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"cannot read {str(path)!r} as a .npz without pickle: {err}") from err
+
+
+def _auto_split(
+    x: tuple[np.ndarray, ...], arrays: dict[str, np.ndarray], label_key: str, seed: int, path: Path
+) -> tuple[dict[str, tuple[np.ndarray, ...]], dict[str, np.ndarray], str]:
+    """Unsplit rows (and their labels under ``label_key``, if any) shuffled with ``seed`` into the
+    :data:`AUTO_SPLIT` train / val / test splits: (inputs per split, arrays with y_<split> labels, a note)."""
+    n = len(x[0])
+    if n < MIN_SPLIT_ROWS:
+        raise DataError(
+            f"{str(path)!r} gives {n} rows unsplit: at least {MIN_SPLIT_ROWS} are needed to split them into "
+            "train, validation and test rows (or give x_train and x_val yourself)"
+        )
+    y = arrays.get(label_key)
+    if y is not None and len(y) != n:
+        raise DataError(f"{str(path)!r}: {n} input rows but {len(y)} rows in {label_key}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * AUTO_SPLIT[1]))
+    n_test = max(1, round(n * AUTO_SPLIT[2]))
+    parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    inputs = {s: tuple(a[idx] for a in x) for s, idx in parts.items()}
+    out = {k: v for k, v in arrays.items() if not k.startswith(("x", "y"))}
+    if y is not None:
+        out.update({f"y_{s}": y[idx] for s, idx in parts.items()})
+    note = (
+        f"{n} unsplit rows shuffled with seed {seed} into {len(parts['train'])} train, {n_val} validation "
+        f"and {n_test} test rows"
+    )
+    return inputs, out, note
 
 
 def _split_inputs(arrays: dict[str, np.ndarray], key: str, path: Path) -> tuple[np.ndarray, ...] | None:

@@ -660,3 +660,43 @@ def test_mixed_file_with_one_scale_layers_only_ships_as_int8(keras_tflite: dict[
     assert label == "weight_only_int8"
     with pytest.raises(ChangedNothingError):
         check_changed(recipe, data, graph_stats(data), None)  # type: ignore[arg-type]
+
+
+def test_graph_stats_reads_every_subgraph_and_table() -> None:
+    """An LSTM's weights live in a WHILE body subgraph, an embedding's in a GATHER table and a
+    Conv2DTranspose's in a TRANSPOSE_CONV: all are counted (params once per buffer; a loop body's MACs
+    once, as one step), never the int32 index tables. (Biases are ones: the converter drops zero ones.)"""
+    from compressor._tf import keras
+    from compressor.convert import to_tflite
+    from compressor.recipe import QuantizeStep
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    lstm = k.Sequential(
+        [k.Input((6, 4), batch_size=1), k.layers.LSTM(8), k.layers.Dense(3, bias_initializer="ones")]
+    )
+    embed = k.Sequential(
+        [
+            k.Input((5,), batch_size=1, dtype="int32"),
+            k.layers.Embedding(20, 4),
+            k.layers.Flatten(),
+            k.layers.Dense(2, bias_initializer="ones"),
+        ]
+    )
+    up = k.Sequential(
+        [
+            k.Input((4, 4, 3), batch_size=1),
+            k.layers.Conv2DTranspose(5, 3, strides=2, padding="same", bias_initializer="ones"),
+        ]
+    )
+    step = QuantizeStep(mode="float32")
+    s = graph_stats(to_tflite(lstm, step))
+    recurrent = 4 * 8 * (4 + 8)  # kernel and recurrent kernel; the bias is an ADD in the loop body
+    assert recurrent + 8 * 3 <= s.params <= lstm.count_params(), s
+    assert s.macs >= recurrent + 8 * 3 and s.weight_types == ("FLOAT32",)
+    s = graph_stats(to_tflite(embed, step))
+    assert s.params == embed.count_params() == 20 * 4 + 5 * 4 * 2 + 2, s
+    assert s.weight_types == ("FLOAT32",)  # not the int32 constants of the graph
+    s = graph_stats(to_tflite(up, step))
+    assert s.params == up.count_params() == 3 * 3 * 3 * 5 + 5, s
+    assert s.macs == 4 * 4 * 3 * 3 * 3 * 5  # every input pixel scattered through the 3x3x5 filter
