@@ -9,6 +9,22 @@ manifest is how a measurement is ended early).
 the ``active`` and ``previous`` links point now instead of assuming how far an earlier attempt got — so
 the live path (a failed health check, a rollback command) and crash recovery (a restart during an
 activation or during a rollback) use the same code.
+
+The health check of a newly activated variant runs off the main loop (:class:`agent.health.HealthChecks`,
+one small thread per check; the module says why not the pipeline worker). The model is in PROBATION
+(persisted, and in the status) from before the check starts; :meth:`Activation.tick` takes the check's
+outcome and makes the state move here, on the main loop: a failure rolls back (HEALTH_CHECK_FAILED), a
+pass starts the ``health.probation_s`` timer that ends in COMMITTED. While the check runs:
+
+* an assignment for the model waits in :attr:`Activation.pending` (PROBATION is in ``IN_ACTIVATION``) and
+  is applied once the activation settles (committed or rolled back), as during a measurement;
+* a newer manifest waits in ``Pipeline.pending_manifest`` likewise, so nothing is fetched, measured or
+  garbage-collected under the running check;
+* a ``rollback`` command (or any :meth:`Activation.rollback`) cancels the check first — its child is
+  killed and its outcome dropped — then rolls back (the daemon refuses the command with NO_PREVIOUS
+  when nothing ran before this variant; the check then goes on);
+* shutdown (:meth:`Activation.shutdown`) cancels it and leaves PROBATION on disk: the restarted agent's
+  recovery calls :meth:`Activation.begin_probation`, which checks the variant again.
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.faults import crash_point
-from agent.pipeline import reason_code
+from agent.health import HealthChecks
 from agent.state import IN_ACTIVATION, IN_PIPELINE, AssignmentKey, StateBook
 from agent.store import Store, file_sha256
 from agent.wire import (
@@ -56,7 +72,6 @@ class Activation:
         trusted: dict[str, Ed25519PublicKey],
         *,
         stop: threading.Event,
-        tick: Callable[[], None] | None = None,
         on_settled: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
@@ -66,12 +81,12 @@ class Activation:
         self.pipeline = pipeline
         self.trusted = trusted
         self.stop = stop
-        self.tick_watchdog = tick
         self.on_settled = on_settled
         self.device = config.device.id
         self.max_payload = config.mqtt.max_payload_kb * 1024
         self.pending: dict[str, bytes] = {}  # model → assignment payload, applied when the model settles
-        self.probation_until: dict[str, float] = {}
+        self.probation_until: dict[str, float] = {}  # model → when it commits (its check passed)
+        self.checks = HealthChecks(config.health, memory_limit_mb=config.bench.memory_limit_mb, stop=stop)
 
     # ================================================================== assignments
 
@@ -86,7 +101,7 @@ class Activation:
             )
         except WireError as err:
             log.warning("refused assignment for %s: %s", model, err)
-            self.pub.event(EventKind.REJECTED, model, reason=reason_code(err.reason), detail=str(err))
+            self.pub.event(EventKind.REJECTED, model, reason=err.reason, detail=str(err))
             return None
 
         def reject(reason: ReasonCode, detail: str) -> None:
@@ -172,9 +187,10 @@ class Activation:
         self.begin_probation(model)
 
     def begin_probation(self, model: str) -> None:
+        """Start the health check of the active variant of ``model`` (in PROBATION); returns at once."""
         rec = self.book.get(model)
-        if rec.active is None:
-            return
+        if rec.active is None or self.stop.is_set():
+            return  # stopping: the state stays probation and the check runs after the restart
         manifest = self.pipeline.manifest(model)
         sample = None
         variant = None
@@ -183,29 +199,29 @@ class Activation:
                 v = variant = manifest.variant(rec.active.variant)
                 if v.sample is not None and self.store.has_blob(v.sample.sha256, "npz"):
                     sample = self.store.blob_path(v.sample.sha256, "npz")
-        from agent.health import check_health  # lazy: loads the bench code, which the idle daemon needs not
-
-        h = self.config.health
-        problem = check_health(
-            self.store.active_link(model),
-            sample,
-            variant,
-            h,
-            memory_limit_mb=self.config.bench.memory_limit_mb,
-            stop=self.stop,
-            tick=self.tick_watchdog,
-        )
-        if self.stop.is_set():
-            return  # interrupted: state stays probation and the check reruns after the restart
-        if problem is not None:
-            self.rollback(
-                model, ReasonCode.HEALTH_CHECK_FAILED, f"health check failed: {problem}", mark_rejected=True
-            )
-            return
-        self.probation_until[model] = time.monotonic() + h.probation_s
+        self.probation_until.pop(model, None)
+        log.info("model %s: health check of %s started", model, rec.active.variant)
+        self.checks.start(model, rec.active.sha256, self.store.active_link(model), sample, variant)
 
     def tick(self) -> None:
-        """Commit every model whose probation has ended."""
+        """Main loop: apply the outcome of every finished health check, commit every ended probation."""
+        for check in self.checks.finished():
+            rec = self.book.get(check.model)
+            if (
+                rec.state is not ModelState.PROBATION
+                or rec.active is None
+                or rec.active.sha256 != check.sha256
+            ):
+                log.info("health check of %s ended after the model moved on; ignoring it", check.model)
+                continue
+            if check.problem is not None:
+                detail = f"health check failed: {check.problem}"
+                self.rollback(check.model, ReasonCode.HEALTH_CHECK_FAILED, detail, mark_rejected=True)
+                continue
+            log.info(
+                "model %s: health check passed; probation %g s", check.model, self.config.health.probation_s
+            )
+            self.probation_until[check.model] = time.monotonic() + self.config.health.probation_s
         t = time.monotonic()
         for model, until in list(self.probation_until.items()):
             if t >= until:
@@ -257,6 +273,7 @@ class Activation:
             ModelState.REPORTED,
         ):
             return False
+        self.checks.cancel(model)  # a check still running is of the variant being rolled back
         activating = rec.state is ModelState.ACTIVATING
         failed = rec.target if activating else rec.active
         before = rec.active if activating else rec.previous  # what ran before the failed variant
@@ -311,6 +328,10 @@ class Activation:
         self.pub.publish_status()
         self._settled(model)
         return True
+
+    def shutdown(self) -> None:
+        """Cancel running health checks (their models stay in PROBATION for recovery) and join them."""
+        self.checks.shutdown()
 
     def _settled(self, model: str) -> None:
         if self.on_settled is not None:

@@ -7,14 +7,16 @@
                                     ├ commands: ping, rebenchmark, cancel,      verify, benchmark,
                                     │   rollback                                report, gc)
                                     ├ pipeline.tick(): fetch timeouts, jobs ◄──settled──┘
-                                    ├ activation (agent.activation): assignments, probation, commit,
-                                    │   rollback — on this thread
+                                    ├ activation (agent.activation):  ──check──►  health check thread
+                                    │   assignments, probation, commit,  ◄──done──  (agent.health: one
+                                    │   rollback: state moves here                   child per check)
                                     └ publishing (agent.publishing): status, events, telemetry, HA
 
-The main loop never runs a benchmark: it takes a message from the inbox with a timeout (``stop`` is
-checked at least twice a second), so pings, signed commands, assignments and status are answered while
-the worker measures. Benchmarks and health checks run in child processes (:mod:`agent.bench`), so a bad
-model cannot take the daemon down. What crosses threads is listed in :mod:`agent.pipeline`.
+The main loop never runs a benchmark or a health check: it takes a message from the inbox with a timeout
+(``stop`` is checked at least twice a second), so pings, signed commands, assignments and status are
+answered while the worker measures or a health check runs. Benchmarks and health checks run in child
+processes (:mod:`agent.bench`), so a bad model cannot take the daemon down. What crosses threads is listed
+in :mod:`agent.pipeline` (the worker) and :mod:`agent.health` (the health check threads).
 
 Refusals (bad signature, replay, wrong device, bad chunk, ...) are published as ``Event(kind=rejected)``
 with a reason code and the loop goes on; only bad broker credentials stop it (ConnectionFatal, exit 2).
@@ -43,7 +45,7 @@ from agent.energy import EnergyConfig, EnergyMeter, resolve_profile_file
 from agent.errors import ConfigError, ConnectionFatal, IllegalTransition, StoreError
 from agent.mqtt import BrokerClient, Inbound, PahoBroker
 from agent.notify import Notifier
-from agent.pipeline import Pipeline, reason_code, trim_heap
+from agent.pipeline import Pipeline, trim_heap
 from agent.publishing import Publisher, build_status
 from agent.runtime import detect_runtime
 from agent.state import IN_PIPELINE, StateBook
@@ -121,7 +123,6 @@ class Agent:
             self.pipeline,
             self.trusted,
             stop=self.stop,
-            tick=self.notifier.watchdog,
             on_settled=self.after_settled,
         )
         self.seen_commands: deque[str] = deque(maxlen=256)
@@ -162,9 +163,11 @@ class Agent:
                 log.info("stopping: publishing offline status and disconnecting")
                 self.notifier.stopping()
                 self.pipeline.shutdown()  # before the client stops: the worker may still publish
+                self.activation.shutdown()  # kills a running health check's child; PROBATION stays
                 self.client.stop(final=(status_topic, self.pub.status(online=False).to_json()))
         finally:
             self.pipeline.shutdown()
+            self.activation.shutdown()
 
     def loop(self) -> None:
         """Until ``stop``: one inbound message (or a 0.5 s timeout), then the periodic work."""
@@ -240,7 +243,7 @@ class Agent:
                 log.warning("refused message on %r: %s", msg.topic[:200], err)
                 self.pub.event(
                     EventKind.REJECTED,
-                    reason=reason_code(err.reason),
+                    reason=err.reason,
                     detail=f"topic {msg.topic[:200]!r}: {err}",
                 )
             else:
@@ -283,7 +286,7 @@ class Agent:
             cmd = decoded.as_(Command)
         except WireError as err:
             log.warning("refused command: %s", err)
-            self.pub.event(EventKind.REJECTED, reason=reason_code(err.reason), detail=str(err))
+            self.pub.event(EventKind.REJECTED, reason=err.reason, detail=str(err))
             return
         cid = cmd.id
         if cid in self.seen_commands:

@@ -10,9 +10,13 @@
     └── RuntimeMissing       no TFLite runtime (ai-edge-litert, tflite-runtime or tensorflow) is importable
 
 Wire-level refusals (bad signature, malformed payload, bad identifier) are ``agent.wire.WireError``.
+Errors that become an Event carry a typed ``reason`` (:class:`agent.wire.ReasonCode`), never a string:
+this module imports ``agent.wire`` (which imports nothing from the agent), not the other way round.
 """
 
 from __future__ import annotations
+
+from agent.wire import ReasonCode
 
 
 class AgentError(Exception):
@@ -38,7 +42,7 @@ class DiskFullError(StoreError):
 class IntegrityError(StoreError):
     """Bytes that do not hash to, or are not as long as, what the manifest says. ``reason`` is the code."""
 
-    def __init__(self, message: str, reason: str = "BAD_HASH") -> None:
+    def __init__(self, message: str, reason: ReasonCode = ReasonCode.BAD_HASH) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from agent.errors import IntegrityError
 from agent.mqtt import BrokerClient
 from agent.store import BlobKind, Store
-from agent.wire import BlobRef, Topics
+from agent.wire import BlobRef, ReasonCode, Topics
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class FetchNote:
     kind: str  # "complete" | "rejected" | "timeout"
     sha256: str
     owners: tuple[tuple[str, str], ...]  # (model, variant id)
-    reason: str | None = None
+    reason: ReasonCode | None = None  # None exactly when the blob is complete
     detail: str | None = None
     blob_kind: str = "tflite"
 
@@ -186,7 +186,7 @@ class Fetcher:
             return []
         detail = f"no space left for chunk {index} of {job.ref.sha256[:12]} ({err.strerror}); retrying"
         log.warning("fetch paused: %s", detail)
-        return [FetchNote("rejected", job.ref.sha256, owners, "DISK_FULL", detail, job.kind)]
+        return [FetchNote("rejected", job.ref.sha256, owners, ReasonCode.DISK_FULL, detail, job.kind)]
 
     def check_timeouts(self) -> list[FetchNote]:
         now = self.clock()
@@ -204,7 +204,9 @@ class Fetcher:
                     f"no chunk of {sha[:12]} for {self.timeout_s:g} s; {left} chunk(s) missing (rest kept)"
                 )
                 log.warning("fetch timed out: %s", detail)
-                notes.append(FetchNote("timeout", sha, tuple(sorted(job.owners)), "NOT_FETCHED", detail))
+                notes.append(
+                    FetchNote("timeout", sha, tuple(sorted(job.owners)), ReasonCode.NOT_FETCHED, detail)
+                )
                 self._drop(sha)
         if notes:
             self.pump()

@@ -4,8 +4,14 @@ Threads (why: a benchmark sweep takes minutes on a Pi, and the main loop must ke
 commands and assignments meanwhile):
 
 * the **main loop** accepts manifests (:meth:`Pipeline.on_manifest`), feeds received chunks to the
-  :class:`~agent.fetch.Fetcher` (a chunk is verified and stored in a few milliseconds; the fetcher keeps
-  one owner thread) and, once every blob of a model is stored, submits a :class:`Job`;
+  :class:`~agent.fetch.Fetcher` (the fetcher keeps one owner thread) and, once every blob of a model is
+  stored, submits a :class:`Job`. A chunk is verified and stored on the main loop because it is cheap:
+  measured with ``Store.write_chunk`` (sha256 + temp file + rename; chunks are not fsynced, the whole blob
+  is at assembly, on the worker) for 1024 chunks of 256 KiB on ext4, 2-core x86 VM: p50 0.26 ms, p99
+  0.31 ms, max 0.46 ms (the sha256 is 0.12 ms of it); an fsynced 256 KiB write (``atomic_write``) p50
+  0.65 ms, max 0.90 ms. On a Pi 4 (no ARMv8 crypto extensions) the hash is slower: a few ms per chunk
+  (estimated, not measured on one), still far under the loop's 0.5 s tick. A thread would buy nothing
+  and add a lock around the fetcher;
 * the **worker** thread (:meth:`Pipeline.start_worker`) runs one job at a time: whole-blob verification
   (hashing MiBs), the benchmark sweep (children, :mod:`agent.bench`), the report, then garbage collection.
 
@@ -26,6 +32,9 @@ What crosses threads, and how:
   cancelled, so once ``cancel()`` returns True the worker moves nothing and publishes no report: the
   canceller owns the record from then on (a newer manifest moves it to fetching, a cancel command back to
   where the measurement started — see :mod:`agent.state` — and shutdown leaves it for recovery).
+
+The post-activation health check is not a job of this worker: it runs on a thread of its own
+(:mod:`agent.health`, which says why and what crosses that boundary), so it never waits behind a sweep.
 """
 
 from __future__ import annotations
@@ -76,14 +85,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.5  # the idle worker checks the agent's stop this often
 _JOIN_S = 15.0  # shutdown: the child is killed within 0.25 s of the stop; saving state takes the rest
-
-
-def reason_code(code: str | None) -> ReasonCode:
-    """The ReasonCode an error or fetch note names (strings at those seams); unknown → MALFORMED."""
-    try:
-        return ReasonCode(code or "MALFORMED")
-    except ValueError:
-        return ReasonCode.MALFORMED
 
 
 class JobKind(StrEnum):
@@ -207,7 +208,7 @@ class Pipeline:
             manifest = decoded.as_(Manifest)
         except WireError as err:
             log.warning("refused manifest of %s: %s", model, err)
-            self.pub.event(EventKind.REJECTED, model, reason=reason_code(err.reason), detail=str(err))
+            self.pub.event(EventKind.REJECTED, model, reason=err.reason, detail=str(err))
             return
         rec = self.book.get(model)
         held = rec.manifest_version
@@ -291,22 +292,12 @@ class Pipeline:
 
     def _fetch_note(self, note: FetchNote) -> None:
         for model, variant in note.owners[:1]:
-            if note.kind == "complete":
+            if note.reason is None:  # the blob is complete
                 what = "evaluation sample" if note.blob_kind == "npz" else "model"
                 self.pub.event(EventKind.DOWNLOADED, model, variant, note.sha256, detail=what)
-            elif note.kind == "rejected":
-                self.pub.event(
-                    EventKind.REJECTED,
-                    model,
-                    variant,
-                    note.sha256,
-                    reason_code(note.reason),
-                    detail=note.detail,
-                )
-            else:
-                self.pub.event(
-                    EventKind.ERROR, model, variant, note.sha256, ReasonCode.NOT_FETCHED, detail=note.detail
-                )
+            else:  # a refused chunk or a full disk is a rejection; a stalled fetch (NOT_FETCHED) an error
+                kind = EventKind.ERROR if note.kind == "timeout" else EventKind.REJECTED
+                self.pub.event(kind, model, variant, note.sha256, note.reason, detail=note.detail)
 
     def tick(self) -> None:
         """Main loop: fetch timeouts, and a job for every model whose blobs are all stored."""
@@ -449,9 +440,7 @@ class Pipeline:
                 self.store.assemble(ref, kind)
             except IntegrityError as err:
                 self.store.discard_partial(ref.sha256)
-                self.pub.event(
-                    EventKind.REJECTED, model, label, ref.sha256, reason_code(err.reason), detail=str(err)
-                )
+                self.pub.event(EventKind.REJECTED, model, label, ref.sha256, err.reason, detail=str(err))
                 continue
             self.pub.event(EventKind.VERIFIED, model, label, ref.sha256, detail=f"{kind} blob")
         fetched = self._stored_variants(manifest)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import DiskFullError, IntegrityError, StoreError
-from agent.wire import ActiveVariant, BlobRef, check_id, check_sha256
+from agent.wire import ActiveVariant, BlobRef, ReasonCode, check_id, check_sha256
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +115,22 @@ def verify_chunk(ref: BlobRef, index: int, data: bytes) -> None:
     if len(data) != expected_len:
         raise IntegrityError(
             f"chunk {index} of {ref.sha256[:12]} has {len(data)} bytes, the manifest says {expected_len}",
-            "BAD_SIZE",
+            ReasonCode.BAD_SIZE,
         )
     digest = hashlib.sha256(data).hexdigest()
     if digest != ref.chunks[index]:
         raise IntegrityError(
             f"chunk {index} of {ref.sha256[:12]} hashes to {digest[:12]}, "
             f"the manifest says {ref.chunks[index][:12]}",
-            "BAD_HASH",
+            ReasonCode.BAD_HASH,
         )
 
 
-def _blob_problem(ref: BlobRef, size: int, digest: str) -> tuple[str, str] | None:
+def _blob_problem(ref: BlobRef, size: int, digest: str) -> tuple[str, ReasonCode] | None:
     if size != ref.size:
-        return f"blob {ref.sha256[:12]} has {size} bytes, the manifest says {ref.size}", "BAD_SIZE"
+        return f"blob {ref.sha256[:12]} has {size} bytes, the manifest says {ref.size}", ReasonCode.BAD_SIZE
     if digest != ref.sha256:
-        return f"blob {ref.sha256[:12]} hashes to {digest[:12]}", "BAD_HASH"
+        return f"blob {ref.sha256[:12]} hashes to {digest[:12]}", ReasonCode.BAD_HASH
     return None
 
 

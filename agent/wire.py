@@ -38,24 +38,48 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 # Errors
 
 
+class ReasonCode(StrEnum):
+    MALFORMED = "MALFORMED"
+    TOO_LARGE = "TOO_LARGE"
+    BAD_IDENTIFIER = "BAD_IDENTIFIER"
+    UNSIGNED = "UNSIGNED"
+    UNKNOWN_KEY = "UNKNOWN_KEY"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    BAD_KEY = "BAD_KEY"
+    REPLAY = "REPLAY"
+    WRONG_DEVICE = "WRONG_DEVICE"
+    BAD_HASH = "BAD_HASH"
+    BAD_SIZE = "BAD_SIZE"
+    UNKNOWN_VARIANT = "UNKNOWN_VARIANT"
+    NOT_FETCHED = "NOT_FETCHED"
+    DISK_FULL = "DISK_FULL"
+    RUNTIME_TOO_OLD = "RUNTIME_TOO_OLD"
+    BENCH_FAILED = "BENCH_FAILED"
+    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
+    NO_PREVIOUS = "NO_PREVIOUS"
+    NOT_RUNNING = "NOT_RUNNING"  # a cancel command for a model that is not benchmarking
+    COMMAND = "COMMAND"
+    INTERNAL = "INTERNAL"
+
+
 class WireError(Exception):
     """Base of everything the wire layer refuses. ``reason`` is the Event reason code to report."""
 
-    reason: str = "MALFORMED"
+    reason: ReasonCode = ReasonCode.MALFORMED
 
 
 class IdentifierError(WireError, ValueError):
-    reason = "BAD_IDENTIFIER"
+    reason = ReasonCode.BAD_IDENTIFIER
 
 
 class PayloadError(WireError):
-    def __init__(self, message: str, reason: str = "MALFORMED") -> None:
+    def __init__(self, message: str, reason: ReasonCode = ReasonCode.MALFORMED) -> None:
         super().__init__(message)
         self.reason = reason
 
 
 class SignatureError(WireError):
-    def __init__(self, message: str, reason: str = "BAD_SIGNATURE") -> None:
+    def __init__(self, message: str, reason: ReasonCode = ReasonCode.BAD_SIGNATURE) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -151,7 +175,9 @@ def parse_json(payload: bytes | str, max_bytes: int = MAX_JSON_PAYLOAD) -> dict[
     """Decode a JSON object payload, refusing oversize, non-UTF-8, non-object or NaN-bearing input."""
     raw = payload.encode("utf-8") if isinstance(payload, str) else payload
     if len(raw) > max_bytes:
-        raise PayloadError(f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit", "TOO_LARGE")
+        raise PayloadError(
+            f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit", ReasonCode.TOO_LARGE
+        )
     try:
         obj = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
@@ -193,9 +219,11 @@ def public_key_from_text(text: str) -> Ed25519PublicKey:
         else:
             key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
     except (ValueError, binascii.Error, TypeError) as err:
-        raise SignatureError(f"not an Ed25519 public key (PEM or base64 raw): {err}", "BAD_KEY") from err
+        raise SignatureError(
+            f"not an Ed25519 public key (PEM or base64 raw): {err}", ReasonCode.BAD_KEY
+        ) from err
     if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError("public key is not Ed25519", "BAD_KEY")
+        raise SignatureError("public key is not Ed25519", ReasonCode.BAD_KEY)
     return key
 
 
@@ -226,7 +254,7 @@ def verify_signed(
     obj = parse_json(payload, max_bytes)
     sig_obj = obj.get("signature")
     if sig_obj is None:
-        raise SignatureError(f"{cls.message_kind()} is not signed", "UNSIGNED")
+        raise SignatureError(f"{cls.message_kind()} is not signed", ReasonCode.UNSIGNED)
     try:
         sig = Signature.model_validate(sig_obj)
     except ValidationError as err:
@@ -236,7 +264,7 @@ def verify_signed(
         raise SignatureError(
             f"{cls.message_kind()} is signed with key {sig.key_id}, which is not among the trusted keys "
             f"({', '.join(sorted(trusted)) or 'none configured'})",
-            "UNKNOWN_KEY",
+            ReasonCode.UNKNOWN_KEY,
         )
     try:
         key.verify(base64.b64decode(sig.value, validate=True), signing_bytes(obj))
@@ -695,30 +723,6 @@ class EventKind(StrEnum):
     ERROR = "error"
 
 
-class ReasonCode(StrEnum):
-    MALFORMED = "MALFORMED"
-    TOO_LARGE = "TOO_LARGE"
-    BAD_IDENTIFIER = "BAD_IDENTIFIER"
-    UNSIGNED = "UNSIGNED"
-    UNKNOWN_KEY = "UNKNOWN_KEY"
-    BAD_SIGNATURE = "BAD_SIGNATURE"
-    BAD_KEY = "BAD_KEY"
-    REPLAY = "REPLAY"
-    WRONG_DEVICE = "WRONG_DEVICE"
-    BAD_HASH = "BAD_HASH"
-    BAD_SIZE = "BAD_SIZE"
-    UNKNOWN_VARIANT = "UNKNOWN_VARIANT"
-    NOT_FETCHED = "NOT_FETCHED"
-    DISK_FULL = "DISK_FULL"
-    RUNTIME_TOO_OLD = "RUNTIME_TOO_OLD"
-    BENCH_FAILED = "BENCH_FAILED"
-    HEALTH_CHECK_FAILED = "HEALTH_CHECK_FAILED"
-    NO_PREVIOUS = "NO_PREVIOUS"
-    NOT_RUNNING = "NOT_RUNNING"  # a cancel command for a model that is not benchmarking
-    COMMAND = "COMMAND"
-    INTERNAL = "INTERNAL"
-
-
 class Event(Message):
     SCHEMA: ClassVar[str] = "edgefleet.event/1"
     schema_: Literal["edgefleet.event/1"] = Field(default="edgefleet.event/1", alias="schema")
@@ -991,7 +995,8 @@ def check_topic_matches(parsed: ParsedTopic, message: Message) -> None:
     device = getattr(message, "device", None)
     if parsed.device is not None and device != parsed.device:
         raise PayloadError(
-            f"{kind} for device {device!r} arrived on the topic of device {parsed.device!r}", "WRONG_DEVICE"
+            f"{kind} for device {device!r} arrived on the topic of device {parsed.device!r}",
+            ReasonCode.WRONG_DEVICE,
         )
     model = getattr(message, "model", None)
     if parsed.model is not None and model != parsed.model:

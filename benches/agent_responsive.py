@@ -1,7 +1,8 @@
-"""Ping round-trip while the agent benchmarks: the main loop must not wait for the measurement.
+"""Ping round-trip while the agent benchmarks or health-checks: the main loop must not wait for either.
 Prints ONE JSON object.
 
-    python benches/agent_responsive.py [--bench-seconds 60] [--ping-every 0.5] [--timeout 600]
+    python benches/agent_responsive.py [--bench-seconds 60] [--health-inferences 8000] [--ping-every 0.5]
+                                       [--timeout 600]
 
 A private mosquitto on a free loopback port and a real agent subprocess (``python -m agent``), both
 stopped by PID at the end. The model is a ~58 M-MAC CNN (1-4 ms per inference; made once with
@@ -14,10 +15,15 @@ TensorFlow in a subprocess and cached, see ``benches/agent.py``), benchmarked wi
   arrives, a signed ping every ``--ping-every`` seconds, each waited for (10 s bound); the round-trip of
   each, and whether a benchmark child was alive when its pong came back;
 * cancel: a rebenchmark, then a ``cancel`` command once its child runs: time to the ack and until the
-  child is gone.
+  child is gone;
+* during_health_check: an assignment of the measured variant, then from the moment its health-check
+  child runs (``health.inferences = --health-inferences`` inferences of the same CNN: seconds) until the
+  model is committed, a signed ping every ``--ping-every`` seconds; ``health_check_s`` is how long the
+  check's child ran.
 
-Floor: the max ping round-trip during the benchmark under 1 s (``max_ok``). Before the daemon split the
-loop answered nothing until the report (the whole benchmark).
+Floor: the max ping round-trip during the benchmark and during the health check under 1 s (``max_ok``).
+Before the daemon split the loop answered nothing until the report (the whole benchmark); before the
+health check moved to its own thread, nothing until the check ended.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.bench import percentile  # noqa: E402
 from agent.wire import (  # noqa: E402
+    Assignment,
     Command,
     CommandAction,
     HostMetrics,
@@ -150,6 +157,7 @@ def main() -> int:
 
     ap = StrictParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench-seconds", type=float, default=60.0, help="the benchmark's timed window")
+    ap.add_argument("--health-inferences", type=int, default=8000, help="health.inferences of the agent")
     ap.add_argument("--ping-every", type=float, default=0.5)
     ap.add_argument("--timeout", type=float, default=600.0, help="bound for each wait")
     args = ap.parse_args()
@@ -193,6 +201,8 @@ def main() -> int:
             f'[trust]\npublic_keys = ["{pub}"]\n[store]\npath = "{work / "store"}"\nmin_free_mb = 1\n'
             f"[bench]\nthreads = [1]\nwarmup_runs = 5\nmin_runs = 100\nmin_seconds = {args.bench_seconds}\n"
             f"max_runs = 100000000\ntimeout_s = {4 * args.bench_seconds + 120}\nmax_retries = 0\n"
+            f"[health]\ninferences = {args.health_inferences}\ntimeout_s = {args.timeout}\n"
+            "probation_s = 0.5\n"
             "[telemetry]\ninterval_s = 60\n",
             encoding="utf-8",
         )
@@ -275,6 +285,43 @@ def main() -> int:
                 "child_gone_ms": round((time.monotonic() - t0) * 1000, 1),
                 "state_after": watch.wait(lambda: watch.model_state() == "reported" and "reported", 10.0),
             }
+
+            # during a health check: assign the measured variant, ping until it is committed
+            assignment = Assignment(
+                device=DEVICE,
+                model=MODEL,
+                variant=var.id,
+                sha256=var.sha256,
+                manifest_version=1,
+                issued_at=time.time(),
+                policy="bench",
+            )
+            watch.publish(topics.assign(DEVICE, MODEL), sign(assignment, key).to_json())
+            deadline = time.monotonic() + args.timeout
+            while not bench_children(proc.pid):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no health-check child")
+                time.sleep(0.02)
+            t_check = time.monotonic()
+            check_s: float | None = None
+            during_check: list[float] = []
+            check_alive = 0
+            while watch.model_state() != "committed":
+                if time.monotonic() - t_check > args.timeout:
+                    raise TimeoutError("not committed")
+                t0 = time.monotonic()
+                during_check.append(ping())
+                alive = bench_children(proc.pid) > 0
+                check_alive += alive
+                if not alive and check_s is None:
+                    check_s = time.monotonic() - t_check
+                time.sleep(max(0.0, args.ping_every - (time.monotonic() - t0)))
+            result["health_check_s"] = round(check_s or time.monotonic() - t_check, 1)
+            result["during_health_check"] = {
+                **stats(during_check),
+                "pongs_with_child_alive": check_alive,
+                "max_ok": max(during_check) < 1.0,
+            }
             result["idle_after"] = stats(spaced_pings(10))
         finally:
             proc.terminate()
@@ -287,7 +334,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     result["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result))
-    return 0 if result["during_benchmark"]["max_ok"] else 1
+    ok = result["during_benchmark"]["max_ok"] and result["during_health_check"]["max_ok"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
