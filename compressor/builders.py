@@ -273,8 +273,7 @@ def mixed_int4(
         float_file, cosine, min_cosine=target, progress=report, int4_weights=int4_weights
     )
     note = (
-        f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:.4g} against float: "
-        f"{why})"
+        f"int4 search judged on {len(data.val)} validation rows (cosine >= {target:.4g} against float: {why})"
     )
     return tflite, [*gptq_notes, *notes, note]
 
