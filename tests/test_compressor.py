@@ -110,6 +110,29 @@ def test_npz_without_test_split_uses_val(tmp_path: Path) -> None:
     assert d.test_is_val and np.array_equal(d.x_test, d.x_val) and d.notes
 
 
+@pytest.mark.parametrize("names", [("x_train", "y_train"), ("x", "y"), ("x_0", "y")])
+def test_unsplit_rows_are_split_with_the_seed(tmp_path: Path, names: tuple[str, str]) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 6)).astype(np.float32)
+    y = np.arange(100) % 3
+    path = tmp_path / "rows.npz"
+    np.savez(path, **{names[0]: x, names[1]: y})
+    d = load_dataset(path, seed=4)
+    assert (len(d.x_train), len(d.x_val), len(d.x_test)) == (70, 15, 15) and not d.test_is_val
+    assert d.notes == ("100 unsplit rows shuffled with seed 4 into 70 train, 15 validation and 15 test rows",)
+    every = np.concatenate([d.x_train, d.x_val, d.x_test])
+    assert sorted(map(tuple, every.tolist())) == sorted(map(tuple, x.tolist()))  # each row once
+    for split_x, split_y in ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test)):
+        for row, label in zip(split_x, split_y, strict=True):  # labels travel with their rows
+            assert label == y[int(np.flatnonzero((x == row).all(axis=1))[0])]
+    again = load_dataset(path, seed=4)
+    assert np.array_equal(again.x_val, d.x_val)  # the same seed, the same split
+    assert not np.array_equal(load_dataset(path, seed=5).x_val, d.x_val)
+    np.savez(path, x_train=x[:10], y_train=y[:10])
+    with pytest.raises(DataError, match="10 rows unsplit: at least 20"):
+        load_dataset(path)
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
