@@ -196,3 +196,63 @@ def test_agent_retries_a_refused_subscription(monkeypatch: pytest.MonkeyPatch) -
         retried.wait_for(lambda: len(sent) > 5, timeout=0.2)
     assert sent == ["a/b"] * 4 + ["c/d"]
     broker._stopping = True
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["v5", "v311"])
+def test_a_reconnect_into_a_kept_session_does_not_resend_retained(tmp_path: Path, protocol: str) -> None:
+    """Real mosquitto with persistence, restarted under a connected agent client: the session and its
+    subscription survive, so the reconnect must not bring every retained message again (v5: retain
+    handling 1). A fresh client (a restarted agent) still gets them, and new messages still arrive.
+    MQTT 3.1.1 has no retain handling: the resend is kept there, and the test pins that down."""
+    import time
+
+    import agent.mqtt as amqtt
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+
+    def drain(client: amqtt.PahoBroker, topic: str, wait_s: float) -> list[bytes]:
+        got, end = [], time.monotonic() + wait_s
+        while time.monotonic() < end:
+            try:
+                msg = client.inbox.get(timeout=0.05)
+            except Exception:  # queue.Empty
+                continue
+            if msg.topic == topic:
+                got.append(msg.payload)
+        return got
+
+    broker = MosquittoBroker(persistence=True, state_dir=tmp_path / "state").start()
+    host, port = broker.host, broker.port
+    mqtt = f'host = "{host}"\nport = {port}\nprotocol = "{protocol}"\n'
+    mqtt += "reconnect_min_s = 0.2\nreconnect_max_s = 0.5"
+    config = parse_config(_agent(mqtt), verify_keys=False)
+    topic = "edgefleet/blobs/" + "a" * 64 + "/0"
+    client: amqtt.PahoBroker | None = None
+    try:
+        with MqttSession(BrokerOptions(host=host, port=port)) as pub:
+            pub.publish(topic, b"chunk", retain=True)
+            pub.flush()
+        client = amqtt.PahoBroker(config, will=("edgefleet/devices/pi-1/status", b""))
+        client.subscribe(topic, 1)
+        client.start()
+        assert client.wait_connected(10)
+        assert drain(client, topic, 1.0) == [b"chunk"]  # first connection: the retained copy
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and client._connected.is_set():
+            time.sleep(0.05)
+        assert not client._connected.is_set(), "the client did not notice the broker stop"
+        broker = MosquittoBroker(port=port, persistence=True, state_dir=tmp_path / "state").start()
+        assert client.wait_connected(15)
+        again = drain(client, topic, 1.5)
+        assert again == ([] if protocol == "v5" else [b"chunk"])
+        with MqttSession(BrokerOptions(host=host, port=port)) as pub:
+            pub.publish(topic, b"new", retain=True)
+            pub.flush()
+        assert drain(client, topic, 2.0) == [b"new"]  # the kept subscription still delivers
+    finally:
+        if client is not None:
+            client.stop()
+        broker.stop()
