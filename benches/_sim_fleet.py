@@ -23,6 +23,7 @@ import os
 import queue
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class WorkerSpec:
     settings: SimSettings
     public_keys: tuple[str, ...]
     keepalive_s: int = 60
+    ca_file: str | None = None  # TLS: verify the broker against this CA (its certificate names the host)
 
 
 @dataclass
@@ -75,6 +77,11 @@ class _Worker:
         self.conns: dict[str, _Conn] = {}
         self.waiting: list[str] = list(spec.devices)  # not yet connected, in order
         self.pending = 0  # CONNECTs sent, CONNACK not yet received
+        # one TLS context for the worker's clients (loading the CA once, not per device); paho's
+        # connect() does the handshake blocking, so a worker handshakes one device at a time
+        self.tls: ssl.SSLContext | None = None
+        if spec.ca_file is not None:
+            self.tls = ssl.create_default_context(cafile=spec.ca_file)
 
     # ------------------------------------------------------------------ clients
 
@@ -88,6 +95,8 @@ class _Worker:
         )
         client.username_pw_set(dev, s.passwords[dev])
         client.max_inflight_messages_set(64)
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
 
         def send(topic: str, payload: bytes, retain: bool) -> None:
             info = client.publish(topic, payload, qos=1, retain=retain)
@@ -199,6 +208,12 @@ class _Worker:
             client: paho.Client = key.data
             if mask & selectors.EVENT_READ:
                 client.loop_read()
+                # TLS: a record already decrypted into the SSL buffer wakes no select(); read it now
+                sock = client.socket()
+                for _ in range(1000):
+                    if not isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0 or not sock.pending():
+                        break
+                    client.loop_read()
             if mask & selectors.EVENT_WRITE:
                 client.loop_write()
 
@@ -259,6 +274,7 @@ class SimFleet:
         settings: SimSettings,
         public_keys: Sequence[str],
         workers: int = 4,
+        ca_file: str | None = None,
     ) -> None:
         workers = max(1, min(workers, len(devices) or 1))
         self.ctx = mp.get_context("fork")  # forked before the caller starts any thread
@@ -273,6 +289,7 @@ class SimFleet:
                 {d: passwords[d] for d in devices[i::workers]},
                 settings,
                 tuple(public_keys),
+                ca_file=ca_file,
             )
             for i in range(workers)
         ]

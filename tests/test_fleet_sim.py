@@ -193,3 +193,38 @@ def test_small_simulated_fleet_end_to_end() -> None:
     assert out["after_rollout_v2"]["states"]["committed"] == roll["outcomes"]["committed"]
     assert "agent_tracebacks" not in out
     assert out["db"]["bytes"] > 0 and out["collector_cpu_seconds"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_small_simulated_fleet_over_tls(tmp_path: Path) -> None:
+    """``--tls``: the broker on the generated TLS listener only; simulated devices, the collector and every
+    command verify it with the generated CA, and the run holds the same floors. No real agent here, to keep
+    it to seconds (``--agents`` adds them with ``[mqtt.tls] ca_file``; the 200- and 2,000-device runs in
+    docs/operator.md had two)."""
+    keep = tmp_path / "run"
+    cmd = [
+        sys.executable, str(BENCHES / "fleet_sim.py"), "--tls", "--keep", str(keep),
+        "--devices", "20", "--agents", "0", "--workers", "1", "--fail-fraction", "0.1",
+        "--fetch-s", "0.2", "--bench-s", "0.2", "--probation-s", "0.2", "--timeout", "40",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    print(proc.stderr[-3000:])
+    out = json.loads(proc.stdout)
+    print(f"fleet_sim --tls with 20 devices: {time.monotonic() - t0:.1f} s, connect {out.get('connect')}")
+    assert "error" not in out, out["error"]
+    floors = out["floors"]
+    assert floors.pop("devices_at_least_2000") is False
+    assert all(floors.values()), floors
+    sim = out["simulator"]
+    assert sim["connacks"] == 20 and sim["refused"] == 0 and sim["publish_errors"] == 0
+    assert out["reports"]["lost"] == 0 and out["reports"]["stored_sim"] == 40
+    assert out["rollout_v2"]["state"] == "completed" and out["rollout_v2"]["unexpected"] == 0
+    connect = out["connect"]  # the handshakes' cost, apart from the rest (CPU: 10 ms resolution)
+    assert connect["seconds"] > 0 and connect["devices_per_second"] > 0
+    assert {"broker_cpu_ms_per_device", "simulator_cpu_ms_per_device"} <= set(connect)
+    # it really ran over TLS: the broker's only listener has the server certificate, the host the CA
+    conf = (keep / "state" / "mosquitto.conf").read_text()
+    assert conf.count("listener ") == 1 and "certfile" in conf and "require_certificate" not in conf
+    assert "[broker.tls]" in (keep / "broker" / "controller" / "host.toml").read_text()

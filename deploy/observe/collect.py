@@ -30,6 +30,8 @@ How it loses nothing:
 * ``--share GROUP`` subscribes through ``$share/GROUP/...`` so several collectors split the load
   (MQTT v5 / mosquitto ≥ 2.0). Shared subscriptions receive no retained messages (MQTT v5 §4.8.2),
   so at least one collector of a fleet should run without ``--share`` or rely on its session.
+* A subscription the broker refuses (SUBACK >= 0x80) is asked for again every second, at most 30 times
+  per connection: NATS refuses new QoS1 subscriptions for a while after one of its nodes died.
 * Malformed payloads (bad JSON, failing the schema, topic and payload naming different devices) are
   counted, logged (rate limited) and recorded in the ``malformed`` table, and acknowledged: a
   redelivery would not make them valid.
@@ -72,6 +74,10 @@ _FATAL_CONNACK = {0x04, 0x05, 0x86, 0x87, 0x8A, 0x8C}  # bad credentials / not a
 _MALFORMED_LOG_FIRST = 10
 _MALFORMED_LOG_EVERY = 100
 _TOPIC_CACHE_MAX = 100_000  # parsed topics kept by the writer (cleared when full)
+# A refused subscription is retried (as the agent does): NATS refuses new QoS1 subscriptions (SUBACK 0x80)
+# for a while after a node died, and a collector that gave up would store nothing on those topics.
+_SUB_RETRY_S = 1.0
+_SUB_RETRIES = 30  # per connection
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,10 @@ class CollectorOptions:
     batch_size: int = 500
     prune_every_s: float = 300.0
     checkpoint_every_s: float = 1.0  # SQLite WAL checkpoint (fsync) at most this long after a commit
+    # paho's backoff doubles over consecutive failures, across a cluster's nodes too: after a NATS node
+    # died, attempts at nodes still recovering failed and the delays added up (one failover took 43 s
+    # with a 30 s cap, tests/test_nats_collector.py). One client: a short cap costs the broker nothing.
+    reconnect_max_s: int = 5
 
     def __post_init__(self) -> None:
         wire.check_id(self.name, "collector name")
@@ -163,6 +173,11 @@ class Collector:
         self._subscribed = threading.Event()
         self._lock = threading.Lock()  # guards stats written from the network thread
         self._connection = 0  # incremented by every CONNACK (network thread; read by the writer)
+        self._sub_lock = threading.Lock()  # held from SUBSCRIBE sent to its mid recorded
+        self._sub_mids: dict[int, list[tuple[str, int]]] = {}  # SUBACK awaited: mid -> its filters
+        self._sub_refused: list[tuple[str, int]] = []  # to subscribe again at _sub_retry_at
+        self._sub_retry_at = 0.0
+        self._sub_retries = 0  # this connection
         self._writer: threading.Thread | None = None
         self._writer_done = threading.Event()
         self._client = self._make_client()
@@ -176,7 +191,7 @@ class Collector:
             client = build_client(spec)
         except (OSError, ssl.SSLError, ValueError) as err:
             raise BrokerError(f"cannot load TLS files: {err}") from err
-        client.reconnect_delay_set(1, 30)
+        client.reconnect_delay_set(1, self.options.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -220,9 +235,33 @@ class Collector:
             self.stats.connects += 1
             self._connection += 1
         present = bool(getattr(flags, "session_present", False))
-        log.info("connected as %s (session present: %s)", self.options.client_id, present)
+        # the endpoint is named: with several (a cluster) the operator sees which node took the session
+        log.info(
+            "connected as %s to %s (session present: %s)",
+            self.options.client_id,
+            self._client.endpoint.address,
+            present,
+        )
         # Resubscribe on every connect: harmless when the session kept them, required when it expired.
-        client.subscribe(subscriptions(self.topics, self.options))
+        with self._sub_lock:  # an earlier connection's SUBACKs will not come
+            self._sub_mids.clear()
+            self._sub_refused, self._sub_retries = [], 0
+        self._subscribe(subscriptions(self.topics, self.options))
+
+    def _subscribe(self, filters: list[tuple[str, int]]) -> None:
+        with self._sub_lock:  # the SUBACK handler waits for the mid to be recorded
+            result, mid = self._client.subscribe(filters)
+            if result == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._sub_mids[mid] = filters
+
+    def _retry_subscriptions(self) -> None:
+        """Main loop: subscribe again to what the broker refused, once its retry time has come."""
+        with self._sub_lock:
+            if not self._sub_refused or time.monotonic() < self._sub_retry_at:
+                return
+            filters, self._sub_refused = self._sub_refused, []
+            self._sub_retries += 1
+        self._subscribe(filters)
 
     def _on_subscribe(
         self,
@@ -232,9 +271,24 @@ class Collector:
         reasons: list[ReasonCode],
         props: Properties | None,
     ) -> None:
-        refused = [str(r) for r in reasons if int(r.value) >= 0x80]
+        with self._sub_lock:
+            filters = self._sub_mids.pop(mid, [])
+            refused = [(f, r) for f, r in zip(filters, reasons, strict=False) if int(r.value) >= 0x80]
+            retry = bool(refused) and self._sub_retries < _SUB_RETRIES
+            if retry:
+                self._sub_refused += [f for f, _ in refused]
+                self._sub_retry_at = time.monotonic() + _SUB_RETRY_S
         if refused:
-            log.error("subscriptions refused by the broker: %s (check the collector's ACL)", refused)
+            what = ", ".join(f"{f} ({r})" for (f, _), r in refused)
+            if retry:
+                log.warning("broker refused subscriptions %s; retrying in %g s", what, _SUB_RETRY_S)
+            else:
+                log.error(
+                    "broker refused subscriptions %s %d times; giving up until reconnect (check the "
+                    "collector's ACL)",
+                    what,
+                    _SUB_RETRIES,
+                )
         self._subscribed.set()
 
     def _on_disconnect(
@@ -487,8 +541,9 @@ class Collector:
                 ready.set()
             deadline = None if duration_s is None else started + duration_s
             while not self.stop_event.is_set():
+                self._retry_subscriptions()
                 left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if left <= 0 or self.stop_event.wait(left):
+                if left <= 0 or self.stop_event.wait(min(left, _SUB_RETRY_S / 2)):
                     break
         except BrokerError as err:
             self.fatal = str(err)
