@@ -7,6 +7,14 @@ the daemon is imported only when it runs, and the TFLite runtime only in benchma
 
 from __future__ import annotations
 
+import os
+
+# Before pydantic is imported: its plugin loader reads the entry points of every installed distribution
+# at the first model class (3.4 MB of the idle daemon's PSS in a host venv); the agent uses no plugin.
+# Only this entry point sets it (the host tools import agent.wire, not this), and an operator's own
+# setting wins.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
 import argparse
 import logging
 import signal
