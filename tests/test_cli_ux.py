@@ -271,7 +271,7 @@ def test_unknown_model_lists_the_published_ones(
             "rollout": ["rollout", "nope", "--key", str(key), "--state-db", str(tmp_path / "r.db"), *where],
         }[command]
         assert cli.main(argv) == 2
-    err = capsys.readouterr().err.splitlines()[-1]
+        err = capsys.readouterr().err.splitlines()[-1]  # before the collector stops (and logs)
     published = "; models published: digits, face-det"
     assert re.fullmatch(r"edgefleet: no manifest for model 'nope' .*" + published, err), err
 
@@ -290,7 +290,8 @@ def test_unknown_model_on_an_empty_broker(
         capsys.readouterr()
         argv = ["select", "--model", "digits", "--host", broker.host, "--port", str(broker.port), *store]
         assert cli.main([*argv, "--namespace", "empty"]) == 2
-    assert "no model is published yet" in capsys.readouterr().err.splitlines()[-1]
+        err = capsys.readouterr().err.splitlines()[-1]  # before the collector stops (and logs)
+    assert "no model is published yet" in err
 
 
 def test_no_store_and_no_from_broker_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -169,7 +169,7 @@ def test_whole_demo_loop_on_amqtt(amqtt_demo: tuple[Any, list[str]]) -> None:
     fallback = [line for line in lines if "embedded amqtt fallback, for a one-machine demo only" in line]
     assert len(fallback) == 1 and "MQTT 3.1.1 only" in fallback[0]
     assert "mosquitto not found" not in fallback[0]  # --broker amqtt was asked for, not a fallback
-    assert sum("report with" in line for line in lines) == len(DEMO_DEVICES)
+    assert sum("report stored" in line for line in lines) == len(DEMO_DEVICES)
 
 
 @pytest.mark.integration
