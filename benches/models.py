@@ -19,8 +19,8 @@ calibration and held-out rows.
 Per build: every shipped variant's size ratio against the ORIGINAL file (original bytes / variant bytes),
 SQNR (dB) and cosine on the held-out rows (the manifest's ``metrics.named``), host p50 latency ratio against
 the reference variant (variant p50 / reference p50: above 1 is slower), whether the file holds int8 weight
-tensors, its sha256; what was not shipped and why (failures, merged twins); a refusal of the whole file
-(a CompressorError, e.g. custom ops) is recorded with its reason.
+tensors, its sha256; what was not shipped and why (failures, variants outside the budget, merged twins);
+a refusal of the whole file (a CompressorError, e.g. custom ops) is recorded with its reason.
 
 Floors per build (``floors``) and overall (``ok``):
 
@@ -260,6 +260,7 @@ def summarize(result: Any, original: bytes) -> dict[str, Any]:
         "build_s": round(result.seconds, 1),
         "variants": variants,
         "failures": [{"variant": f.variant, "stage": f.stage, "message": f.message} for f in result.failures],
+        "outside_budget": [line.replace("`", "") for line in result.not_shipped],  # built, kept out
         "merged": list(result.merged),
         "floors": floors,
         "pass": all(f["pass"] is not False for f in floors.values()),
@@ -475,7 +476,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     "cosine": sc["cosine"],
                     "sqnr_db": best.get("sqnr_db"),
                     "p50_ratio": best.get("p50_ratio"),
-                    "not_shipped": [f"{f['variant']} ({f['stage']}): {f['message']}" for f in b["failures"]],
+                    "not_shipped": [f"{f['variant']} ({f['stage']}): {f['message']}" for f in b["failures"]]
+                    + b.get("outside_budget", []),
                     "merged": b["merged"],
                     "pass": b["pass"],
                 }
