@@ -203,7 +203,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace, session: Any) -> Any:
-    """Read the fleet (the collector's database with --db, else the broker's retained burst), then select.
+    """Read the fleet (the collector's store, or with --from-broker the broker's retained burst), then select.
 
     A burst that looks cut is refused unless --allow-partial: deciding on it would silently leave out
     the devices the broker dropped.

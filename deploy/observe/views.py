@@ -10,9 +10,10 @@ With ``--db``, or without it when the collector's database exists at the default
 (:func:`deploy.observe.state.default_store`), they read that store, SQLite or PostgreSQL
 (``edgefleet collect``):
 statuses, latest reports, manifests and assignments (a collector whose ACL does not let it read the
-manifests and assignments leaves host accuracy and "assigned" empty). Otherwise, or
-with ``--from-broker``, they read what the broker holds retained, and print one warning line when that
-burst looks cut (the broker's queue limit; see :mod:`deploy.observe.state`). ``plot`` reads the same way.
+manifests and assignments leaves host accuracy and "assigned" empty). No store there: an error naming
+what to run. Only with ``--from-broker`` they read what the broker holds retained, and print one warning
+line when that burst looks cut (the broker's queue limit; see :mod:`deploy.observe.state`). ``plot``
+reads the same way.
 Energy figures that come from the utilisation model are always marked "(modelled)".
 """
 
@@ -46,7 +47,7 @@ def source_args(p: argparse.ArgumentParser, what: str) -> None:
         "--db",
         metavar="URL",
         help=f"{what} from the collector's store (edgefleet collect --db): a file, sqlite:///PATH or "
-        f"postgresql://USER@HOST:PORT/DB; default: ${DB_ENV}, else {DEFAULT_DB}, when it exists",
+        f"postgresql://USER@HOST:PORT/DB; default: ${DB_ENV}, else {DEFAULT_DB} (no store: an error)",
     )
     g.add_argument(
         "--from-broker",
