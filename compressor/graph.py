@@ -92,16 +92,14 @@ def graph_stats(data: bytes) -> GraphStats:
 
 
 def _subgraph(
-    model: object,
-    graph: object,
+    mdl: Any,
+    g: Any,
     codes: list[str],
     type_names: dict[int, str],
     counted: dict[int, int],
     weight_types: set[str],
 ) -> tuple[int, set[str]]:
     """One subgraph's MACs and tensor types; its weights are added to ``counted`` and ``weight_types``."""
-    g: Any = graph
-    mdl: Any = model
     shapes = [
         tuple(int(d) for d in g.Tensors(t).ShapeAsNumpy()) if g.Tensors(t).ShapeLength() else ()
         for t in range(g.TensorsLength())

@@ -367,9 +367,8 @@ def _collector(options: BrokerOptions, db: Path, duration_s: float) -> Iterator[
 
     collector = Collector(options, db, CollectorOptions(name="demo"))
     ready = threading.Event()
-    codes: list[int] = []
     thread = threading.Thread(
-        target=lambda: codes.append(collector.run(duration_s=duration_s, ready=ready)),
+        target=lambda: collector.run(duration_s=duration_s, ready=ready),
         name="demo-collector",
         daemon=True,
     )

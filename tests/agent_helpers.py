@@ -20,6 +20,7 @@ from typing import Any
 import flatbuffers  # type: ignore[import-untyped]
 import numpy as np
 import paho.mqtt.client as paho
+import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.wire import Assignment, Command, CommandAction, sign
@@ -51,6 +52,18 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
     except subprocess.TimeoutExpired:
         kill9(proc)
         raise
+
+
+def bench_children(pid: int) -> list[psutil.Process]:
+    """The agent's benchmark and health-check children (agent.bench_child runs both), recursively."""
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "agent.bench_child" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            continue
+    return out
 
 
 def publish_many(client: paho.Client, items: Iterable[tuple[str, bytes]], retain: bool = True) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import pytest
 from agent_helpers import (
+    bench_children,
     build_fc_model,
     kill9,
     link_sha,
@@ -105,22 +106,10 @@ def _blobs(*datas: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
-def _health_children(pid: int) -> list[psutil.Process]:
-    """The agent's benchmark/health children (the same module runs both)."""
-    out = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "agent.bench_child" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.Error:
-            continue
-    return out
-
-
 def _wait_child(pid: int, timeout: float = 15) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while True:
-        found = _health_children(pid)
+        found = bench_children(pid)
         if found:
             return found[0]
         assert time.monotonic() < deadline, "no health-check child appeared"
@@ -129,7 +118,7 @@ def _wait_child(pid: int, timeout: float = 15) -> psutil.Process:
 
 def _wait_no_child(pid: int, timeout: float) -> float:
     t0 = time.monotonic()
-    while _health_children(pid):
+    while bench_children(pid):
         assert time.monotonic() - t0 < timeout, f"a health-check child outlived {timeout} s"
         time.sleep(0.05)
     return time.monotonic() - t0

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from agent_helpers import kill9, signed_assignment, signed_ping, start_agent, terminate
+from agent_helpers import bench_children, kill9, signed_assignment, signed_ping, start_agent, terminate
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from test_agent_integration import (  # the shared helpers and the TF-built tiny models fixture
@@ -59,17 +58,6 @@ S = ModelState
 def _command(key: Ed25519PrivateKey, cid: str, action: CommandAction, model: str | None = None) -> bytes:
     cmd = Command(id=cid, device=DEVICE, action=action, model=model, issued_at=time.time())
     return sign(cmd, key).to_json()
-
-
-def _bench_children(pid: int) -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "agent.bench_child" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.Error:
-            continue
-    return out
 
 
 def _state(bus: Bus, timeout: float, state: str, version: int) -> dict[str, Any]:
@@ -127,15 +115,15 @@ def test_pings_answered_while_benchmarking_and_cancel_ends_it(tiny_models: Path,
             bus.publish(TOPICS.manifest(MODEL), manifest(1, f32, "float32", "none"))
             _state(bus, 30, "benchmarking", 1)
             deadline = time.monotonic() + 10
-            while not _bench_children(proc.pid):
+            while not bench_children(proc.pid):
                 assert time.monotonic() < deadline, "no benchmark child appeared"
                 time.sleep(0.1)
-            first_child = _bench_children(proc.pid)[0].pid
+            first_child = bench_children(proc.pid)[0].pid
 
             # answered while the child measures (the floor of 1 s is the bench's; here: not minutes)
             rtts = [_ping_rtt(bus, key, f"p{i}") for i in range(3)]
             assert max(rtts) < 5.0, rtts
-            assert _bench_children(proc.pid), "the benchmark ended on its own: the pings proved nothing"
+            assert bench_children(proc.pid), "the benchmark ended on its own: the pings proved nothing"
 
             # an assignment waits for the measurement (v1's float32 is stored and verified by now)
             v1 = variant_for("float32", f32, "none")
@@ -149,7 +137,7 @@ def test_pings_answered_while_benchmarking_and_cancel_ends_it(tiny_models: Path,
             bus.publish(TOPICS.manifest(MODEL), manifest(2, f16, "float16", "float16"))
             _state(bus, 30, "benchmarking", 2)
             deadline = time.monotonic() + 10
-            while first_child in [c.pid for c in _bench_children(proc.pid)] or not _bench_children(proc.pid):
+            while first_child in [c.pid for c in bench_children(proc.pid)] or not bench_children(proc.pid):
                 assert time.monotonic() < deadline, "v1's child was not replaced by v2's"
                 time.sleep(0.1)
 
@@ -159,7 +147,7 @@ def test_pings_answered_while_benchmarking_and_cancel_ends_it(tiny_models: Path,
             ack = bus.wait_for(is_event("ack", correlation_id="c1"), timeout=10)
             assert "cancelled" in ack["detail"]
             _state(bus, 10, "idle", 2)
-            while _bench_children(proc.pid):
+            while bench_children(proc.pid):
                 assert time.monotonic() - t0 < 5, "the benchmark child outlived the cancel"
                 time.sleep(0.1)
             assert not [t for t, _, _ in bus.messages if t == TOPICS.report(DEVICE, MODEL)]

@@ -31,7 +31,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from agent_helpers import publish_many, signed_assignment
+from agent_helpers import publish_many, signed_assignment, terminate
 from paho.mqtt.enums import CallbackAPIVersion
 from test_agent_chaos import chunk_items
 from test_agent_integration import (  # noqa: F401  (tiny_models: a fixture)
@@ -320,9 +320,4 @@ def test_figure_sensors_follow_a_real_agent(
     finally:
         states.close()
         bus.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc, timeout=30)
