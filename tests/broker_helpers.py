@@ -7,14 +7,30 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deploy.broker.client import BrokerOptions
 from deploy.broker.conf import BrokerSpec, write_broker_config
 from deploy.broker.spawn import MosquittoBroker, free_port
 from deploy.observe.collect import Collector, CollectorOptions
+from deploy.observe.store import FleetStore
+from deploy.observe.store_sql import StoreSchemaError
+
+T = TypeVar("T")
+
+
+def read_store(db: Path, read: Callable[[FleetStore], T]) -> T | None:
+    """``read(store)`` of the store a collector keeps at ``db``; None while the collector is still creating
+    it (no file yet, or the file created but its schema not yet committed: a normal moment, not an error)."""
+    if not db.exists():
+        return None
+    try:
+        with FleetStore(db, readonly=True) as store:
+            return read(store)
+    except StoreSchemaError:
+        return None
 
 
 @contextlib.contextmanager
@@ -77,17 +93,14 @@ def fleet_source(kind: str, options: BrokerOptions, db: Path) -> Iterator[tuple[
     if kind == "broker":
         yield ["--from-broker"], lambda **_: None
         return
-    from deploy.observe.store import FleetStore
 
     def synced(**want: int) -> None:
         deadline = time.monotonic() + 15
         counts: dict[str, int] = {}
         while time.monotonic() < deadline:
-            if db.exists():
-                with FleetStore(db, readonly=True) as store:
-                    counts = store.counts()
-                if all(counts.get(t, 0) >= n for t, n in want.items()):
-                    return
+            counts = read_store(db, FleetStore.counts) or {}
+            if all(counts.get(t, 0) >= n for t, n in want.items()):
+                return
             time.sleep(0.1)
         raise AssertionError(f"the collector stored {counts}, the test waits for {want}")
 

@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from broker_helpers import RunningCollector
+from broker_helpers import RunningCollector, read_store
 from nats_helpers import NatsCluster, NatsUser, find_nats_server
 
 from agent import wire
@@ -104,10 +104,7 @@ def _cli(args: list[str], env: dict[str, str], timeout_s: float = 60) -> subproc
 
 
 def _counts(db: Path) -> dict[str, int]:
-    if not db.exists():
-        return {}
-    with FleetStore(db, readonly=True) as store:
-        return store.counts()
+    return read_store(db, FleetStore.counts) or {}
 
 
 def _wait(what: str, done: Callable[[], bool], timeout_s: float, log: Path) -> None:

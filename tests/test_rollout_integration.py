@@ -22,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from broker_helpers import read_store
 from paho.mqtt.enums import CallbackAPIVersion
 from test_deploy import make_manifest, make_report, make_variant, ok_result
 
@@ -256,14 +257,12 @@ class Fleet:
         return ["--db", str(self.store_db)]
 
     def synced(self, timeout_s: float = 15.0) -> None:
-        from deploy.observe.store import FleetStore
-
         deadline = time.monotonic() + timeout_s
         behind: list[str] = list(self.devices)
         while time.monotonic() < deadline:
-            if self.store_db.exists():
-                with FleetStore(self.store_db, readonly=True) as store:
-                    statuses, reports = store.latest_statuses(), store.latest_reports(MODEL)
+            latest = read_store(self.store_db, lambda s: (s.latest_statuses(), s.latest_reports(MODEL)))
+            if latest is not None:
+                statuses, reports = latest
                 behind = [
                     name
                     for name, d in self.devices.items()
