@@ -39,7 +39,7 @@ import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
-from compressor.prune import TrainData, _Graph, _rebuild, _val_arrays
+from compressor.prune import TrainData, _Graph, _rebuild, _val_arrays, width_key
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.3  # weight of the hard CE term; the soft (KL) term gets 1 − alpha = 0.7
@@ -166,13 +166,10 @@ def make_student(
 
     def config_for(layer: Any) -> dict:
         cfg = dict(layer.get_config())
-        root = graph.find(graph.info[layer.name].group)
-        if root in free and layer.name in graph.groups[root].producers:
-            new = max(1, round(graph.groups[root].size * width))
-            if isinstance(layer, k.layers.Dense):
-                cfg["units"] = new
-            else:
-                cfg["filters"] = new
+        if layer.name in graph.info:
+            root = graph.find(graph.info[layer.name].parts[0])
+            if root in free and layer.name in graph.groups[root].producers:
+                cfg[width_key(layer)] = max(1, round(graph.groups[root].size * width))
         return cfg
 
     k.utils.set_random_seed(seed)

@@ -6,17 +6,20 @@ size.
 
 How it works (algorithm in numpy, Keras only to read the graph and rebuild it):
 
-1. **Channel groups.** Walking the graph, every Conv2D/Dense output starts a *group* of channels.
-   Channel-wise layers pass their input's group through: BatchNormalization (gamma/beta/mean/var are
-   sliced), DepthwiseConv2D with ``depth_multiplier=1`` (its kernel/bias are sliced: its channels follow
-   its input), pooling, GlobalAveragePooling2D/GlobalMaxPooling2D, Dropout, Activation/ReLU/LeakyReLU,
-   ZeroPadding2D. ``Flatten`` turns a group of C channels over P positions into P·C features, element
-   ``pos·C + c`` (Keras flattens NHWC channels-last); a Dense after it keeps rows ``pos·C + kept_c``.
-2. **Residual ``Add``.** All tensors feeding one Add are merged into one group (union-find): every
-   producer of the group keeps the *same* channel set, chosen by the sum of the producers' scores, each
-   normalised by its mean so that no layer dominates by scale. A group tied to the model input (an
-   identity shortcut from the input), to a model output (the classifier), to a channel-mixing layer
-   (Softmax) or to a grouped/depth-multiplied convolution is *left unpruned*.
+1. **Channel groups.** Walking the graph, every Conv1D/2D/3D, Conv*DTranspose, Dense and Embedding output
+   starts a *group* of channels. Channel-wise layers pass their input's group through: BatchNormalization
+   (gamma/beta/mean/var are sliced), DepthwiseConv with ``depth_multiplier=1`` (its kernel/bias are
+   sliced: its channels follow its input), pooling, global pooling, dropout, ReLU-like activations,
+   padding, cropping, upsampling. ``Flatten`` turns a group of C channels over P positions into P·C
+   features, element ``pos·C + c`` (Keras flattens channels-last); a Dense after it keeps rows
+   ``pos·C + kept_c``. ``Concatenate`` on the last axis puts its inputs' groups side by side.
+2. **Element-wise merges** (Add, Multiply, Average, ...). All tensors feeding one merge are tied into one
+   group (union-find): every producer of the group keeps the *same* channel set, chosen by the sum of the
+   producers' scores, each normalised by its mean so that no layer dominates by scale. A group tied to a
+   model input or output, or consumed by a *barrier*, is *left unpruned*: a barrier is any layer this
+   module cannot slice (attention, LayerNormalization, recurrent layers, Softmax, Reshape, nested models,
+   grouped or depth-multiplied convolutions...). It is copied unchanged and the rest of the model is
+   still pruned; the report lists every group left alone and why.
 3. **Importance.** ``l1``: the L1 norm of each output filter (Conv2D) or weight column (Dense); when a
    BatchNormalization alone consumes the layer, the L1 norm of the folded kernel (× ``|γ|/√(σ²+ε)``),
    since BN rescales every channel and the raw kernel's norm then says nothing about its size.
@@ -32,7 +35,8 @@ How it works (algorithm in numpy, Keras only to read the graph and rebuild it):
    validation split restoring the best epoch. Measurements and the before/after table: see
    :mod:`compressor.finetune`.
 
-Any other layer type raises :class:`UnsupportedLayerError`; the final classifier's outputs are never pruned.
+A model in which no group can be pruned raises :class:`UnsupportedLayerError`; model outputs are never
+pruned.
 ReLU6 is ``ReLU(max_value=6)`` or ``Activation("relu6")``: both are channel-wise and pass through.
 """
 
@@ -61,13 +65,13 @@ _SOURCES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class UnsupportedLayerError(CompressorError):
-    """A layer type structured pruning (or width scaling) does not know how to handle."""
+    """A model, or one of its layers, that structured pruning (or width scaling) cannot handle."""
 
-    def __init__(self, layer_name: str, class_name: str, detail: str = "") -> None:
+    def __init__(self, layer_name: str, class_name: str, detail: str = "", *, message: str = "") -> None:
         self.layer_name = layer_name
         self.class_name = class_name
         msg = f"structured pruning does not support layer {layer_name!r} of class {class_name}"
-        super().__init__(f"{msg}: {detail}" if detail else msg)
+        super().__init__(message or (f"{msg}: {detail}" if detail else msg))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ class PruneReport:
 
 
 def l1_scores(kernel: np.ndarray) -> np.ndarray:
-    """L1 norm of each output channel of a Conv2D (kh, kw, in, out) or Dense (in, out) kernel."""
+    """L1 norm of each output channel (last axis) of a kernel: Conv (…, in, out), Dense (in, out)."""
     return np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
 
 
@@ -169,79 +173,159 @@ class _Group:
 
 @dataclass(frozen=True, slots=True)
 class _Info:
-    """What a tensor's last axis holds: ``positions`` × the channels of ``group``."""
+    """What a tensor's last axis holds: ``positions`` × the channels of ``parts`` (several groups side by
+    side after a Concatenate; one group otherwise)."""
 
-    group: int
+    parts: tuple[int, ...]
     positions: int = 1
+
+    @property
+    def group(self) -> int:
+        """The one group of a tensor that is not a concatenation (a producer's output)."""
+        if len(self.parts) != 1:
+            raise CompressorError("internal: a concatenated tensor has no single channel group")
+        return self.parts[0]
 
 
 _PASS_THROUGH = (
+    "MaxPooling1D",
     "MaxPooling2D",
+    "MaxPooling3D",
+    "AveragePooling1D",
     "AveragePooling2D",
+    "AveragePooling3D",
     "Dropout",
+    "SpatialDropout1D",
     "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
     "ReLU",
     "LeakyReLU",
+    "ELU",
+    "ZeroPadding1D",
     "ZeroPadding2D",
+    "ZeroPadding3D",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "UpSampling1D",
+    "UpSampling2D",
+    "UpSampling3D",
     "Identity",
 )
-_GLOBAL_POOL = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+_GLOBAL_POOL = (
+    "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D",
+    "GlobalAveragePooling3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+)
+_ELEMENTWISE = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+_Key = tuple[str, int]  # (layer name, output index): one tensor of the graph
+
+
+def _is_conv(layer: Any) -> bool:
+    """A plain (not depthwise, separable or transposed) 1-D, 2-D or 3-D convolution."""
+    k = keras()
+    return isinstance(layer, k.layers.Conv1D | k.layers.Conv2D | k.layers.Conv3D) and type(
+        layer
+    ).__name__ in ("Conv1D", "Conv2D", "Conv3D", "Convolution1D", "Convolution2D", "Convolution3D")
+
+
+def _is_conv_transpose(layer: Any) -> bool:
+    return type(layer).__name__ in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+
+
+def _kernel_axes(layer: Any) -> tuple[int | None, int]:
+    """(input-channel axis or None, output-channel axis) of a producer's kernel: Conv (…, in, out), Dense
+    (in, out), transposed Conv (…, out, in), Embedding (vocabulary, out)."""
+    if _is_conv_transpose(layer):
+        return -1, -2
+    if type(layer).__name__ == "Embedding":
+        return None, -1
+    return -2, -1
+
+
+def width_key(layer: Any) -> str:
+    """The config entry holding a producer's output channels."""
+    cfg = layer.get_config()
+    for key in ("units", "filters", "output_dim"):
+        if key in cfg:
+            return key
+    raise UnsupportedLayerError(layer.name, type(layer).__name__, "has no channel count in its config")
+
+
+def _take(array: np.ndarray, axis: int, idx: np.ndarray | None) -> np.ndarray:
+    return array if idx is None else np.take(array, idx, axis=axis)
 
 
 class _Graph:
-    """Producer/consumer structure of a single-input Sequential or functional model (first call node)."""
+    """Producer/consumer structure of a Sequential or functional model (each layer's first call).
+
+    Conv1D/2D/3D, Conv*DTranspose, Dense and Embedding produce channels that can be pruned; channel-wise
+    layers pass their input's channels through; element-wise merges tie their inputs' channels together;
+    Concatenate (last axis) puts them side by side. Any other layer (attention, normalisation across
+    channels, recurrent layers, reshapes, nested models...) is a *barrier*: it is copied unchanged, and the
+    channels it consumes and produces are left unpruned (reported), so the rest of the model still is.
+    """
 
     def __init__(self, model: Any) -> None:
         k = keras()
         self.model = model
         inputs = getattr(model, "inputs", None)
-        if not inputs or len(inputs) != 1:
-            raise CompressorError("structured pruning needs a built model with exactly one Input")
-        self.input_layer = inputs[0]._keras_history[0]
+        if not inputs:
+            raise CompressorError("structured pruning needs a built model: build it with keras.Input first")
+        self.inputs = [t._keras_history[0].name for t in inputs]
         self.layers: list[Any] = [
             layer for layer in model.layers if not isinstance(layer, k.layers.InputLayer)
         ]
-        by_id = {id(layer): layer for layer in self.layers}
-        self.parents: dict[str, list[str | None]] = {}  # None = the model input
+        self.by_name = {layer.name: layer for layer in self.layers}
+        self.parents: dict[str, list[_Key]] = {}
         for layer in self.layers:
-            if isinstance(layer, k.Model):
-                raise UnsupportedLayerError(
-                    layer.name, type(layer).__name__, "nested models are not supported"
-                )
-            try:
-                tensors = k.tree.flatten(layer.input)
-            except (AttributeError, ValueError) as err:
+            nodes = getattr(layer, "_inbound_nodes", [])
+            own = [n for n in nodes if n.arguments is not None and n.arguments.keras_tensors]
+            if not own:
                 raise CompressorError(
                     f"layer {layer.name!r} has no input: build the model with keras.Input first"
-                ) from err
-            parents: list[str | None] = []
-            for t in tensors:
-                op = t._keras_history[0]
-                parents.append(op.name if id(op) in by_id else None)
-            self.parents[layer.name] = parents
-        self.by_name = {layer.name: layer for layer in self.layers}
+                )
+            if len(own) > 1 and layer.get_weights():
+                raise UnsupportedLayerError(layer.name, type(layer).__name__, "a shared layer (called twice)")
+            self.parents[layer.name] = [
+                (t._keras_history[0].name, int(t._keras_history[2])) for t in own[0].arguments.keras_tensors
+            ]
+        known = set(self.by_name) | set(self.inputs)
+        for name, parents in self.parents.items():
+            if any(p not in known for p, _ in parents):
+                raise CompressorError(f"layer {name!r} reads a tensor from outside the model")
         self.children: dict[str, list[str]] = {layer.name: [] for layer in self.layers}
         for name, parents in self.parents.items():
-            for p in parents:
-                if p is not None:
+            for p, _ in parents:
+                if p in self.children:
                     self.children[p].append(name)
         self.order = self._topological()
-        self.outputs = [t._keras_history[0].name for t in model.outputs]
+        self.outputs: list[_Key] = [
+            (t._keras_history[0].name, int(t._keras_history[2])) for t in model.outputs
+        ]
         self.groups: list[_Group] = []
         self.parent_of: list[int] = []
-        self.info: dict[str | None, _Info] = {}
+        self.tensors: dict[_Key, _Info] = {}
+        self.info: dict[str, _Info] = {}  # a layer's (first) output
         self.in_info: dict[str, list[_Info]] = {}
         self._analyse()
 
     def _topological(self) -> list[str]:
         names = [layer.name for layer in self.layers]
-        done: set[str] = set()
+        done: set[str] = set(self.inputs)
         order: list[str] = []
         while len(order) < len(names):
             progressed = False
             for name in names:
-                if name not in done and all(p is None or p in done for p in self.parents[name]):
+                if name not in done and all(p in done for p, _ in self.parents[name]):
                     done.add(name)
                     order.append(name)
                     progressed = True
@@ -267,7 +351,7 @@ class _Graph:
             return ra
         ga, gb = self.groups[ra], self.groups[rb]
         if ga.size != gb.size:
-            raise CompressorError(f"Add of tensors with {ga.size} and {gb.size} channels")
+            raise CompressorError(f"internal: merging channel groups of {ga.size} and {gb.size}")
         self.parent_of[rb] = ra
         ga.producers += gb.producers
         ga.fixed += gb.fixed
@@ -276,81 +360,111 @@ class _Graph:
     def fix(self, g: int, reason: str) -> None:
         self.groups[self.find(g)].fixed.append(reason)
 
+    def fix_all(self, info: _Info, reason: str) -> None:
+        for g in info.parts:
+            self.fix(g, reason)
+
     def group(self, g: int) -> _Group:
         return self.groups[self.find(g)]
 
+    def sizes(self, info: _Info) -> list[int]:
+        return [self.group(g).size for g in info.parts]
+
+    def _fixed_tensor(self, size: int, reason: str) -> _Info:
+        return _Info((self._new_group(size, fixed=reason),))
+
+    def _barrier(self, name: str, layer: Any, ins: list[_Info], why: str) -> list[_Info]:
+        """Channels into and out of ``layer`` left alone; its outputs start fixed groups."""
+        reason = f"{name} ({type(layer).__name__}) {why}"
+        for i in ins:
+            self.fix_all(i, reason)
+        outs = []
+        for t in keras().tree.flatten(layer.output):
+            last = t.shape[-1] if len(t.shape) else 1
+            outs.append(self._fixed_tensor(int(last) if last is not None else 0, reason))
+        return outs
+
     def _analyse(self) -> None:
-        k = keras()
-        in_channels = int(self.model.inputs[0].shape[-1])
-        self.info[None] = _Info(self._new_group(in_channels, fixed="the model input"))
+        for name, t in zip(self.inputs, self.model.inputs, strict=True):
+            last = t.shape[-1] if len(t.shape) else 1
+            self.tensors[(name, 0)] = self._fixed_tensor(int(last or 0), "the model input")
         for name in self.order:
             layer = self.by_name[name]
-            cls = type(layer).__name__
-            ins = [self.info[p] for p in self.parents[name]]
+            ins = [self.tensors[p] for p in self.parents[name]]
             self.in_info[name] = ins
-            first = ins[0]
+            outs = self._step(name, layer, ins)
+            for i, info in enumerate(outs):
+                self.tensors[(name, i)] = info
+            self.info[name] = outs[0]
+        for key in self.outputs:
+            self.fix_all(self.tensors[key], f"model output {key[0]!r} (model outputs are never pruned)")
 
-            def needs_unflattened(first: _Info = first, name: str = name, cls: str = cls) -> None:
-                if first.positions != 1:
-                    raise UnsupportedLayerError(name, cls, "after a Flatten")
+    def _step(self, name: str, layer: Any, ins: list[_Info]) -> list[_Info]:
+        """The output(s) of one layer, from its inputs (module docstring)."""
+        k = keras()
+        cls = type(layer).__name__
+        first = ins[0]
+        channels_last = getattr(layer, "data_format", "channels_last") in ("channels_last", None)
+        if not channels_last:
+            return self._barrier(name, layer, ins, "is channels_first")
+        if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
+            if first.positions != 1:
+                return self._barrier(name, layer, ins, "follows a Flatten")
+            if layer.depth_multiplier == 1:
+                return [first]
+            return self._barrier(name, layer, ins, f"has depth_multiplier={layer.depth_multiplier}")
+        if _is_conv(layer) or _is_conv_transpose(layer):
+            if first.positions != 1:
+                return self._barrier(name, layer, ins, "follows a Flatten")
+            if getattr(layer, "groups", 1) != 1:
+                return self._barrier(name, layer, ins, "is a grouped convolution")
+            return [_Info((self._new_group(layer.filters, producer=name),))]
+        if isinstance(layer, k.layers.Dense):
+            return [_Info((self._new_group(layer.units, producer=name),))]
+        if cls == "Embedding":
+            return [_Info((self._new_group(layer.output_dim, producer=name),))]
+        if isinstance(layer, k.layers.BatchNormalization):
+            axis = layer.axis if isinstance(layer.axis, int) else None
+            if axis not in (-1, len(layer.input.shape) - 1):
+                return self._barrier(name, layer, ins, "normalises another axis than the last")
+            return [first]
+        if cls in _GLOBAL_POOL:
+            if first.positions != 1:
+                return self._barrier(name, layer, ins, "follows a Flatten")
+            return [first]
+        if cls == "Flatten":
+            shape = layer.input.shape
+            if any(d is None for d in shape[1:]):
+                return self._barrier(name, layer, ins, "has a dynamic input shape")
+            return [_Info(first.parts, first.positions * math.prod(int(d) for d in shape[1:-1]))]
+        if cls in _PASS_THROUGH:
+            return [first]
+        if cls == "Activation":
+            act = getattr(layer.activation, "__name__", str(layer.activation))
+            if act in _CHANNEL_MIXING_ACTIVATIONS:
+                return self._barrier(name, layer, ins, f"applies {act} across channels")
+            return [first]
+        if cls == "Softmax":
+            return self._barrier(name, layer, ins, "applies softmax across channels")
+        if cls in _ELEMENTWISE:
+            return self._merge(name, layer, ins)
+        if cls == "Concatenate":
+            rank = len(layer.output.shape)
+            if layer.axis not in (-1, rank - 1) or any(i.positions != 1 for i in ins):
+                return self._barrier(name, layer, ins, "does not join channels on the last axis")
+            return [_Info(tuple(g for i in ins for g in i.parts))]
+        return self._barrier(name, layer, ins, "is not channel-wise")
 
-            if isinstance(layer, k.layers.DepthwiseConv2D):
-                needs_unflattened()
-                if layer.depth_multiplier == 1:
-                    out = first
-                else:
-                    self.fix(first.group, f"{name}: depth_multiplier={layer.depth_multiplier}")
-                    size = self.group(first.group).size * layer.depth_multiplier
-                    out = _Info(self._new_group(size, fixed=f"{name}: depth_multiplier"))
-            elif isinstance(layer, k.layers.Conv2D) and cls in ("Conv2D", "Convolution2D"):
-                needs_unflattened()
-                if layer.groups != 1:
-                    self.fix(first.group, f"{name}: grouped convolution")
-                    out = _Info(self._new_group(layer.filters, fixed=f"{name}: grouped convolution"))
-                else:
-                    out = _Info(self._new_group(layer.filters, producer=name))
-            elif isinstance(layer, k.layers.Dense):
-                out = _Info(self._new_group(layer.units, producer=name))
-            elif isinstance(layer, k.layers.BatchNormalization):
-                axis = layer.axis if isinstance(layer.axis, int) else None
-                rank = len(layer.input.shape)
-                if axis not in (-1, rank - 1):
-                    raise UnsupportedLayerError(name, cls, "only channels-last (axis=-1) is supported")
-                out = first
-            elif cls in _GLOBAL_POOL:
-                needs_unflattened()
-                if getattr(layer, "data_format", "channels_last") != "channels_last":
-                    raise UnsupportedLayerError(name, cls, "only channels_last is supported")
-                out = first
-            elif cls == "Flatten":
-                shape = layer.input.shape
-                if any(d is None for d in shape[1:]):
-                    raise UnsupportedLayerError(name, cls, "needs a static input shape")
-                out = _Info(first.group, first.positions * math.prod(int(d) for d in shape[1:-1]))
-            elif cls in _PASS_THROUGH:
-                if getattr(layer, "data_format", "channels_last") != "channels_last":
-                    raise UnsupportedLayerError(name, cls, "only channels_last is supported")
-                out = first
-            elif cls == "Activation":
-                act = getattr(layer.activation, "__name__", str(layer.activation))
-                if act in _CHANNEL_MIXING_ACTIVATIONS:
-                    self.fix(first.group, f"{name}: {act} mixes channels")
-                out = first
-            elif cls == "Softmax":
-                self.fix(first.group, f"{name}: softmax mixes channels")
-                out = first
-            elif cls == "Add":
-                if len({i.positions for i in ins}) != 1:
-                    raise UnsupportedLayerError(name, cls, "inputs flattened differently")
-                g = ins[0].group
-                for other in ins[1:]:
-                    g = self._union(g, other.group)
-                out = _Info(g, first.positions)
-            else:
-                raise UnsupportedLayerError(name, cls)
-            self.info[name] = out
-        for name in self.outputs:
-            self.fix(self.info[name].group, f"model output {name!r} (classifier outputs are never pruned)")
+    def _merge(self, name: str, layer: Any, ins: list[_Info]) -> list[_Info]:
+        """Element-wise merge: inputs with the same channel layout share one channel set, part by part."""
+        layouts = {(tuple(self.sizes(i)), i.positions) for i in ins}
+        if len(layouts) != 1 or any(len(t.shape) == 0 for t in keras().tree.flatten(layer.input)):
+            return self._barrier(name, layer, ins, "merges tensors of different channel layouts")
+        first = ins[0]
+        parts = list(first.parts)
+        for other in ins[1:]:
+            parts = [self._union(a, b) for a, b in zip(parts, other.parts, strict=True)]
+        return [_Info(tuple(parts), first.positions)]
 
     def prunable_roots(self) -> list[int]:
         roots = sorted({self.find(i) for i in range(len(self.groups))})
@@ -364,13 +478,25 @@ class _Graph:
                 out.append(f"{', '.join(g.producers)}: {'; '.join(dict.fromkeys(g.fixed))}")
         return out
 
-    def index(self, info: _Info, kept: Mapping[int, np.ndarray]) -> np.ndarray:
-        """Indices kept along the last axis of a tensor described by ``info``."""
-        root = self.find(info.group)
-        size = self.groups[root].size
-        if root not in kept:
-            return np.arange(size * info.positions)
-        return expand_positions(kept[root], size, info.positions)
+    def index(self, info: _Info, kept: Mapping[int, np.ndarray]) -> np.ndarray | None:
+        """Indices kept along the last axis of a tensor described by ``info`` (None: all of them)."""
+        roots = [self.find(g) for g in info.parts]
+        if not any(r in kept for r in roots):
+            return None
+        pieces, offset = [], 0
+        for r in roots:
+            size = self.groups[r].size
+            pieces.append(np.asarray(kept[r] if r in kept else np.arange(size)) + offset)
+            offset += size
+        channels = np.concatenate(pieces)
+        if info.positions == 1:
+            return channels
+        return expand_positions(channels, offset, info.positions)
+
+    def width(self, name: str, kept: Mapping[int, np.ndarray]) -> int:
+        """Output channels a producer keeps."""
+        idx = self.index(self.info[name], kept)
+        return self.group(self.info[name].group).size if idx is None else len(idx)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -410,7 +536,13 @@ def _importance(
 ) -> dict[str, np.ndarray]:
     if criterion == "l1":
         return {
-            n: l1_scores(np.asarray(graph.by_name[n].get_weights()[0])) * _bn_scale(graph, n) for n in names
+            n: l1_scores(
+                np.moveaxis(
+                    np.asarray(graph.by_name[n].get_weights()[0]), _kernel_axes(graph.by_name[n])[1], -1
+                )
+            )
+            * _bn_scale(graph, n)
+            for n in names
         }
     if criterion != "taylor":
         raise ValueError(f"unknown importance criterion {criterion!r}; use 'l1' or 'taylor'")
@@ -458,42 +590,54 @@ def _plan(
 
 
 def _slice_weights(graph: _Graph, name: str, kept: Mapping[int, np.ndarray]) -> list[np.ndarray]:
-    k = keras()
+    """``name``'s weights with the pruned channels removed (unchanged for a barrier layer)."""
     layer = graph.by_name[name]
     weights = [np.asarray(w) for w in layer.get_weights()]
+    return _select_channels(graph, name, weights, kept, _take)
+
+
+def _select_channels(
+    graph: _Graph,
+    name: str,
+    weights: list[np.ndarray],
+    kept: Mapping[int, np.ndarray],
+    apply: Callable[[np.ndarray, int, np.ndarray | None], np.ndarray],
+) -> list[np.ndarray]:
+    """``apply(weight, axis, kept indices)`` along every channel axis of ``name``'s weights: the one walk
+    both slicing (prune_structured) and zeroing (zero_pruned_channels) take."""
     if not weights:
         return weights
-    ins = graph.in_info[name]
-    in_idx = graph.index(ins[0], kept)
-    if isinstance(layer, k.layers.DepthwiseConv2D):
-        return [weights[0][:, :, in_idx, :], *(w[in_idx] for w in weights[1:])]
-    if isinstance(layer, k.layers.BatchNormalization):
-        return [w[in_idx] for w in weights]
+    layer = graph.by_name[name]
+    cls = type(layer).__name__
+    in_idx = graph.index(graph.in_info[name][0], kept)
+    if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):  # channel-wise: kernel (…, C, 1), bias (C,)
+        return [apply(weights[0], -2, in_idx), *(apply(w, 0, in_idx) for w in weights[1:])]
+    if cls == "BatchNormalization":
+        return [apply(w, 0, in_idx) for w in weights]
+    if name not in graph.group(graph.info[name].parts[0]).producers:
+        if in_idx is not None or graph.index(graph.info[name], kept) is not None:
+            raise UnsupportedLayerError(name, cls, "has weights it cannot slice")  # pragma: no cover
+        return weights  # a barrier (or a weightless channel-wise layer): left as it is
     out_idx = graph.index(graph.info[name], kept)
-    if isinstance(layer, k.layers.Conv2D):
-        return [weights[0][:, :, in_idx, :][..., out_idx], *(w[out_idx] for w in weights[1:])]
-    if isinstance(layer, k.layers.Dense):
-        return [weights[0][in_idx][:, out_idx], *(w[out_idx] for w in weights[1:])]
-    raise UnsupportedLayerError(name, type(layer).__name__, "has weights it cannot slice")
+    in_axis, out_axis = _kernel_axes(layer)
+    kernel = apply(weights[0], out_axis, out_idx)
+    if in_axis is not None:
+        kernel = apply(kernel, in_axis, in_idx)
+    return [kernel, *(apply(w, 0, out_idx) for w in weights[1:])]
 
 
 def _rebuild(graph: _Graph, config_for: Callable[[Any], dict], name_suffix: str) -> Any:
     """A new model with the same topology, each layer created from ``config_for(layer)``."""
     k = keras()
-    model = graph.model
-    spec = model.inputs[0]
-    new_layers = {n: type(graph.by_name[n]).from_config(config_for(graph.by_name[n])) for n in graph.order}
-    if isinstance(model, k.Sequential):
-        inp = k.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype)
-        layers = [inp, *(new_layers[layer.name] for layer in graph.layers)]
-        return k.Sequential(layers, name=f"{model.name}{name_suffix}")
-    inp = k.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name=graph.input_layer.name)
-    tensors: dict[str | None, Any] = {None: inp}
-    for n in graph.order:
-        args = [tensors[p] for p in graph.parents[n]]
-        tensors[n] = new_layers[n](args if len(args) > 1 else args[0])
-    outputs = [tensors[n] for n in graph.outputs]
-    return k.Model(inp, outputs if len(outputs) > 1 else outputs[0], name=f"{model.name}{name_suffix}")
+
+    def clone(layer: Any) -> Any:
+        if isinstance(layer, k.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        return type(layer).from_config(config_for(layer))
+
+    model = k.models.clone_model(graph.model, clone_function=clone)
+    model.name = f"{graph.model.name}{name_suffix}"
+    return model
 
 
 def prune_structured(
@@ -503,27 +647,33 @@ def prune_structured(
     data: TrainData | None = None,
     min_channels: int = 1,
 ) -> tuple[Any, PruneReport]:
-    """Keep ``round(keep·C)`` (≥ ``min_channels``) output channels of every prunable Conv2D/Dense layer.
+    """Keep ``round(keep·C)`` (≥ ``min_channels``) output channels of every prunable producer (Conv, Dense,
+    transposed Conv, Embedding).
 
     Returns a new, narrower, uncompiled model (same layer names) and a :class:`PruneReport`. The input
-    model is not modified. Residual groups (tensors meeting in an ``Add``) keep one shared channel set.
+    model is not modified. Channels tied by an element-wise merge keep one shared channel set; channels
+    next to a layer pruning cannot handle are kept (``PruneReport.unpruned_groups`` says why).
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if min_channels < 1:
         raise ValueError("min_channels must be ≥ 1")
-    k = keras()
     from compressor.models import count_macs, count_params
 
     graph = _Graph(model)
+    if not graph.prunable_roots():
+        why = "; ".join(graph.unpruned_reasons()) or "it has no Conv, Dense or Embedding layer"
+        raise UnsupportedLayerError(
+            model.name,
+            type(model).__name__,
+            message=f"structured pruning finds no channels to prune in {model.name!r}: {why}",
+        )
     kept = _plan(graph, keep, criterion, data, min_channels)
 
     def config_for(layer: Any) -> dict:
         cfg = dict(layer.get_config())
-        if isinstance(layer, k.layers.Conv2D) and not isinstance(layer, k.layers.DepthwiseConv2D):
-            cfg["filters"] = len(graph.index(graph.info[layer.name], kept))
-        elif isinstance(layer, k.layers.Dense):
-            cfg["units"] = len(graph.index(graph.info[layer.name], kept))
+        if layer.name in graph.info and layer.name in graph.group(graph.info[layer.name].parts[0]).producers:
+            cfg[width_key(layer)] = graph.width(layer.name, kept)
         return cfg
 
     new_model = _rebuild(graph, config_for, "_pruned")
@@ -537,11 +687,11 @@ def prune_structured(
     kept_channels: dict[str, tuple[int, ...]] = {}
     for n in graph.order:
         layer = graph.by_name[n]
-        if n in graph.group(graph.info[n].group).producers:
+        group = graph.group(graph.info[n].parts[0])
+        if n in group.producers:
             idx = graph.index(graph.info[n], kept)
-            kept_channels[n] = tuple(int(i) for i in idx)
-            before = graph.group(graph.info[n].group).size
-            layers.append(LayerPrune(n, type(layer).__name__, before, len(idx)))
+            kept_channels[n] = tuple(int(i) for i in (np.arange(group.size) if idx is None else idx))
+            layers.append(LayerPrune(n, type(layer).__name__, group.size, len(kept_channels[n])))
     report = PruneReport(
         keep=keep,
         criterion=criterion,
@@ -567,8 +717,10 @@ def pruned_from(model: Any) -> Any | None:
 def zero_pruned_channels(model: Any, report: PruneReport) -> Any:
     """A copy of ``model`` whose pruned channels are zeroed: their filters and their downstream weights.
 
-    The reference the pruned model must match exactly before fine-tuning: for every Conv2D/Dense the
-    filters not kept (kernel columns and bias) and the input rows fed by pruned channels are set to 0.
+    The reference the pruned model must match exactly before fine-tuning: for every producer the filters
+    not kept (kernel slices and bias) and the input rows fed by pruned channels are set to 0, and the
+    channel-wise layers (BatchNormalization, depthwise) between them keep only the kept channels' values
+    (a zeroed BN channel would add its beta back).
     """
     k = keras()
     graph = _Graph(model)
@@ -577,25 +729,24 @@ def zero_pruned_channels(model: Any, report: PruneReport) -> Any:
         root = graph.find(graph.info[name].group)
         if len(idx) < graph.groups[root].size:
             kept[root] = np.asarray(idx, dtype=int)
+
+    def zero_outside(w: np.ndarray, axis: int, idx: np.ndarray | None) -> np.ndarray:
+        if idx is None:
+            return w
+        mask = np.zeros(w.shape[axis], dtype=bool)
+        mask[idx] = True
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        return np.where(mask.reshape(shape), w, 0.0).astype(w.dtype)
+
     clone = k.models.clone_model(model)
     clone.set_weights(model.get_weights())
     for n in graph.order:
         layer = graph.by_name[n]
-        if isinstance(layer, k.layers.DepthwiseConv2D) or not isinstance(
-            layer, k.layers.Conv2D | k.layers.Dense
-        ):
-            continue
+        if n not in graph.group(graph.info[n].parts[0]).producers:
+            continue  # channel-wise layers keep their values: a pruned channel is 0 wherever it comes from
         weights = [np.array(w) for w in layer.get_weights()]
-        in_size = weights[0].shape[-2]
-        in_mask = np.zeros(in_size, dtype=bool)
-        in_mask[graph.index(graph.in_info[n][0], kept)] = True
-        out_mask = np.zeros(weights[0].shape[-1], dtype=bool)
-        out_mask[graph.index(graph.info[n], kept)] = True
-        weights[0][..., ~in_mask, :] = 0.0
-        weights[0][..., ~out_mask] = 0.0
-        for w in weights[1:]:
-            w[~out_mask] = 0.0
-        clone.get_layer(n).set_weights(weights)
+        clone.get_layer(n).set_weights(_select_channels(graph, n, weights, kept, zero_outside))
     return clone
 
 

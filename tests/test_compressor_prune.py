@@ -250,9 +250,80 @@ def test_unsupported_layer_is_named() -> None:
             k.layers.Dense(3, activation="softmax"),
         ]
     )
-    with pytest.raises(UnsupportedLayerError, match=r"'reshape'.*Reshape") as info:
+    with pytest.raises(
+        UnsupportedLayerError, match=r"no channels to prune.*reshape \(Reshape\) is not channel"
+    ) as info:
         prune_structured(model, 0.5)
     assert isinstance(info.value, CompressorError)
+
+
+def _exact(model: Any, x: Any, keep: float = 0.5) -> tuple[Any, Any]:
+    """Prune ``model`` and check the pruned model computes what the original does with the pruned
+    channels zeroed (every output, every input form)."""
+    pruned, report = prune_structured(model, keep)
+    reference = zero_pruned_channels(model, report)
+    got, want = pruned(x, training=False), reference(x, training=False)
+    got = got if isinstance(got, list | tuple) else [got]
+    want = want if isinstance(want, list | tuple) else [want]
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(np.asarray(g) - np.asarray(w)).max() < 1e-4
+    assert pruned.count_params() < model.count_params()
+    return pruned, report
+
+
+def test_text_model_embedding_conv1d_and_attention_barrier() -> None:
+    """Embedding and Conv1D are pruned; a LayerNormalization/attention block is a barrier kept whole, and
+    the layers around it are still pruned."""
+    k = _keras()
+    k.utils.set_random_seed(3)
+    tokens = k.Input((12,), dtype="int32")
+    e = k.layers.Embedding(50, 16, name="emb")(tokens)
+    c = k.layers.Conv1D(24, 3, padding="same", activation="relu", name="conv1d")(e)
+    c = k.layers.MaxPooling1D(2)(c)
+    h = k.layers.Dense(16, name="proj")(c)
+    a = k.layers.MultiHeadAttention(2, 8, name="mha")(h, h)
+    h = k.layers.LayerNormalization(name="ln")(k.layers.Add()([h, a]))
+    h = k.layers.Dense(32, activation="relu", name="ffn")(h)
+    h = k.layers.GlobalAveragePooling1D()(h)
+    out = k.layers.Dense(4, activation="softmax", name="out")(h)
+    model = k.Model(tokens, out)
+    x = np.random.default_rng(0).integers(0, 50, (8, 12)).astype(np.int32)
+    pruned, report = _exact(model, x)
+    assert pruned.get_layer("emb").output_dim == 8
+    assert pruned.get_layer("conv1d").filters == 12
+    assert pruned.get_layer("ffn").units == 16
+    assert pruned.get_layer("proj").units == 16  # feeds the attention block: kept
+    assert any("mha (MultiHeadAttention) is not channel-wise" in why for why in report.unpruned_groups)
+
+
+def test_unet_concatenate_transpose_and_two_inputs() -> None:
+    """Two inputs, a skip connection by Concatenate, Conv2DTranspose, a Multiply gate and two outputs."""
+    k = _keras()
+    k.utils.set_random_seed(4)
+    img = k.Input((8, 8, 3), name="img")
+    meta = k.Input((5,), name="meta")
+    d1 = k.layers.Conv2D(8, 3, padding="same", activation="relu", name="d1")(img)
+    d2 = k.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="d2")(d1)
+    gate = k.layers.Dense(16, activation="sigmoid", name="gate")(meta)
+    d2 = k.layers.Multiply(name="mul")([d2, k.layers.Reshape((1, 1, 16))(gate)])
+    u1 = k.layers.Conv2DTranspose(8, 2, strides=2, name="up")(d2)
+    cat = k.layers.Concatenate(name="cat")([u1, d1])
+    h = k.layers.BatchNormalization(name="bn")(cat)
+    h = k.layers.Conv2D(12, 3, padding="same", activation="relu", name="mix")(h)
+    mask = k.layers.Conv2D(1, 1, activation="sigmoid", name="mask")(h)
+    score = k.layers.Dense(1, name="score")(k.layers.GlobalAveragePooling2D()(h))
+    model = k.Model([img, meta], [mask, score])
+    rng = np.random.default_rng(0)
+    x = [rng.random((4, 8, 8, 3), dtype=np.float32), rng.random((4, 5), dtype=np.float32)]
+    pruned, _ = _exact(model, x)
+    assert pruned.get_layer("d1").filters == 4 and pruned.get_layer("up").filters == 4
+    assert pruned.get_layer("mix").filters == 6
+    assert pruned.get_layer("bn").get_weights()[0].shape == (8,)  # 4 + 4 concatenated channels
+    assert pruned.get_layer("mix").get_weights()[0].shape[2] == 8
+    # the gate is reshaped before the Multiply (a barrier): d2 and gate keep their 16 channels
+    assert pruned.get_layer("d2").filters == 16 and pruned.get_layer("gate").units == 16
+    assert pruned.get_layer("mask").filters == 1 and pruned.get_layer("score").units == 1
+    assert [t.name for t in pruned.inputs] == ["img", "meta"]
 
 
 def test_bad_arguments() -> None:
