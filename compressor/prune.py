@@ -286,9 +286,15 @@ class _Graph:
         ]
         self.by_name = {layer.name: layer for layer in self.layers}
         self.parents: dict[str, list[_Key]] = {}
+        # the nodes of this model's graph (a layer also has nodes from other models built on it)
+        graph_nodes = getattr(model, "_nodes", None) or getattr(
+            getattr(model, "_functional", None), "_nodes", None
+        )
         for layer in self.layers:
             nodes = getattr(layer, "_inbound_nodes", [])
             own = [n for n in nodes if n.arguments is not None and n.arguments.keras_tensors]
+            if graph_nodes:
+                own = [n for n in own if n in graph_nodes] or own[:1]
             if not own:
                 raise CompressorError(
                     f"layer {layer.name!r} has no input: build the model with keras.Input first"
