@@ -55,13 +55,13 @@ class KerasBuilder(Builder):
         self.deterministic = deterministic
 
     def transformed(self, steps: list[Any]) -> tuple[Any, list[str]]:
-        from compressor.convert import MODEL_TRANSFORMS, NeedsLabelsError
+        from compressor.convert import LABEL_FREE_TRANSFORMS, MODEL_TRANSFORMS, NeedsLabelsError
 
-        if steps and self.ctx.data.task != "classification":
-            kinds = ", ".join(s.kind for s in steps)
+        labelled_only = [s.kind for s in steps if s.kind not in LABEL_FREE_TRANSFORMS]
+        if labelled_only and self.ctx.data.task != "classification":
             raise NeedsLabelsError(
-                f"{kinds} fine-tunes on class labels; this model has none (generic task), so only "
-                "post-training quantization applies"
+                f"{', '.join(labelled_only)} fine-tunes on class labels; this model has none (generic task): "
+                f"{' and '.join(sorted(LABEL_FREE_TRANSFORMS))} fine-tune toward the float model's outputs"
             )
         keys = tuple(s.model_dump_json() for s in steps)
         for i in range(1, len(keys) + 1):

@@ -69,9 +69,25 @@ def _epoch_logger(ctx: TransformContext, label: str, epochs: int) -> list[Any]:
 def _prune(step: PruneStep, model: Any, ctx: TransformContext) -> tuple[Any, list[str]]:
     from compressor.prune import fine_tune, prune_structured
 
-    pruned, report = prune_structured(model, step.keep, step.criterion, data=ctx.data)
+    generic = ctx.data.task != "classification"
+    if generic and step.criterion == "taylor":
+        raise NeedsLabelsError("the taylor criterion weighs channels by the label loss; use criterion = 'l1'")
+    pruned, report = prune_structured(model, step.keep, step.criterion, data=None if generic else ctx.data)
     notes = [line.strip() for line in report.summary().splitlines()[:1]]
-    if step.fine_tune_epochs:
+    if step.fine_tune_epochs and generic:
+        from compressor.output_distill import fit_to_teacher
+
+        done = fit_to_teacher(
+            pruned,
+            model,
+            ctx.data,
+            step.fine_tune_epochs,
+            learning_rate=step.learning_rate,
+            seed=ctx.seed,
+            callbacks=_epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", step.fine_tune_epochs),
+        )
+        notes.append(f"{done.summary()} toward the unpruned model's outputs (no labels)")
+    elif step.fine_tune_epochs:
         fine_tune(
             pruned,
             ctx.data,
@@ -116,6 +132,20 @@ def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any,
         from compressor.sparsity import _copy
 
         student, origin = _copy(model), "the current model as student"
+    if ctx.data.task != "classification":
+        from compressor.output_distill import fit_to_teacher
+
+        ctx.progress(f"distill: {origin}, {step.epochs} epochs toward the teacher's outputs (no labels)")
+        done = fit_to_teacher(
+            student,
+            ctx.teacher,
+            ctx.data,
+            step.epochs,
+            seed=ctx.seed,
+            patience=None,
+            callbacks=_epoch_logger(ctx, "distill", step.epochs),
+        )
+        return student, [f"{origin}: {done.summary()} toward the teacher's outputs (no labels)"]
     ctx.progress(f"distill: {origin}, {step.epochs} epochs, T={step.temperature:g} alpha={step.alpha:g}")
     out, report = distill(
         ctx.teacher,
@@ -130,6 +160,9 @@ def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any,
         ctx.progress(f"distill: epoch {i + 1}/{step.epochs} loss {loss:.4f}")
     return out, [f"{origin}: {report.summary()}"]
 
+
+# transforms that also work without labels (fine-tuned toward the float model's outputs)
+LABEL_FREE_TRANSFORMS = frozenset({"prune", "distill"})
 
 MODEL_TRANSFORMS: dict[str, Transform] = {
     "prune": _prune,

@@ -140,9 +140,10 @@ def _load(model_or_path: Any) -> Any:
 def make_student(
     teacher: Any, width: float, *, seed: int = 0, init: Literal["pruned", "random"] = "random"
 ) -> Any:
-    """The teacher's architecture with every Conv2D ``filters`` / Dense ``units`` × ``width`` (≥ 1). Not
-    scaled: the classifier outputs and channels tied to the model input or output (the same groups
-    :mod:`compressor.prune` refuses to prune); layers meeting in an ``Add`` stay equal.
+    """The teacher's architecture with every prunable producer's channels (Conv ``filters``, Dense
+    ``units``, Embedding ``output_dim``) × ``width`` (≥ 1). Not scaled: the channels
+    :mod:`compressor.prune` leaves alone (model inputs and outputs, next to a layer it cannot slice);
+    layers tied by an element-wise merge stay equal.
 
     ``init="random"`` (default): fresh weights (seeded); ``init="pruned"`` (``width`` ≤ 1): the teacher's
     own weights, structurally pruned to the student's widths, BN statistics included.

@@ -105,24 +105,32 @@ def batchnorm_layers(model: Any) -> list[Any]:
 
 
 def recalibrate_batchnorm(
-    model: Any, x: np.ndarray, *, samples: int = DEFAULT_BN_SAMPLES, batch_size: int = BN_BATCH, seed: int = 0
+    model: Any,
+    x: np.ndarray | Sequence[np.ndarray],
+    *,
+    samples: int = DEFAULT_BN_SAMPLES,
+    batch_size: int = BN_BATCH,
+    seed: int = 0,
 ) -> int:
-    """Re-estimate every BN layer's moving mean/variance on up to ``samples`` rows of ``x``.
+    """Re-estimate every BN layer's moving mean/variance on up to ``samples`` rows of ``x`` (an array, or
+    one array per input of a model with several).
 
     Forward passes in training mode, no weight update: with momentum ``i/(i+1)`` at batch ``i`` the moving
     statistics become the plain average of the batch statistics. Returns the number of BN layers updated.
     """
+    xs = [x] if isinstance(x, np.ndarray) else list(x)
     layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
-    if not layers or len(x) == 0:
+    if not layers or len(xs[0]) == 0:
         return 0
     rng = np.random.default_rng(seed)
-    rows = rng.permutation(len(x))[: min(samples, len(x))]
+    rows = rng.permutation(len(xs[0]))[: min(samples, len(xs[0]))]
     saved = [layer.momentum for layer in layers]
     try:
         for i, start in enumerate(range(0, len(rows), batch_size)):
             for layer in layers:
                 layer.momentum = i / (i + 1)  # read at call time in eager mode
-            model(x[rows[start : start + batch_size]], training=True)
+            batch = [a[rows[start : start + batch_size]] for a in xs]
+            model(batch[0] if len(batch) == 1 else batch, training=True)
     finally:
         for layer, momentum in zip(layers, saved, strict=True):
             layer.momentum = momentum
@@ -165,6 +173,44 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float((z.argmax(axis=1) == yi).mean()), float(-logp[np.arange(len(yi)), yi].mean())
 
 
+class BestKeeper:
+    """Early stopping: keeps the weights of the best-scoring epoch (from ``min_epoch`` on; scores compare as
+    tuples, higher is better) and says when ``patience`` epochs passed without improvement."""
+
+    def __init__(self, model: Any, *, min_epoch: int, patience: int | None) -> None:
+        self.model = model
+        self.min_epoch = min_epoch
+        self.patience = patience
+        self.best_epoch = 0
+        self.best_score: tuple[float, ...] | None = None
+        self.weights: list[Any] | None = None
+        self.since_best = 0
+
+    def offer(self, epoch: int, score: tuple[float, ...]) -> None:
+        if epoch < self.min_epoch:
+            return
+        if self.best_score is None or score > self.best_score:
+            self.best_epoch, self.best_score, self.weights, self.since_best = (
+                epoch,
+                score,
+                self.model.get_weights(),
+                0,
+            )
+        else:
+            self.since_best += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def restore(self) -> int | None:
+        """Put the best epoch's weights back; its number, or None when no epoch was kept."""
+        if self.weights is None:
+            return None
+        self.model.set_weights(self.weights)
+        return self.best_epoch
+
+
 # --------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -180,7 +226,13 @@ class FineTuneReport:
 
     def summary(self) -> str:
         val = self.history.get("val_accuracy")
-        best = f", best val accuracy {val[self.best_epoch]:.4f} at epoch {self.best_epoch}" if val else ""
+        loss = self.history.get("val_loss")
+        if val:
+            best = f", best val accuracy {val[self.best_epoch]:.4f} at epoch {self.best_epoch}"
+        elif loss:
+            best = f", best val loss {loss[self.best_epoch]:.4f} at epoch {self.best_epoch}"
+        else:
+            best = ""
         return (
             f"fine-tuned {self.epochs_run} epochs{' (early stop)' if self.stopped_early else ''}"
             f"{' with distillation' if self.distilled else ''}{best}"
@@ -285,14 +337,13 @@ def fine_tune(
     cb = k.callbacks.CallbackList(list(callbacks), model=model)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
     settle(0)
-    best_epoch, best_score, best_weights = 0, (-math.inf, -math.inf), None
+    keeper = BestKeeper(model, min_epoch=min_epoch, patience=patience)
     if val is not None:
         acc, vloss = evaluate(model, *val)
         history["val_accuracy"], history["val_loss"] = [acc], [vloss]
-        if min_epoch <= 0:
-            best_score, best_weights = (acc, -vloss), model.get_weights()
+        keeper.offer(0, (acc, -vloss))
     rng = np.random.default_rng(seed)
-    step, since_best, epochs_run, stopped = 0, 0, 0, False
+    step, epochs_run, stopped = 0, 0, False
     cb.on_train_begin()
     for epoch in range(1, epochs + 1):
         cb.on_epoch_begin(epoch - 1)
@@ -326,24 +377,14 @@ def fine_tune(
             history["val_accuracy"].append(acc)
             history["val_loss"].append(vloss)
             logs.update(val_accuracy=acc, val_loss=vloss)
-            if epoch >= min_epoch and (acc, -vloss) > best_score:
-                best_epoch, best_score, best_weights, since_best = (
-                    epoch,
-                    (acc, -vloss),
-                    model.get_weights(),
-                    0,
-                )
-            elif epoch >= min_epoch:
-                since_best += 1
+            keeper.offer(epoch, (acc, -vloss))
         cb.on_epoch_end(epoch - 1, logs)
-        if val is not None and patience is not None and since_best >= patience and epoch < epochs:
+        if val is not None and keeper.exhausted and epoch < epochs:
             stopped = True
             break
     cb.on_train_end()
-    if val is None or best_weights is None or not restore_best:
-        best_epoch = epochs_run
-    else:
-        model.set_weights(best_weights)
+    best = keeper.restore() if val is not None and restore_best else None
+    best_epoch = epochs_run if best is None else best
     model.compile(
         optimizer=k.optimizers.Adam(learning_rate),
         loss=loss if loss is not None else classifier_loss(model),

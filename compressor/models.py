@@ -90,9 +90,10 @@ def progress_callback(progress: Callable[[str], None] | None, epochs: int, label
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             logs = logs or {}
             if progress is not None:
+                val = "val_accuracy" if "val_accuracy" in logs or "val_loss" not in logs else "val_loss"
                 progress(
                     f"{label}: epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.4f} "
-                    f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}"
+                    f"{val} {logs.get(val, float('nan')):.4f}"
                 )
 
     return ProgressCallback()

@@ -632,16 +632,40 @@ def _select_channels(
     return [kernel, *(apply(w, 0, out_idx) for w in weights[1:])]
 
 
+def clone_uncompiled(model: Any, clone_function: Callable[[Any], Any] | None = None) -> Any:
+    """``keras.models.clone_model`` without its compile step.
+
+    Keras recompiles a compiled functional clone from the compile config, which raises on a user's
+    unregistered custom loss or metric ("Could not locate function"); the transforms compile what they
+    train themselves, so the clone needs no compile state.
+    """
+    k = keras()
+    compiled = getattr(model, "compiled", False)
+    try:
+        model.compiled = False
+        return k.models.clone_model(model, clone_function=clone_function or _fresh_or_shared)
+    finally:
+        model.compiled = compiled
+
+
+def _fresh_or_shared(layer: Any) -> Any:
+    """A new layer from ``layer``'s config; a layer without weights (Reshape, Rescaling, a Lambda...) is
+    shared as is: nothing of it can change, and a Lambda's Python function may not survive its config."""
+    if not layer.weights and not isinstance(layer, keras().layers.InputLayer):
+        return layer
+    return type(layer).from_config(layer.get_config())
+
+
 def _rebuild(graph: _Graph, config_for: Callable[[Any], dict], name_suffix: str) -> Any:
     """A new model with the same topology, each layer created from ``config_for(layer)``."""
     k = keras()
 
     def clone(layer: Any) -> Any:
-        if isinstance(layer, k.layers.InputLayer):
-            return layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, k.layers.InputLayer) or not layer.weights:
+            return _fresh_or_shared(layer)
         return type(layer).from_config(config_for(layer))
 
-    model = k.models.clone_model(graph.model, clone_function=clone)
+    model = clone_uncompiled(graph.model, clone)
     model.name = f"{graph.model.name}{name_suffix}"
     return model
 
@@ -728,7 +752,6 @@ def zero_pruned_channels(model: Any, report: PruneReport) -> Any:
     channel-wise layers (BatchNormalization, depthwise) between them keep only the kept channels' values
     (a zeroed BN channel would add its beta back).
     """
-    k = keras()
     graph = _Graph(model)
     kept: dict[int, np.ndarray] = {}
     for name, idx in report.kept_channels.items():
@@ -745,7 +768,7 @@ def zero_pruned_channels(model: Any, report: PruneReport) -> Any:
         shape[axis] = -1
         return np.where(mask.reshape(shape), w, 0.0).astype(w.dtype)
 
-    clone = k.models.clone_model(model)
+    clone = clone_uncompiled(model)
     clone.set_weights(model.get_weights())
     for n in graph.order:
         layer = graph.by_name[n]

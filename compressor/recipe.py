@@ -118,16 +118,17 @@ class PruneStep(Base):
     """Structured channel pruning (really narrower layers), then fine-tuning."""
 
     kind: Literal["prune"]
-    keep: float = Field(gt=0, le=1, description="fraction of Conv2D filters / Dense units kept")
+    keep: float = Field(gt=0, le=1, description="fraction of the output channels (filters, units) kept")
     search: bool = Field(
         default=False,
         description='keep = "search": the smallest keep of compressor.budget.KEEP_GRID within the budget',
     )
     criterion: Literal["l1", "taylor"] = "l1"
     fine_tune_epochs: int = Field(default=4, ge=0)
-    # Peak of the warm-up + cosine schedule (compressor.finetune.DEFAULT_LEARNING_RATE): the old fixed
-    # 5e-4 did not recover a pruned BN/depthwise network in 4 epochs.
-    learning_rate: float = Field(default=1e-2, gt=0)
+    # Peak of the warm-up + cosine schedule; unset: the task's default (classification:
+    # compressor.finetune.DEFAULT_LEARNING_RATE, 1e-2, as the old fixed 5e-4 did not recover a pruned
+    # BN/depthwise network in 4 epochs; no labels: compressor.output_distill.DEFAULT_OUTPUT_LEARNING_RATE).
+    learning_rate: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -231,8 +231,9 @@ def magnitude_targets(model: Any) -> list[Any]:
 
 
 def _copy(model: Any) -> Any:
-    k = keras()
-    clone = k.models.clone_model(model)
+    from compressor.prune import clone_uncompiled
+
+    clone = clone_uncompiled(model)
     clone.set_weights(model.get_weights())
     return clone
 

@@ -72,7 +72,9 @@ def test_every_task_compresses_from_keras(dev: dict[str, Any], name: str, tmp_pa
     for v in shipped_int8:
         blob = (tmp_path / "b" / v.file).read_bytes()
         assert graph_stats(blob).int8_weights, v.id
-        assert v.metrics.named["cosine"] > 0.95, (v.id, v.metrics.named)
+        # a pruned model is a smaller network fine-tuned toward the float outputs, not a rounding of it
+        floor = 0.9 if v.id.startswith("prune") else 0.95
+        assert v.metrics.named["cosine"] > floor, (v.id, v.metrics.named)
         assert v.output_tolerance is not None and v.sample is not None
     # every variant's sample carries its inputs and this file's own outputs
     with np.load(tmp_path / "b" / f"{manifest.baseline}.sample.npz") as npz:

@@ -297,12 +297,14 @@ def test_text_model_embedding_conv1d_and_attention_barrier() -> None:
 
 
 def test_unet_concatenate_transpose_and_two_inputs() -> None:
-    """Two inputs, a skip connection by Concatenate, Conv2DTranspose, a Multiply gate and two outputs."""
+    """Two inputs, a Lambda, a skip connection by Concatenate, Conv2DTranspose, a Multiply gate and two
+    outputs."""
     k = _keras()
     k.utils.set_random_seed(4)
     img = k.Input((8, 8, 3), name="img")
     meta = k.Input((5,), name="meta")
-    d1 = k.layers.Conv2D(8, 3, padding="same", activation="relu", name="d1")(img)
+    scaled = k.layers.Lambda(lambda t: t * 2.0 - 1.0, name="scale")(k.layers.Rescaling(0.5)(img))
+    d1 = k.layers.Conv2D(8, 3, padding="same", activation="relu", name="d1")(scaled)
     d2 = k.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="d2")(d1)
     gate = k.layers.Dense(16, activation="sigmoid", name="gate")(meta)
     d2 = k.layers.Multiply(name="mul")([d2, k.layers.Reshape((1, 1, 16))(gate)])
