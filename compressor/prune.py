@@ -260,6 +260,11 @@ def width_key(layer: Any) -> str:
     raise UnsupportedLayerError(layer.name, type(layer).__name__, "has no channel count in its config")
 
 
+def _weights(op: Any) -> list[Any]:
+    """A layer's weights; none for a Keras op applied to tensors (``x + y``)."""
+    return list(op.get_weights()) if isinstance(op, keras().layers.Layer) else []
+
+
 def _take(array: np.ndarray, axis: int, idx: np.ndarray | None) -> np.ndarray:
     return array if idx is None else np.take(array, idx, axis=axis)
 
@@ -281,9 +286,9 @@ class _Graph:
         if not inputs:
             raise CompressorError("structured pruning needs a built model: build it with keras.Input first")
         self.inputs = [t._keras_history[0].name for t in inputs]
-        self.layers: list[Any] = [
-            layer for layer in model.layers if not isinstance(layer, k.layers.InputLayer)
-        ]
+        # a functional model's operations include the Keras ops applied to tensors (``x + y``, ops.mean)
+        ops = getattr(model, "operations", None) or model.layers
+        self.layers: list[Any] = [op for op in ops if not isinstance(op, k.layers.InputLayer)]
         self.by_name = {layer.name: layer for layer in self.layers}
         self.parents: dict[str, list[_Key]] = {}
         # the nodes of this model's graph (a layer also has nodes from other models built on it)
@@ -299,7 +304,7 @@ class _Graph:
                 raise CompressorError(
                     f"layer {layer.name!r} has no input: build the model with keras.Input first"
                 )
-            if len(own) > 1 and layer.get_weights():
+            if len(own) > 1 and _weights(layer):
                 raise UnsupportedLayerError(layer.name, type(layer).__name__, "a shared layer (called twice)")
             self.parents[layer.name] = [
                 (t._keras_history[0].name, int(t._keras_history[2])) for t in own[0].arguments.keras_tensors
@@ -598,7 +603,7 @@ def _plan(
 def _slice_weights(graph: _Graph, name: str, kept: Mapping[int, np.ndarray]) -> list[np.ndarray]:
     """``name``'s weights with the pruned channels removed (unchanged for a barrier layer)."""
     layer = graph.by_name[name]
-    weights = [np.asarray(w) for w in layer.get_weights()]
+    weights = [np.asarray(w) for w in _weights(layer)]
     return _select_channels(graph, name, weights, kept, _take)
 
 
@@ -651,8 +656,8 @@ def clone_uncompiled(model: Any, clone_function: Callable[[Any], Any] | None = N
 def _fresh_or_shared(layer: Any) -> Any:
     """A new layer from ``layer``'s config; a layer without weights (Reshape, Rescaling, a Lambda...) is
     shared as is: nothing of it can change, and a Lambda's Python function may not survive its config."""
-    if not layer.weights and not isinstance(layer, keras().layers.InputLayer):
-        return layer
+    if not _weights(layer) and not isinstance(layer, keras().layers.InputLayer):
+        return layer  # also a Keras op applied to tensors (x + y): not a layer, nothing to re-create
     return type(layer).from_config(layer.get_config())
 
 
@@ -661,7 +666,7 @@ def _rebuild(graph: _Graph, config_for: Callable[[Any], dict], name_suffix: str)
     k = keras()
 
     def clone(layer: Any) -> Any:
-        if isinstance(layer, k.layers.InputLayer) or not layer.weights:
+        if isinstance(layer, k.layers.InputLayer) or not _weights(layer):
             return _fresh_or_shared(layer)
         return type(layer).from_config(config_for(layer))
 

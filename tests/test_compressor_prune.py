@@ -282,9 +282,11 @@ def test_text_model_embedding_conv1d_and_attention_barrier() -> None:
     c = k.layers.MaxPooling1D(2)(c)
     h = k.layers.Dense(16, name="proj")(c)
     a = k.layers.MultiHeadAttention(2, 8, name="mha")(h, h)
-    h = k.layers.LayerNormalization(name="ln")(k.layers.Add()([h, a]))
+    h = k.layers.LayerNormalization(name="ln")(h + a)  # a Keras op in the graph, not a layer
     h = k.layers.Dense(32, activation="relu", name="ffn")(h)
     h = k.layers.GlobalAveragePooling1D()(h)
+    h = k.layers.Dense(8, activation="relu", name="head")(h)
+    h = k.ops.sqrt(k.ops.square(h) + 1.0)  # Keras ops outside the known set: a barrier
     out = k.layers.Dense(4, activation="softmax", name="out")(h)
     model = k.Model(tokens, out)
     x = np.random.default_rng(0).integers(0, 50, (8, 12)).astype(np.int32)
@@ -292,6 +294,7 @@ def test_text_model_embedding_conv1d_and_attention_barrier() -> None:
     assert pruned.get_layer("emb").output_dim == 8
     assert pruned.get_layer("conv1d").filters == 12
     assert pruned.get_layer("ffn").units == 16
+    assert pruned.get_layer("head").units == 8  # feeds the ops: kept
     assert pruned.get_layer("proj").units == 16  # feeds the attention block: kept
     assert any("mha (MultiHeadAttention) is not channel-wise" in why for why in report.unpruned_groups)
 
