@@ -260,6 +260,15 @@ def width_key(layer: Any) -> str:
     raise UnsupportedLayerError(layer.name, type(layer).__name__, "has no channel count in its config")
 
 
+def _only_unit_axes(layer: Any) -> bool:
+    """A reshape that adds or drops axes of size 1 around the channels, (N, C) <-> (N, 1, 1, C): the
+    squeeze-and-excitation pattern; channels pass through unchanged."""
+    shapes = [layer.input.shape, layer.output.shape]
+    if any(s[-1] is None or any(d is None for d in s[1:-1]) for s in shapes):
+        return False
+    return shapes[0][-1] == shapes[1][-1] and all(math.prod(s[1:-1]) == 1 for s in shapes)
+
+
 def _weights(op: Any) -> list[Any]:
     """A layer's weights; none for a Keras op applied to tensors (``x + y``)."""
     return list(op.get_weights()) if isinstance(op, keras().layers.Layer) else []
@@ -448,7 +457,7 @@ class _Graph:
             if any(d is None for d in shape[1:]):
                 return self._barrier(name, layer, ins, "has a dynamic input shape")
             return [_Info(first.parts, first.positions * math.prod(int(d) for d in shape[1:-1]))]
-        if cls in _PASS_THROUGH:
+        if cls in _PASS_THROUGH or (cls == "Reshape" and _only_unit_axes(layer)):
             return [first]
         if cls == "Activation":
             act = getattr(layer.activation, "__name__", str(layer.activation))
@@ -662,13 +671,27 @@ def _fresh_or_shared(layer: Any) -> Any:
 
 
 def _rebuild(graph: _Graph, config_for: Callable[[Any], dict], name_suffix: str) -> Any:
-    """A new model with the same topology, each layer created from ``config_for(layer)``."""
+    """A new model with the same topology, each layer created from ``config_for(layer)`` (a producer's new
+    width in its config); a unit-axes Reshape follows the width of the channels it carries."""
     k = keras()
+    configs = {n: config_for(op) for n, op in graph.by_name.items() if isinstance(op, k.layers.Layer)}
+    widths: dict[int, int] = {}  # group root -> its channels after the rebuild
+    for n, cfg in configs.items():
+        parts = graph.info[n].parts
+        if len(parts) == 1 and n in graph.group(parts[0]).producers:
+            widths[graph.find(parts[0])] = int(cfg[width_key(graph.by_name[n])])
+    for n, cfg in configs.items():
+        if type(graph.by_name[n]).__name__ == "Reshape" and graph.info[n] == graph.in_info[n][0]:
+            channels = sum(widths.get(graph.find(g), graph.group(g).size) for g in graph.info[n].parts)
+            cfg["target_shape"] = (*tuple(cfg["target_shape"])[:-1], channels)
 
     def clone(layer: Any) -> Any:
-        if isinstance(layer, k.layers.InputLayer) or not _weights(layer):
+        cfg = configs.get(layer.name)
+        if isinstance(layer, k.layers.InputLayer) or cfg is None:
             return _fresh_or_shared(layer)
-        return type(layer).from_config(config_for(layer))
+        if not _weights(layer) and cfg == layer.get_config():
+            return layer  # weightless and unchanged: shared (see _fresh_or_shared)
+        return type(layer).from_config(cfg)
 
     model = clone_uncompiled(graph.model, clone)
     model.name = f"{graph.model.name}{name_suffix}"

@@ -300,8 +300,8 @@ def test_text_model_embedding_conv1d_and_attention_barrier() -> None:
 
 
 def test_unet_concatenate_transpose_and_two_inputs() -> None:
-    """Two inputs, a Lambda, a skip connection by Concatenate, Conv2DTranspose, a Multiply gate and two
-    outputs."""
+    """Two inputs, a Lambda, a skip connection by Concatenate, Conv2DTranspose, a squeeze-and-excitation
+    style gate and two outputs."""
     k = _keras()
     k.utils.set_random_seed(4)
     img = k.Input((8, 8, 3), name="img")
@@ -320,15 +320,30 @@ def test_unet_concatenate_transpose_and_two_inputs() -> None:
     model = k.Model([img, meta], [mask, score])
     rng = np.random.default_rng(0)
     x = [rng.random((4, 8, 8, 3), dtype=np.float32), rng.random((4, 5), dtype=np.float32)]
-    pruned, _ = _exact(model, x)
+    pruned, report = _exact(model, x)
     assert pruned.get_layer("d1").filters == 4 and pruned.get_layer("up").filters == 4
     assert pruned.get_layer("mix").filters == 6
     assert pruned.get_layer("bn").get_weights()[0].shape == (8,)  # 4 + 4 concatenated channels
     assert pruned.get_layer("mix").get_weights()[0].shape[2] == 8
-    # the gate is reshaped before the Multiply (a barrier): d2 and gate keep their 16 channels
-    assert pruned.get_layer("d2").filters == 16 and pruned.get_layer("gate").units == 16
+    # squeeze-and-excitation: the gate, reshaped (N, C) -> (N, 1, 1, C), multiplies d2 channel by channel:
+    # one channel set for both, and the Reshape's target follows it
+    assert pruned.get_layer("d2").filters == 8 and pruned.get_layer("gate").units == 8
+    assert report.kept_channels["d2"] == report.kept_channels["gate"]
     assert pruned.get_layer("mask").filters == 1 and pruned.get_layer("score").units == 1
     assert [t.name for t in pruned.inputs] == ["img", "meta"]
+
+
+@pytest.mark.parametrize("app", ["MobileNetV3Small", "EfficientNetB0"])
+def test_keras_applications_prune_exactly(app: str) -> None:
+    """Real architectures users bring: hard-swish, squeeze-and-excitation (Reshape + Multiply), Rescaling,
+    residual Adds, depthwise blocks; every group but the classifier's is pruned, exactly."""
+    k = _keras()
+    k.utils.set_random_seed(5)
+    model = getattr(k.applications, app)(weights=None, input_shape=(32, 32, 3), classes=5)
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32) * 255
+    _, report = _exact(model, x)
+    assert report.params_after < 0.4 * report.params_before
+    assert len(report.unpruned_groups) == 1, report.unpruned_groups  # the classifier only
 
 
 def test_bad_arguments() -> None:
