@@ -119,6 +119,37 @@ def load_keras_model(path: Path) -> Any:
         raise DataError(f"cannot load Keras model {str(path)!r}: {err}") from err
 
 
+def fix_free_dims(model: Any, data: Dataset) -> tuple[Any, list[str]]:
+    """``model`` with every free input dimension (``(None, None, 3)`` images, ``(None, F)`` sequences)
+    fixed to the shape of the data's rows, and a note per input fixed; ``model`` itself when nothing is
+    free. A .tflite for a device runs one shape: the one the compressor measured it on."""
+    k = keras()
+    shapes = [tuple(t.shape) for t in model.inputs]
+    if all(d is not None for shape in shapes for d in shape[1:]):
+        return model, []
+    free = ", ".join(f"{t.name} {tuple(t.shape[1:])}" for t in model.inputs)
+    if data.synthetic or len(data.train.inputs) != len(shapes):
+        raise DataError(
+            f"the model's inputs have free dimensions ({free}): give rows with --data or --calibration "
+            "FILE.npz so that the compressor can fix them to the shape the devices will run"
+        )
+    tensors, notes = [], []
+    for t, shape, rows in zip(model.inputs, shapes, data.train.inputs, strict=True):
+        fixed = tuple(int(d) for d in rows.shape[1:])
+        if len(fixed) != len(shape) - 1 or any(
+            d is not None and d != f for d, f in zip(shape[1:], fixed, strict=True)
+        ):
+            raise DataError(f"rows of shape {fixed} do not fit input {t.name} {tuple(shape[1:])}")
+        tensors.append(k.Input(shape=fixed, dtype=t.dtype, name=t.name))
+        if fixed != tuple(shape[1:]):
+            notes.append(f"input {t.name} {tuple(shape[1:])} fixed to {fixed} from the data rows")
+    from compressor.prune import clone_uncompiled
+
+    fixed_model = clone_uncompiled(model, input_tensors=tensors if len(tensors) > 1 else tensors[0])
+    fixed_model.set_weights(model.get_weights())
+    return fixed_model, notes
+
+
 def count_params(model: Any) -> int:
     return int(model.count_params())
 

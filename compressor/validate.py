@@ -210,6 +210,10 @@ class ModelIO:
 
         return f"inputs: {one(self.inputs)}; outputs: {one(self.outputs)}"
 
+    def free_dims(self) -> bool:
+        """True when an input has a free dimension besides the batch axis."""
+        return any(d == -1 for s in self.inputs for d in s.shape[1:])
+
 
 def keras_io(model: Any) -> ModelIO:
     inputs = getattr(model, "inputs", None)

@@ -307,3 +307,47 @@ def test_cli_unknown_recipe_key_exits_2_before_training(
     assert code == 2 and time.perf_counter() - start < FAST_S
     assert "steps[0].mod: unknown key; did you mean 'mode'?" in err and "epoch" not in err
     assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------- free input dimensions
+
+
+def _free_dims_segmenter(k: Any) -> Any:
+    inp = k.Input((None, None, 3), name="image")
+    h = k.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    return k.Model(inp, k.layers.Conv2D(2, 1, activation="softmax")(h), name="fcn")
+
+
+def test_free_input_dims_are_fixed_from_the_rows(keras_mod: Any, tmp_path: Path) -> None:
+    """A fully convolutional model with (None, None, 3) input: every variant is built and measured at the
+    shape of the rows given (a device runs one shape), and the report says so."""
+    from compressor.data import Rows
+    from compressor.pipeline import build_bundle
+
+    model = _free_dims_segmenter(keras_mod)
+    rng = np.random.default_rng(0)
+    rows = [Rows((rng.random((24, 20, 28, 3), dtype=np.float32),)) for _ in range(3)]
+    result = build_bundle(
+        model, Dataset("fcn", *rows), tmp_path / "b", variants=["float32", "int8"], latency_budget_s=0.05
+    )
+    by_id = {v.id: v for v in result.manifest.variants}
+    assert {"float32", "int8"} <= set(by_id), result.failures
+    for v in by_id.values():
+        assert v.inputs[0].shape == [1, 20, 28, 3] and v.outputs[0].shape == [1, 20, 28, 2]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "input image (None, None, 3) fixed to (20, 28, 3) from the data rows" in report
+    assert model.inputs[0].shape[1] is None  # the user's model is not changed
+
+
+def test_free_input_dims_without_rows_are_refused(keras_mod: Any, tmp_path: Path) -> None:
+    from compressor.pipeline import build_bundle
+
+    with pytest.raises(DataError, match=r"free dimensions.*--calibration FILE\.npz"):
+        build_bundle(_free_dims_segmenter(keras_mod), None, tmp_path / "b", latency_budget_s=0.05)
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(DataError, match="images cannot be sized"):
+        build_bundle(
+            _free_dims_segmenter(keras_mod), None, tmp_path / "b", calibration=images, latency_budget_s=0.05
+        )
+    assert not (tmp_path / "b").exists()
