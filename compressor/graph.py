@@ -44,6 +44,8 @@ class GraphStats:
     macs: int
     weight_types: tuple[str, ...]  # storage types of the counted weight tensors (filters only)
     tensor_types: tuple[str, ...]  # every tensor type in the file
+    # storage types of what the weighted ops (conv, fully connected...) compute: INT8 in a full-integer file
+    activation_types: tuple[str, ...] = ()
 
     @property
     def int8_weights(self) -> bool:
@@ -52,6 +54,11 @@ class GraphStats:
     @property
     def float16_weights(self) -> bool:
         return "FLOAT16" in self.weight_types
+
+    @property
+    def integer_activations(self) -> bool:
+        """The weighted ops compute in int8/int16: a full-integer quantized file."""
+        return bool({"INT8", "INT16"} & set(self.activation_types))
 
 
 def graph_stats(data: bytes) -> GraphStats:
@@ -71,12 +78,13 @@ def graph_stats(data: bytes) -> GraphStats:
         counted: dict[int, int] = {}  # buffer → elements of the weight tensor stored there
         weight_types: set[str] = set()
         all_types: set[str] = set()
+        activation_types: set[str] = set()
         macs = 0
         if model.SubgraphsLength() == 0:
             raise EvaluationError("not a readable .tflite flatbuffer: it has no subgraph")  # noqa: TRY301
         for g in range(model.SubgraphsLength()):
             graph = model.Subgraphs(g)
-            m, types = _subgraph(model, graph, codes, type_names, counted, weight_types)
+            m, types = _subgraph(model, graph, codes, type_names, counted, weight_types, activation_types)
             macs += m
             all_types |= types
         return GraphStats(
@@ -84,6 +92,7 @@ def graph_stats(data: bytes) -> GraphStats:
             macs=int(macs),
             weight_types=tuple(sorted(weight_types)),
             tensor_types=tuple(sorted(all_types)),
+            activation_types=tuple(sorted(activation_types)),
         )
     except EvaluationError:
         raise
@@ -98,6 +107,7 @@ def _subgraph(
     type_names: dict[int, str],
     counted: dict[int, int],
     weight_types: set[str],
+    activation_types: set[str],
 ) -> tuple[int, set[str]]:
     """One subgraph's MACs and tensor types; its weights are added to ``counted`` and ``weight_types``."""
     shapes = [
@@ -146,6 +156,7 @@ def _subgraph(
         if positions is None or not outs:
             continue
         weights, biases = positions
+        activation_types.add(types[outs[0]])
         found = None
         for pos in (*weights, *biases):
             src = source(ins[pos]) if pos < len(ins) else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.wire import OutputTolerance, version_tuple
+from agent.wire import OutputTolerance, Quantization, version_tuple
 from compressor.bundle import BuiltVariant, sample_accuracy, sample_npz
 from compressor.compat import OLDEST_SHIPPED_RUNTIME, inspect_tflite
 from compressor.data import Dataset, Rows
@@ -152,6 +152,16 @@ def missing_quantization(mode: str, stats: GraphStats) -> str | None:
     return f"the file has no {wanted.lower()} weight tensors (weights: {held})"
 
 
+def held_quantization(stats: GraphStats) -> Quantization:
+    """The wire label of what a file holds: full-integer, int8 weights with float compute (weight-only or
+    dynamic-range: the same weights), float16 weights, or float32."""
+    if stats.integer_activations:
+        return "int8"
+    if stats.int8_weights:
+        return "weight_only_int8"
+    return "float16" if stats.float16_weights else "none"
+
+
 def label_quantization(
     recipe: Recipe, stats: GraphStats, ev: Evaluation, baseline: BuiltVariant | None
 ) -> tuple[str, list[str]]:
@@ -160,8 +170,8 @@ def label_quantization(
     mode = recipe.quantize.mode
     label = recipe.quantization
     notes: list[str] = []
-    if mode == "float32" and stats.float16_weights and not stats.int8_weights:
-        label = "float16"  # an existing float16-weight file as the reference
+    if mode == "float32":
+        label = held_quantization(stats)  # the reference: an existing file may already be quantized
     elif missing_quantization(mode, stats) is not None:  # what the file really holds
         label = "weight_only_int8" if stats.int8_weights else "float16" if stats.float16_weights else "none"
     if baseline is None or mode == "float32":

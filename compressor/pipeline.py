@@ -86,6 +86,7 @@ from compressor.measure import (
     check_changed,
     compare_unstructured,
     evaluate_on_val,
+    held_quantization,
     measure,
 )
 from compressor.metrics import (
@@ -458,7 +459,9 @@ def build_bundle(
         met = any(j.passes_val and j.passes_test for j in judgements)
         trial_judgements = [c.judgement for c in candidates if c.judgement is not None]
         near = closest(judgements + trial_judgements)
-        if not met:
+        if not judgements:
+            report(f"nothing besides the baseline was built to hold to the budget ({budget.describe()})")
+        elif not met:
             closest_line = f"no variant meets the budget ({budget.describe()})" + (
                 f"; closest: {near.id}, {near.why}" if near is not None else ""
             )
@@ -737,7 +740,7 @@ def _custom_op_bundle(
         **blob_fields(builder.data),
         id="original",
         file="original.tflite",
-        quantization="float16" if builder.stats.float16_weights else "none",
+        quantization=held_quantization(builder.stats),
         inputs=inputs,
         outputs=outputs,
         metrics=HostMetrics(

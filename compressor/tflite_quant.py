@@ -1091,7 +1091,8 @@ def quantize_tflite(
     before = _int8_constants(model) + _int8_constants(model, _INT4)
     if not _module("ai_edge_quantizer.utils.tfl_flatbuffer_utils").is_float_model(model):
         raise ConversionError(
-            f"{mode} changed nothing: the input is already quantized ({before} int8/int4 weight tensors)"
+            f"the input is already quantized ({before} int8/int4 weight tensors): nothing left to quantize, "
+            "the original ships as is"
         )
     fixed = _normalize_opcodes(model)
     if fixed:

@@ -349,8 +349,36 @@ def test_expand_keras_float16_several_subgraphs(keras_tflite: dict[str, bytes]) 
 def test_already_int8_changed_nothing(keras_tflite: dict[str, bytes]) -> None:
     quantized, _ = quantize_tflite(keras_tflite["float32"], "dynamic_int8")
     for mode in ("weight_only_int8", "dynamic_int8"):
-        with pytest.raises(ConversionError, match="changed nothing"):
+        with pytest.raises(ConversionError, match=r"already quantized .*nothing left to quantize"):
             quantize_tflite(quantized, mode)
+
+
+def test_an_already_full_integer_file_ships_as_is_labelled_int8(
+    keras_tflite: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A user's full-integer .tflite: the original ships labelled int8 with the integer-compute device
+    tolerance (a float tolerance would fail its health check on another runtime); every quantizing
+    variant fails for one reason, reported once."""
+    from compressor.cli import failure_lines
+    from compressor.graph import graph_stats
+    from compressor.measure import INTEGER_COMPUTE_TOLERANCE
+    from compressor.pipeline import build_bundle
+
+    rows = _random_inputs(40, 1)
+    name = _interpreter(keras_tflite["float32"]).get_input_details()[0]["name"]
+    full, _ = quantize_tflite(keras_tflite["float32"], "int8", [{name: x} for x in rows])
+    assert graph_stats(full).integer_activations
+    assert not graph_stats(keras_tflite["float32"]).integer_activations
+    src = tmp_path / "int8.tflite"
+    src.write_bytes(full)
+    npz = tmp_path / "rows.npz"
+    np.savez(npz, x=np.concatenate(rows))
+    result = build_bundle(src, None, tmp_path / "b", calibration=npz, latency_budget_s=0.05)
+    (original,) = result.manifest.variants
+    assert original.quantization == "int8" and original.output_tolerance == INTEGER_COMPUTE_TOLERANCE
+    assert {f.variant for f in result.failures} == {"woint8", "dynint8", "int8", "mixed4"}
+    (line,) = failure_lines(result.failures)
+    assert "already quantized" in line and "woint8, dynint8, int8, mixed4" in line
 
 
 @pytest.mark.parametrize(
