@@ -335,8 +335,10 @@ def _build(
             recipe=recipe,
             **budget,
         )
-    if not args.model.is_file():
-        raise DataError(f"model file {str(args.model)!r} does not exist")
+    if args.model.suffix != ".tflite" or not args.model.is_file():
+        from compressor.models import check_keras_file
+
+        check_keras_file(args.model)  # one line on a missing file, a directory or a wrong format
     value_range = None
     if args.input_range:
         from compressor.images import parse_input_range

@@ -202,6 +202,7 @@ def evaluate_tflite(
         except (ValueError, RuntimeError) as err:
             raise EvaluationError(f"the model does not accept inputs of the data's shape: {err}") from err
     n = len(rows)
+    out_details = interpreter.get_output_details()  # free output dimensions follow the resized inputs
     results: list[np.ndarray] = [
         np.empty((n, *(int(v) for v in d["shape"][1:])), dtype=np.float32) for d in out_details
     ]

@@ -141,10 +141,23 @@ def _accumulate(
     for r, row in enumerate(rows):
         if len(row) != len(details):
             raise ConversionError(f"GPTQ row {r} has {len(row)} inputs, the file {len(details)}")
-        for d, value in zip(details, row, strict=True):
-            arr = np.asarray(value, dtype=d["dtype"])
-            if tuple(arr.shape) != tuple(d["shape"]):
-                arr = arr.reshape(d["shape"]) if arr.size == math.prod(d["shape"]) else arr
+        arrays = [np.asarray(value, dtype=d["dtype"]) for d, value in zip(details, row, strict=True)]
+        resized = False
+        for d, arr in zip(details, arrays, strict=True):
+            free = tuple(d.get("shape_signature", d["shape"]))
+            fits_free = len(arr.shape) == len(free) and all(
+                f in (-1, a) for f, a in zip(free, arr.shape, strict=True)
+            )
+            if tuple(arr.shape) != tuple(d["shape"]) and fits_free:
+                interpreter.resize_tensor_input(d["index"], list(arr.shape))  # a free dimension
+                resized = True
+        if resized:
+            interpreter.allocate_tensors()
+            details = interpreter.get_input_details()
+        for d, given in zip(details, arrays, strict=True):
+            arr = given
+            if tuple(arr.shape) != tuple(d["shape"]) and arr.size == math.prod(d["shape"]):
+                arr = arr.reshape(d["shape"])
             if tuple(arr.shape) != tuple(d["shape"]):
                 raise ConversionError(
                     f"GPTQ row {r}: input {d['name']!r} shape {arr.shape}, not {d['shape']}"

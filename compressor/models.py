@@ -99,19 +99,12 @@ def progress_callback(progress: Callable[[str], None] | None, epochs: int, label
     return ProgressCallback()
 
 
-def load_keras_model(path: Path) -> Any:
-    """Load a ``.keras`` file; a missing or unreadable file is a DataError."""
-    if not path.is_file():
-        raise DataError(f"model file {str(path)!r} does not exist")
-    if path.suffix != ".keras":
-        raise DataError(f"model file {str(path)!r} must be a Keras 3 .keras file")
-    import zipfile
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-    if not zipfile.is_zipfile(path):
-        raise DataError(
-            f"{str(path)!r} is not a Keras archive (a .keras file is a zip written by model.save); "
-            "re-save the model with model.save('model.keras')"
-        )
+
+def load_keras_model(path: Path) -> Any:
+    """Load a ``.keras`` file (or a legacy Keras ``.h5``); a missing or unreadable file is a DataError."""
+    check_keras_file(path)
     k = keras()
     try:
         return k.saving.load_model(path, compile=False)
@@ -119,35 +112,31 @@ def load_keras_model(path: Path) -> Any:
         raise DataError(f"cannot load Keras model {str(path)!r}: {err}") from err
 
 
-def fix_free_dims(model: Any, data: Dataset) -> tuple[Any, list[str]]:
-    """``model`` with every free input dimension (``(None, None, 3)`` images, ``(None, F)`` sequences)
-    fixed to the shape of the data's rows, and a note per input fixed; ``model`` itself when nothing is
-    free. A .tflite for a device runs one shape: the one the compressor measured it on."""
-    k = keras()
-    shapes = [tuple(t.shape) for t in model.inputs]
-    if all(d is not None for shape in shapes for d in shape[1:]):
-        return model, []
-    free = ", ".join(f"{t.name} {tuple(t.shape[1:])}" for t in model.inputs)
-    if data.synthetic or len(data.train.inputs) != len(shapes):
-        raise DataError(
-            f"the model's inputs have free dimensions ({free}): give rows with --data or --calibration "
-            "FILE.npz so that the compressor can fix them to the shape the devices will run"
+def check_keras_file(path: Path) -> None:
+    """A DataError naming the problem unless ``path`` is a readable .keras archive or .h5 file."""
+    if path.is_dir():
+        hint = (
+            "convert it with tf.lite.TFLiteConverter.from_saved_model and pass the .tflite"
+            if (path / "saved_model.pb").is_file()
+            else "pass a .keras, .h5 or .tflite file"
         )
-    tensors, notes = [], []
-    for t, shape, rows in zip(model.inputs, shapes, data.train.inputs, strict=True):
-        fixed = tuple(int(d) for d in rows.shape[1:])
-        if len(fixed) != len(shape) - 1 or any(
-            d is not None and d != f for d, f in zip(shape[1:], fixed, strict=True)
-        ):
-            raise DataError(f"rows of shape {fixed} do not fit input {t.name} {tuple(shape[1:])}")
-        tensors.append(k.Input(shape=fixed, dtype=t.dtype, name=t.name))
-        if fixed != tuple(shape[1:]):
-            notes.append(f"input {t.name} {tuple(shape[1:])} fixed to {fixed} from the data rows")
-    from compressor.prune import clone_uncompiled
+        raise DataError(f"{str(path)!r} is a directory, not a model file: {hint}")
+    if not path.is_file():
+        raise DataError(f"model file {str(path)!r} does not exist")
+    if path.suffix in (".h5", ".hdf5"):
+        with path.open("rb") as f:
+            if f.read(8) != _HDF5_SIGNATURE:
+                raise DataError(f"{str(path)!r} is not an HDF5 file (a legacy Keras .h5 model)")
+    elif path.suffix != ".keras":
+        raise DataError(f"model file {str(path)!r} must be a Keras .keras (or legacy .h5) file, or a .tflite")
+    else:
+        import zipfile
 
-    fixed_model = clone_uncompiled(model, input_tensors=tensors if len(tensors) > 1 else tensors[0])
-    fixed_model.set_weights(model.get_weights())
-    return fixed_model, notes
+        if not zipfile.is_zipfile(path):
+            raise DataError(
+                f"{str(path)!r} is not a Keras archive (a .keras file is a zip written by model.save); "
+                "re-save the model with model.save('model.keras')"
+            )
 
 
 def count_params(model: Any) -> int:

@@ -289,21 +289,17 @@ def build_bundle(
         io = keras_io(model)
         raw_model = model
     report(f"model: {io.describe()}")
-    if not is_tflite and calibration is not None and calibration.is_dir() and io.free_dims():
+    if calibration is not None and calibration.is_dir() and io.free_dims():
         raise DataError(
             f"the model's inputs have free dimensions ({io.describe()}): images cannot be sized to them; "
             "give --calibration FILE.npz or --data rows of the shape the devices will run"
         )
     data = _assemble_data(data, io, calibration, input_range, layout, seed, report, task)
-    if not is_tflite:
-        from compressor.models import fix_free_dims
-
-        model, fixed_notes = fix_free_dims(model, data)
-        for line in fixed_notes:
-            report(line)
-        if fixed_notes:
-            raw_model = model
-            data = dataclasses.replace(data, notes=(*data.notes, *fixed_notes))
+    if data.synthetic and io.free_dims():
+        raise DataError(
+            f"the model's inputs have free dimensions ({io.describe()}): give rows with --data or "
+            "--calibration FILE.npz of the shapes the devices will feed"
+        )
     data, io, sig = validate(raw_model, data)
     default_recipe = "tflite" if is_tflite else ("default" if data.task == "classification" else "generic")
     rf = _recipe(recipe, default_recipe)

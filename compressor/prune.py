@@ -646,9 +646,7 @@ def _select_channels(
     return [kernel, *(apply(w, 0, out_idx) for w in weights[1:])]
 
 
-def clone_uncompiled(
-    model: Any, clone_function: Callable[[Any], Any] | None = None, input_tensors: Any = None
-) -> Any:
+def clone_uncompiled(model: Any, clone_function: Callable[[Any], Any] | None = None) -> Any:
     """``keras.models.clone_model`` without its compile step.
 
     Keras recompiles a compiled functional clone from the compile config, which raises on a user's
@@ -659,9 +657,7 @@ def clone_uncompiled(
     compiled = getattr(model, "compiled", False)
     try:
         model.compiled = False
-        return k.models.clone_model(
-            model, input_tensors=input_tensors, clone_function=clone_function or _fresh_or_shared
-        )
+        return k.models.clone_model(model, clone_function=clone_function or _fresh_or_shared)
     finally:
         model.compiled = compiled
 

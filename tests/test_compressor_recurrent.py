@@ -24,7 +24,7 @@ def test_lstm_builds_what_applies_and_refuses_int8_in_one_line(tmp_path: Path) -
     k = keras()
     k.utils.set_random_seed(0)
     inp = k.Input((12, 16))
-    h = k.layers.Bidirectional(k.layers.LSTM(32))(inp)
+    h = k.layers.Bidirectional(k.layers.LSTM(32, name="lstm"))(inp)
     model = k.Model(inp, k.layers.Dense(2, activation="softmax")(h))
     assert recurrent_layers(model) == ["LSTM 'backward_lstm'", "LSTM 'forward_lstm'"]
     rng = np.random.default_rng(0)

@@ -318,9 +318,10 @@ def _free_dims_segmenter(k: Any) -> Any:
     return k.Model(inp, k.layers.Conv2D(2, 1, activation="softmax")(h), name="fcn")
 
 
-def test_free_input_dims_are_fixed_from_the_rows(keras_mod: Any, tmp_path: Path) -> None:
-    """A fully convolutional model with (None, None, 3) input: every variant is built and measured at the
-    shape of the rows given (a device runs one shape), and the report says so."""
+def test_free_input_dims_stay_free_and_are_measured_on_the_rows(keras_mod: Any, tmp_path: Path) -> None:
+    """A fully convolutional model with (None, None, 3) input keeps its free dimensions (-1 in the
+    manifest: a device resizes to what it feeds); every variant, the GPTQ int4 one included, is built and
+    measured on the rows' own shape."""
     from compressor.data import Rows
     from compressor.pipeline import build_bundle
 
@@ -328,15 +329,20 @@ def test_free_input_dims_are_fixed_from_the_rows(keras_mod: Any, tmp_path: Path)
     rng = np.random.default_rng(0)
     rows = [Rows((rng.random((24, 20, 28, 3), dtype=np.float32),)) for _ in range(3)]
     result = build_bundle(
-        model, Dataset("fcn", *rows), tmp_path / "b", variants=["float32", "int8"], latency_budget_s=0.05
+        model,
+        Dataset("fcn", *rows),
+        tmp_path / "b",
+        recipe="generic",
+        variants=["float32", "int8", "mixed4"],
+        latency_budget_s=0.05,
     )
     by_id = {v.id: v for v in result.manifest.variants}
-    assert {"float32", "int8"} <= set(by_id), result.failures
+    assert {"float32", "int8", "mixed4"} <= set(by_id), result.failures
     for v in by_id.values():
-        assert v.inputs[0].shape == [1, 20, 28, 3] and v.outputs[0].shape == [1, 20, 28, 2]
-    report = (tmp_path / "b" / "report.md").read_text()
-    assert "input image (None, None, 3) fixed to (20, 28, 3) from the data rows" in report
-    assert model.inputs[0].shape[1] is None  # the user's model is not changed
+        assert v.inputs[0].shape == [1, -1, -1, 3] and v.outputs[0].shape == [1, -1, -1, 2]
+        assert v.metrics.named["cosine"] > 0.99
+    with np.load(tmp_path / "b" / "int8.sample.npz") as sample:
+        assert sample["x"].shape[1:] == (20, 28, 3)
 
 
 def test_free_input_dims_without_rows_are_refused(keras_mod: Any, tmp_path: Path) -> None:
@@ -351,3 +357,30 @@ def test_free_input_dims_without_rows_are_refused(keras_mod: Any, tmp_path: Path
             _free_dims_segmenter(keras_mod), None, tmp_path / "b", calibration=images, latency_budget_s=0.05
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_legacy_h5_loads_and_other_model_paths_are_named(
+    keras_mod: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compressor.models import load_keras_model
+
+    model = _model()
+    model.save(tmp_path / "m.h5")
+    loaded = load_keras_model(tmp_path / "m.h5")
+    assert loaded.count_params() == model.count_params()
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "fake.h5").write_bytes(b"not hdf5")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    npz = _npz(tmp_path / "d.npz")
+    for path, needle in [
+        (saved, "is a directory, not a model file: convert it with tf.lite.TFLiteConverter.from_saved_model"),
+        (tmp_path / "fake.h5", "is not an HDF5 file"),
+        (tmp_path / "model.onnx", r"must be a Keras \.keras \(or legacy \.h5\) file, or a \.tflite"),
+        (tmp_path / "gone.tflite", "does not exist"),
+    ]:
+        code = _run_cli(["compress", "--model", str(path), "--data", str(npz), "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert code == 2 and re.search(needle, err), err
+        assert not (tmp_path / "b").exists()

@@ -438,7 +438,7 @@ def test_weight_only_int4_keras(keras_tflite: dict[str, bytes]) -> None:
         quantize_tflite(data, "weight_only_int4", int4_scopes=["no_such_op;"])
     with pytest.raises(ConversionError, match="need mode weight_only_int4"):
         quantize_tflite(data, "weight_only_int8", int4_scopes=[])
-    with pytest.raises(ConversionError, match="changed nothing"):
+    with pytest.raises(ConversionError, match="already quantized"):
         quantize_tflite(q, "weight_only_int4")
 
 
