@@ -53,7 +53,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true", help="train the seed CNN on the built-in digits set")
     src.add_argument(
-        "--model", type=Path, metavar="M", help="a Keras 3 .keras model, or a float .tflite, to compress"
+        "--model",
+        type=Path,
+        metavar="M",
+        help="a Keras .keras model (or legacy .h5), or a .tflite, to compress",
     )
     src.add_argument(
         "--check-recipe",
@@ -335,10 +338,9 @@ def _build(
             recipe=recipe,
             **budget,
         )
-    if args.model.suffix != ".tflite" or not args.model.is_file():
-        from compressor.models import check_keras_file
+    from compressor.models import check_model_path
 
-        check_keras_file(args.model)  # one line on a missing file, a directory or a wrong format
+    check_model_path(args.model)  # one line on a missing file, a directory or another format
     value_range = None
     if args.input_range:
         from compressor.images import parse_input_range

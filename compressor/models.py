@@ -112,8 +112,9 @@ def load_keras_model(path: Path) -> Any:
         raise DataError(f"cannot load Keras model {str(path)!r}: {err}") from err
 
 
-def check_keras_file(path: Path) -> None:
-    """A DataError naming the problem unless ``path`` is a readable .keras archive or .h5 file."""
+def check_model_path(path: Path) -> None:
+    """A DataError naming the problem unless ``path`` is an existing .keras, .h5 or .tflite file (what the
+    file holds is checked when it is read)."""
     if path.is_dir():
         hint = (
             "convert it with tf.lite.TFLiteConverter.from_saved_model and pass the .tflite"
@@ -123,12 +124,19 @@ def check_keras_file(path: Path) -> None:
         raise DataError(f"{str(path)!r} is a directory, not a model file: {hint}")
     if not path.is_file():
         raise DataError(f"model file {str(path)!r} does not exist")
+    if path.suffix not in (".keras", ".h5", ".hdf5", ".tflite"):
+        raise DataError(f"model file {str(path)!r} must be a Keras .keras (or legacy .h5) file, or a .tflite")
+
+
+def check_keras_file(path: Path) -> None:
+    """A DataError naming the problem unless ``path`` is a readable .keras archive or .h5 file."""
+    check_model_path(path)
     if path.suffix in (".h5", ".hdf5"):
         with path.open("rb") as f:
             if f.read(8) != _HDF5_SIGNATURE:
                 raise DataError(f"{str(path)!r} is not an HDF5 file (a legacy Keras .h5 model)")
     elif path.suffix != ".keras":
-        raise DataError(f"model file {str(path)!r} must be a Keras .keras (or legacy .h5) file, or a .tflite")
+        raise DataError(f"model file {str(path)!r} must be a Keras .keras (or legacy .h5) file")
     else:
         import zipfile
 
