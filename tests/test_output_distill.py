@@ -134,3 +134,28 @@ def test_labelled_only_transforms_still_refused_without_labels(
     (failure,) = result.failures
     assert "magnitude_prune fine-tunes on class labels" in str(failure)
     assert "distill and prune fine-tune toward the float model's outputs" in str(failure)
+
+
+def test_generic_distillation_trains_a_narrower_student(detector: tuple[Any, Any], tmp_path: Path) -> None:
+    """A distill step without labels: a half-width student trained toward the teacher's outputs."""
+    from compressor.graph import graph_stats
+    from compressor.pipeline import build_bundle
+
+    model, data = detector
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "r"\nbaseline = "float32"\n'
+        '[[variants]]\nid = "float32"\nsteps = [{ kind = "quantize", mode = "float32" }]\n'
+        '[[variants]]\nid = "student"\nsteps = [{ kind = "distill", width = 0.5, epochs = 4 },'
+        ' { kind = "quantize", mode = "float32" }]\n',
+        encoding="utf-8",
+    )
+    result = build_bundle(model, data, tmp_path / "b", recipe=str(recipe), latency_budget_s=0.05)
+    m = {v.id: v for v in result.manifest.variants}
+    assert "student" in m, result.failures
+    sizes = {vid: graph_stats((tmp_path / "b" / v.file).read_bytes()).params for vid, v in m.items()}
+    assert sizes["student"] < 0.5 * sizes["float32"]
+    assert (
+        m["student"].metrics.named["cosine"] > 0.5
+    )  # trained from scratch for 4 epochs: learning, not a copy
+    assert any("toward the teacher's outputs (no labels)" in n for n in m["student"].notes)
