@@ -306,14 +306,19 @@ class _Graph:
         )
         for layer in self.layers:
             nodes = getattr(layer, "_inbound_nodes", [])
-            own = [n for n in nodes if n.arguments is not None and n.arguments.keras_tensors]
-            if graph_nodes:
-                own = [n for n in own if n in graph_nodes] or own[:1]
+            own = [
+                n
+                for i, n in enumerate(nodes)
+                if n.arguments is not None
+                and n.arguments.keras_tensors
+                # Keras keys a model's nodes "<id(op)>_ib-<node index>" (keras.src.ops.function)
+                and (not graph_nodes or f"{id(layer)}_ib-{i}" in graph_nodes)
+            ]
             if not own:
                 raise CompressorError(
                     f"layer {layer.name!r} has no input: build the model with keras.Input first"
                 )
-            if len(own) > 1 and _weights(layer):
+            if len(own) > 1:  # one name, several tensors: this walk keys tensors by layer name
                 raise UnsupportedLayerError(layer.name, type(layer).__name__, "a shared layer (called twice)")
             self.parents[layer.name] = [
                 (t._keras_history[0].name, int(t._keras_history[2])) for t in own[0].arguments.keras_tensors

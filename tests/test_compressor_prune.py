@@ -406,3 +406,14 @@ def test_cluster_weights(teacher: Any, digits: tuple[np.ndarray, ...]) -> None:
         assert layer.unique_values <= 8
         assert np.unique(tuned.get_layer(layer.name).get_weights()[0]).size <= 8
     assert _accuracy(tuned, xte, yte) >= 0.9  # measured 0.960
+
+
+def test_a_layer_called_twice_is_named() -> None:
+    k = _keras()
+    inp = k.Input((8,))
+    act = k.layers.ReLU(name="shared_relu")
+    h = act(k.layers.Dense(8, name="a")(inp))
+    h = act(k.layers.Dense(8, name="b")(h))
+    model = k.Model(inp, k.layers.Dense(2, name="out")(h))
+    with pytest.raises(UnsupportedLayerError, match=r"'shared_relu'.*called twice"):
+        prune_structured(model, 0.5)
