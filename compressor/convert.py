@@ -75,7 +75,7 @@ def _prune(step: PruneStep, model: Any, ctx: TransformContext) -> tuple[Any, lis
     pruned, report = prune_structured(model, step.keep, step.criterion, data=None if generic else ctx.data)
     notes = [line.strip() for line in report.summary().splitlines()[:1]]
     if step.fine_tune_epochs and generic:
-        from compressor.output_distill import fit_to_teacher
+        from compressor.output_distill import describe, fit_to_teacher
 
         done = fit_to_teacher(
             pruned,
@@ -86,7 +86,7 @@ def _prune(step: PruneStep, model: Any, ctx: TransformContext) -> tuple[Any, lis
             seed=ctx.seed,
             callbacks=_epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", step.fine_tune_epochs),
         )
-        notes.append(f"{done.summary()} toward the unpruned model's outputs (no labels)")
+        notes.append(describe(done, ctx.data))
     elif step.fine_tune_epochs:
         fine_tune(
             pruned,
@@ -133,7 +133,7 @@ def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any,
 
         student, origin = _copy(model), "the current model as student"
     if ctx.data.task != "classification":
-        from compressor.output_distill import fit_to_teacher
+        from compressor.output_distill import describe, fit_to_teacher
 
         ctx.progress(f"distill: {origin}, {step.epochs} epochs toward the teacher's outputs (no labels)")
         done = fit_to_teacher(
@@ -145,7 +145,7 @@ def _distill(step: DistillStep, model: Any, ctx: TransformContext) -> tuple[Any,
             patience=None,
             callbacks=_epoch_logger(ctx, "distill", step.epochs),
         )
-        return student, [f"{origin}: {done.summary()} toward the teacher's outputs (no labels)"]
+        return student, [f"{origin}: {describe(done, ctx.data)}"]
     ctx.progress(f"distill: {origin}, {step.epochs} epochs, T={step.temperature:g} alpha={step.alpha:g}")
     out, report = distill(
         ctx.teacher,

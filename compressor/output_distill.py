@@ -36,6 +36,10 @@ from compressor.finetune import (
 # Peak Adam learning rate. Measured on the dev detector and keypoint regressor pruned to half width:
 # 3e-3 recovered the most within 8 epochs; 1e-2 (the classification default) overshot on regression.
 DEFAULT_OUTPUT_LEARNING_RATE = 3e-3
+# The teacher's outputs on the training rows are kept in memory: at most this many bytes of them (a
+# seeded subset of the rows beyond it, never fewer than MIN_ROWS rows).
+MAX_TARGET_BYTES = 512 * 2**20
+MIN_ROWS = 64
 _EPS = 1e-12
 
 
@@ -75,6 +79,24 @@ def normalised_error(
     return float(np.mean(errors))
 
 
+def describe(report: FineTuneReport, data: Dataset) -> str:
+    """One note on a fine-tuning toward the teacher: the report's summary and the rows it used."""
+    used, total = int(report.history.get("rows", [len(data.train)])[0]), len(data.train)
+    capped = f" on {used} of {total} training rows (their outputs capped at {MAX_TARGET_BYTES >> 20} MiB)"
+    return f"{report.summary()} toward the float model's outputs (no labels){capped if used < total else ''}"
+
+
+def _capped(rows: Rows, teacher: Any, seed: int) -> Rows:
+    """At most the rows whose teacher outputs fit in :data:`MAX_TARGET_BYTES` (a seeded subset): a
+    segmenter's outputs on every training row could outgrow the host's memory."""
+    per_row = sum(4 * math.prod(int(d or 1) for d in t.shape[1:]) for t in tf().nest.flatten(teacher.outputs))
+    limit = max(MIN_ROWS, MAX_TARGET_BYTES // max(per_row, 1))
+    if len(rows) <= limit:
+        return rows
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
+    return rows.take(pick)
+
+
 def fit_to_teacher(
     model: Any,
     teacher: Any,
@@ -91,7 +113,8 @@ def fit_to_teacher(
 ) -> FineTuneReport:
     """Train ``model`` in place to reproduce ``teacher``'s outputs on ``data``'s training rows (module
     docstring); early stopping on the validation rows. History: ``loss`` (training, per epoch),
-    ``val_loss`` (epoch 0 first) and ``lr``."""
+    ``val_loss`` (epoch 0 first), ``lr``, and ``rows`` (the training rows used: all of them unless their
+    teacher outputs pass :data:`MAX_TARGET_BYTES`)."""
     lr_peak = DEFAULT_OUTPUT_LEARNING_RATE if learning_rate is None else learning_rate
     if epochs < 0:
         raise ValueError(f"epochs must be ≥ 0, got {epochs}")
@@ -100,9 +123,10 @@ def fit_to_teacher(
     k, t = keras(), tf()
     k.utils.set_random_seed(seed)
     train: Rows = data.train
-    xs = list(train.inputs)
-    if len(xs[0]) == 0:
+    if len(train) == 0:
         raise CompressorError("fine-tuning toward the teacher needs training rows")
+    train = _capped(train, teacher, seed)
+    xs = list(train.inputs)
     targets = predict_outputs(teacher, xs)
     scales = output_scales(targets)
     val: Rows | None = data.val if len(data.val) else None
@@ -139,7 +163,7 @@ def fit_to_teacher(
     total = max(1, epochs * steps_per_epoch)
     warmup = min(total - 1, max(1, round(WARMUP_FRACTION * total))) if epochs else 0
     cb = k.callbacks.CallbackList(list(callbacks), model=model)
-    history: dict[str, list[float]] = {"loss": [], "lr": []}
+    history: dict[str, list[float]] = {"loss": [], "lr": [], "rows": [float(len(xs[0]))]}
     settle(0)
     keeper = BestKeeper(model, min_epoch=min_epoch, patience=patience)
     if val is not None:

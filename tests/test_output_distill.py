@@ -110,7 +110,7 @@ def test_generic_recipe_prunes_without_labels_within_a_cosine_budget(
     pruned = graph_stats((tmp_path / "b" / m["prune50-int8"].file).read_bytes())
     assert pruned.params < 0.5 * base.params and pruned.int8_weights
     assert m["prune50-int8"].metrics.named["cosine"] > 0.9
-    assert any("toward the unpruned model's outputs" in n for n in m["prune50-int8"].notes)
+    assert any("toward the float model's outputs (no labels)" in n for n in m["prune50-int8"].notes)
     assert any("val_loss" in line for line in lines)  # the epoch lines name the loss they track
     if "prune-search-int8" in m:
         assert m["prune-search-int8"].metrics.named["cosine"] >= 0.98
@@ -158,4 +158,25 @@ def test_generic_distillation_trains_a_narrower_student(detector: tuple[Any, Any
     assert (
         m["student"].metrics.named["cosine"] > 0.5
     )  # trained from scratch for 4 epochs: learning, not a copy
-    assert any("toward the teacher's outputs (no labels)" in n for n in m["student"].notes)
+    assert any("toward the float model's outputs (no labels)" in n for n in m["student"].notes)
+
+
+def test_teacher_outputs_are_capped_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wide output on many rows: the training rows are a seeded subset whose teacher outputs fit the
+    cap (a segmenter's masks on every row could outgrow the host)."""
+    from compressor import output_distill
+    from compressor._tf import keras
+    from compressor.data import Dataset, Rows
+
+    k = keras()
+    inp = k.Input((4,))
+    teacher = k.Model(inp, k.layers.Dense(1000)(inp))
+    student = k.Model(inp, k.layers.Dense(1000)(inp))
+    rng = np.random.default_rng(0)
+    rows = [Rows((rng.random((n, 4), dtype=np.float32),)) for n in (300, 20, 20)]
+    monkeypatch.setattr(output_distill, "MAX_TARGET_BYTES", 4000 * 100)
+    done = output_distill.fit_to_teacher(student, teacher, Dataset("wide", *rows), 1)
+    assert done.history["rows"] == [100.0]
+    monkeypatch.setattr(output_distill, "MAX_TARGET_BYTES", 4000 * 10)
+    done = output_distill.fit_to_teacher(student, teacher, Dataset("wide", *rows), 1)
+    assert done.history["rows"] == [float(output_distill.MIN_ROWS)]
