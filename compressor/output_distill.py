@@ -129,7 +129,7 @@ def fit_to_teacher(
     xs = list(train.inputs)
     targets = predict_outputs(teacher, xs)
     scales = output_scales(targets)
-    val: Rows | None = data.val if len(data.val) else None
+    val: Rows | None = _capped(data.val, teacher, seed + 1) if len(data.val) else None
     val_targets = predict_outputs(teacher, list(val.inputs)) if val is not None else None
 
     def val_error() -> float:
