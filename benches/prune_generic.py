@@ -18,7 +18,6 @@ ONE JSON object on stdout; progress on stderr.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -117,9 +116,9 @@ def one_model(name: str, width: float, budget: float, tmp: Path, quick: bool) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from agent.argparsing import StrictParser  # exact flags, a suggestion for a typo
+
+    parser = StrictParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--width", type=float, default=4.0)
     parser.add_argument("--budget", type=float, default=0.99, help="cosine budget (default 0.99)")
