@@ -74,29 +74,20 @@ def _prune(step: PruneStep, model: Any, ctx: TransformContext) -> tuple[Any, lis
         raise NeedsLabelsError("the taylor criterion weighs channels by the label loss; use criterion = 'l1'")
     pruned, report = prune_structured(model, step.keep, step.criterion, data=None if generic else ctx.data)
     notes = [line.strip() for line in report.summary().splitlines()[:1]]
-    if step.fine_tune_epochs and generic:
-        from compressor.output_distill import describe, fit_to_teacher
+    if step.fine_tune_epochs:
+        epochs = step.fine_tune_epochs
+        common: dict[str, Any] = {
+            "learning_rate": step.learning_rate,
+            "seed": ctx.seed,
+            "callbacks": _epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", epochs),
+        }
+        if generic:  # no labels: toward the unpruned model's outputs
+            from compressor.output_distill import describe, fit_to_teacher
 
-        done = fit_to_teacher(
-            pruned,
-            model,
-            ctx.data,
-            step.fine_tune_epochs,
-            learning_rate=step.learning_rate,
-            seed=ctx.seed,
-            callbacks=_epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", step.fine_tune_epochs),
-        )
-        notes.append(describe(done, ctx.data))
-    elif step.fine_tune_epochs:
-        fine_tune(
-            pruned,
-            ctx.data,
-            step.fine_tune_epochs,
-            learning_rate=step.learning_rate,
-            seed=ctx.seed,
-            callbacks=_epoch_logger(ctx, f"prune keep {step.keep:g} fine-tune", step.fine_tune_epochs),
-        )
-        notes.append(f"fine-tuned {step.fine_tune_epochs} epochs after pruning")
+            notes.append(describe(fit_to_teacher(pruned, model, ctx.data, epochs, **common), ctx.data))
+        else:
+            fine_tune(pruned, ctx.data, epochs, **common)
+            notes.append(f"fine-tuned {epochs} epochs after pruning")
     return pruned, notes
 
 

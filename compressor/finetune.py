@@ -89,6 +89,17 @@ def warmup_cosine(
     return float(floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
+def schedule_steps(
+    rows: int, batch_size: int, epochs: int, warmup_epochs: float | None = None
+) -> tuple[int, int]:
+    """(total steps, warm-up steps) of :func:`warmup_cosine` for ``epochs`` over ``rows`` rows: warm-up
+    over ``warmup_epochs``, or :data:`WARMUP_FRACTION` of the steps when None."""
+    steps_per_epoch = max(1, -(-rows // batch_size))
+    total = max(1, epochs * steps_per_epoch)
+    warm = WARMUP_FRACTION * total if warmup_epochs is None else warmup_epochs * steps_per_epoch
+    return total, (min(total - 1, max(1, round(warm))) if epochs and warm > 0 else 0)
+
+
 # --------------------------------------------------------------------------------------------------------
 # BatchNormalization statistics
 
@@ -285,10 +296,7 @@ def fine_tune(
     val = _val_arrays(data)
     if val is not None and len(val[0]) == 0:
         val = None
-    steps_per_epoch = max(1, -(-len(x) // batch_size))
-    total = max(1, epochs * steps_per_epoch)
-    warm = WARMUP_FRACTION * total if warmup_epochs is None else warmup_epochs * steps_per_epoch
-    warmup = min(total - 1, max(1, round(warm))) if epochs and warm > 0 else 0
+    total, warmup = schedule_steps(len(x), batch_size, epochs, warmup_epochs)
 
     recal = 0
 

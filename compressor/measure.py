@@ -173,7 +173,7 @@ def label_quantization(
     if mode == "float32":
         label = held_quantization(stats)  # the reference: an existing file may already be quantized
     elif missing_quantization(mode, stats) is not None:  # what the file really holds
-        label = "weight_only_int8" if stats.int8_weights else "float16" if stats.float16_weights else "none"
+        label = held_quantization(stats)
     if baseline is None or mode == "float32":
         return label, notes
     base_ev = baseline.evaluation

@@ -26,10 +26,10 @@ from compressor.errors import CompressorError
 from compressor.finetune import (
     DEFAULT_BN_SAMPLES,
     EVAL_BATCH,
-    WARMUP_FRACTION,
     BestKeeper,
     FineTuneReport,
     recalibrate_batchnorm,
+    schedule_steps,
     warmup_cosine,
 )
 
@@ -159,9 +159,7 @@ def fit_to_teacher(
         optimizer.apply(tape.gradient(value, variables), variables)
         return value
 
-    steps_per_epoch = max(1, -(-len(xs[0]) // batch_size))
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total - 1, max(1, round(WARMUP_FRACTION * total))) if epochs else 0
+    total, warmup = schedule_steps(len(xs[0]), batch_size, epochs)
     cb = k.callbacks.CallbackList(list(callbacks), model=model)
     history: dict[str, list[float]] = {"loss": [], "lr": [], "rows": [float(len(xs[0]))]}
     settle(0)

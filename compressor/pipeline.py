@@ -289,17 +289,12 @@ def build_bundle(
         io = keras_io(model)
         raw_model = model
     report(f"model: {io.describe()}")
-    if calibration is not None and calibration.is_dir() and io.free_dims():
-        raise DataError(
-            f"the model's inputs have free dimensions ({io.describe()}): images cannot be sized to them; "
-            "give --calibration FILE.npz or --data rows of the shape the devices will run"
-        )
+    # free input dimensions are measured on the rows' own shapes: images and synthetic rows have none
+    if io.free_dims() and calibration is not None and calibration.is_dir():
+        raise _free_dims_error(io, "images cannot be sized to them")
     data = _assemble_data(data, io, calibration, input_range, layout, seed, report, task)
-    if data.synthetic and io.free_dims():
-        raise DataError(
-            f"the model's inputs have free dimensions ({io.describe()}): give rows with --data or "
-            "--calibration FILE.npz of the shapes the devices will feed"
-        )
+    if io.free_dims() and data.synthetic:
+        raise _free_dims_error(io, "no rows were given")
     data, io, sig = validate(raw_model, data)
     default_recipe = "tflite" if is_tflite else ("default" if data.task == "classification" else "generic")
     rf = _recipe(recipe, default_recipe)
@@ -546,6 +541,13 @@ def build_bundle(
         met,
         closest_line,
         tuple(outside),
+    )
+
+
+def _free_dims_error(io: ModelIO, why: str) -> DataError:
+    return DataError(
+        f"the model's inputs have free dimensions ({io.describe()}): {why}; give rows with --data or "
+        "--calibration FILE.npz of the shapes the devices will feed"
     )
 
 

@@ -116,21 +116,26 @@ def test_generic_recipe_prunes_without_labels_within_a_cosine_budget(
         assert m["prune-search-int8"].metrics.named["cosine"] >= 0.98
 
 
+def _recipe(tmp_path: Path, variant: str, steps: str) -> str:
+    """A recipe file: the float32 baseline and one variant with ``steps`` (TOML), float32 after them."""
+    path = tmp_path / "r.toml"
+    path.write_text(
+        'name = "r"\nbaseline = "float32"\n'
+        '[[variants]]\nid = "float32"\nsteps = [{ kind = "quantize", mode = "float32" }]\n'
+        f'[[variants]]\nid = "{variant}"\nsteps = [{steps}, {{ kind = "quantize", mode = "float32" }}]\n',
+        encoding="utf-8",
+    )
+    return str(path)
+
+
 def test_labelled_only_transforms_still_refused_without_labels(
     detector: tuple[Any, Any], tmp_path: Path
 ) -> None:
     from compressor.pipeline import build_bundle
 
     model, data = detector
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(
-        'name = "r"\nbaseline = "float32"\n'
-        '[[variants]]\nid = "float32"\nsteps = [{ kind = "quantize", mode = "float32" }]\n'
-        '[[variants]]\nid = "mag"\nsteps = [{ kind = "magnitude_prune", final_sparsity = 0.5, epochs = 1 },'
-        ' { kind = "quantize", mode = "float32" }]\n',
-        encoding="utf-8",
-    )
-    result = build_bundle(model, data, tmp_path / "b", recipe=str(recipe), latency_budget_s=0.05)
+    recipe = _recipe(tmp_path, "mag", '{ kind = "magnitude_prune", final_sparsity = 0.5, epochs = 1 }')
+    result = build_bundle(model, data, tmp_path / "b", recipe=recipe, latency_budget_s=0.05)
     (failure,) = result.failures
     assert "magnitude_prune fine-tunes on class labels" in str(failure)
     assert "distill and prune fine-tune toward the float model's outputs" in str(failure)
@@ -142,15 +147,8 @@ def test_generic_distillation_trains_a_narrower_student(detector: tuple[Any, Any
     from compressor.pipeline import build_bundle
 
     model, data = detector
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(
-        'name = "r"\nbaseline = "float32"\n'
-        '[[variants]]\nid = "float32"\nsteps = [{ kind = "quantize", mode = "float32" }]\n'
-        '[[variants]]\nid = "student"\nsteps = [{ kind = "distill", width = 0.5, epochs = 4 },'
-        ' { kind = "quantize", mode = "float32" }]\n',
-        encoding="utf-8",
-    )
-    result = build_bundle(model, data, tmp_path / "b", recipe=str(recipe), latency_budget_s=0.05)
+    recipe = _recipe(tmp_path, "student", '{ kind = "distill", width = 0.5, epochs = 4 }')
+    result = build_bundle(model, data, tmp_path / "b", recipe=recipe, latency_budget_s=0.05)
     m = {v.id: v for v in result.manifest.variants}
     assert "student" in m, result.failures
     sizes = {vid: graph_stats((tmp_path / "b" / v.file).read_bytes()).params for vid, v in m.items()}
